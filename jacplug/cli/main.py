@@ -1,0 +1,54 @@
+"""Entry point: builds the parser from one small module per command and maps user errors to exit 2.
+
+Each command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``; it is imported only
+to build the parser, and its heavy imports (torch, timm) happen inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+from .._version import __version__
+from ..errors import UserError
+
+#: command name -> module under jacplug.cli
+COMMANDS = {
+    "plugins": "jacplug.cli.cmd_plugins",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jacplug",
+        description="Jacobian-matching knowledge distillation for PyTorch.",
+    )
+    parser.add_argument("--version", action="version", version=f"jacplug {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"jacplug: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"jacplug: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jacplug: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The hooks a jacplug plugin can implement: a public contract, change it only compatibly.
+
+Registration hooks receive a ``register`` callback, called as ``register(name, factory, **metadata)``;
+``metadata`` is free-form (``description=`` is shown by ``jacplug plugins``) except for
+``override=True``, which lets a plugin replace a name another plugin registered first.
+
+Lifecycle hooks observe training; they receive keyword arguments only, so new ones can be added
+without breaking old plugins (pluggy passes each implementation just the arguments it names).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "jacplug"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_models(register):
+    """Register model factories.
+
+    ``register(name, factory, **metadata)``. ``factory(num_classes=..., in_chans=..., pretrained=...,
+    **kwargs) -> nn.Module`` returns logits ``[B, num_classes]``. A name containing ``*`` is a
+    pattern (fnmatch) that serves many names; its factory then receives the requested name as first
+    positional argument, and ``metadata["catalog"]`` (a callable returning the names it serves) is
+    used to validate names and suggest close matches.
+    """
+
+
+@hookspec
+def register_model_pairs(register):
+    """Register recommended teacher/student pairings.
+
+    ``register(name, factory, **metadata)`` where ``name`` is ``"TEACHER->STUDENT"`` and
+    ``factory()`` returns a :class:`jacplug.registry.ModelPair` (which stages correspond and their
+    channel counts, so feature losses can build adapters).
+    """
+
+
+@hookspec
+def register_losses(register):
+    """Register loss terms: ``factory(**options) -> jacplug.losses.LossTerm`` (an ``nn.Module``)."""
+
+
+@hookspec
+def register_jacobian_backends(register):
+    """Register Jacobian backends: ``factory() -> jacplug.jacobian.JacobianBackend``."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets: ``factory(**options) -> jacplug.data.DatasetSplits``.
+
+    Pattern names such as ``"imagefolder:*"`` receive the full requested name first.
+    """
+
+
+@hookspec
+def on_train_start(run):
+    """Training is about to start. ``run``: :class:`jacplug.pipeline.RunContext` (config, models,
+    out_dir, device). Called once per process (rank 0 only under DDP)."""
+
+
+@hookspec
+def on_step_end(run, step, metrics):
+    """After each optimisation step. ``step``: global step (int, from 1); ``metrics``: dict of floats
+    (``loss``, one entry per loss term, ``lr``)."""
+
+
+@hookspec
+def on_epoch_end(run, epoch, metrics):
+    """After each epoch's evaluation. ``epoch``: int from 1; ``metrics``: dict of floats
+    (``train_loss``, per-term means, ``val_acc``/``test_acc`` where evaluated)."""
+
+
+@hookspec
+def on_train_end(run, summary):
+    """Training finished. ``summary``: dict (accuracies, final per-term losses, checkpoint paths)."""
