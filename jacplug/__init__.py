@@ -16,10 +16,11 @@ from .hookspecs import hookimpl
 
 # public name -> module that defines it
 _LAZY = {
-    "jacobian": "jacplug.jacobian",
-    "vjp": "jacplug.jacobian",
-    "jvp": "jacplug.jacobian",
-    "JacobianBackend": "jacplug.jacobian",
+    "jacobian": "jacplug.engine",
+    "vjp": "jacplug.engine",
+    "jvp": "jacplug.engine",
+    "JacobianBackend": "jacplug.engine",
+    "JacobianArgumentError": "jacplug.engine",
     "FeatureTap": "jacplug.features",
     "gradient_flow": "jacplug.graphcheck",
     "create_model": "jacplug.registry",

@@ -46,7 +46,7 @@ def register_losses(register):
 
 @hookspec
 def register_jacobian_backends(register):
-    """Register Jacobian backends: ``factory() -> jacplug.jacobian.JacobianBackend``."""
+    """Register Jacobian backends: ``factory() -> jacplug.engine.JacobianBackend``."""
 
 
 @hookspec

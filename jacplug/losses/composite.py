@@ -1,0 +1,64 @@
+"""Weighted sum of loss terms, reporting each term's value every step.
+
+Why a module: the terms (and their learnable adapters) become sub-modules, so
+``composite.parameters()`` hands adapter weights to the optimizer and ``state_dict()`` saves them.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .base import DistillBatch, LossTerm, as_scalar
+
+
+class WeightedLoss(nn.Module):
+    """``total = sum_i weight_i * term_i(batch)``.
+
+    ``forward`` returns ``(total, values)`` where ``values`` maps each term's key to its unweighted,
+    detached scalar, for logging. Weights must be finite and positive: a zero weight would still pay
+    for the term's computation, so leave the term out instead.
+    """
+
+    def __init__(self, terms: Mapping[str, tuple[LossTerm, float]]) -> None:
+        super().__init__()
+        if not terms:
+            raise UserError("a loss needs at least one term, e.g. --loss kd=1")
+        self.terms = nn.ModuleDict()
+        self.weights: dict[str, float] = {}
+        for key, (term, weight) in terms.items():
+            weight = float(weight)
+            if not (weight > 0 and weight < float("inf")):
+                raise UserError(f"loss term {key!r} has weight {weight}; weights must be finite and > 0")
+            self.terms[key] = term
+            self.weights[key] = weight
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """Union of what the terms need, so callers prepare the batch once."""
+        return frozenset().union(*(term.needs for term in self.terms.values()))
+
+    @property
+    def feature_layers(self) -> dict[str, str]:
+        """Student layer -> teacher layer, over every feature term."""
+        layers: dict[str, str] = {}
+        for term in self.terms.values():
+            layers.update(term.feature_layers)
+        return layers
+
+    def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, float]]:
+        total: Tensor | None = None
+        values: dict[str, float] = {}
+        for key, term in self.terms.items():
+            value = as_scalar(term(batch), term)
+            values[key] = float(value.detach())
+            weighted = self.weights[key] * value
+            total = weighted if total is None else total + weighted
+        assert total is not None
+        return total, values
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={w:g}" for k, w in self.weights.items())
+
