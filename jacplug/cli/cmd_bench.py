@@ -1,0 +1,50 @@
+"""``jacplug bench``: the Jacobian step benchmark (same as benchmarks/jacobian_step.py).
+
+The argument definitions live here, free of torch, so building the CLI parser stays fast; the
+measuring code is :mod:`jacplug.bench`, imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+#: must equal the keys of jacplug.bench.methods() (a test checks it)
+METHODS = (
+    "kd",
+    "forum-eq10-top1",
+    "eq10-top1",
+    "eq10-top1-cached",
+    "projected-k1",
+    "direction-fd",
+    "direction-forward",
+    "full-forum-loop",
+    "full-loop",
+    "full-batched",
+)
+DEFAULT_CONFIGS = ["resnet34->resnet18:10", "resnet34->resnet18:100", "mlp:10"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="MODELS:CLASSES",
+                        help="TEACHER->STUDENT:C (timm names) or mlp:C (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                        help="methods to measure besides kd (default: all): " + ", ".join(METHODS))
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
+    parser.add_argument("--full-repeats", type=int, default=1, help="rounds for the expensive full-* methods")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure Jacobian-matching step cost as ratios to a plain KD step")
+    add_arguments(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import main_from_args
+
+    return main_from_args(args)

@@ -1,0 +1,293 @@
+"""On-graph capture of intermediate feature maps.
+
+Two ways to get a model's intermediate outputs *with their autograd graph*, so a feature loss
+(FitNet, attention transfer, feature-Jacobian matching) trains the student:
+
+- :class:`FeatureTap`, a context manager over forward hooks, for any ``nn.Module``;
+- :func:`forward_intermediates`, for timm models that offer ``forward_intermediates`` (no hooks, so
+  it also works under ``torch.func`` transforms).
+
+The tap never detaches. It refuses, with a message saying what to do instead, the ways hook-based
+features silently lose their gradient or their values: capture under ``torch.no_grad()``, a captured
+tensor changed in place afterwards (timm's ``ReLU(inplace=True)`` right after a hooked BatchNorm), a
+module that fires twice in one forward, and ``nn.DataParallel`` (hooks on its replicas never reach
+the wrapper).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UnknownNameError, UserError
+
+__all__ = ["FeatureTap", "FeatureTapError", "disable_inplace", "forward_intermediates"]
+
+
+class FeatureTapError(UserError):
+    """A feature capture that would lose the graph or the values the user asked for."""
+
+
+class FeatureTap:
+    """Record the outputs of named sub-modules during forward passes, keeping their graph.
+
+    Example::
+
+        with FeatureTap(student, ["layer3", "layer4"]) as tap:
+            logits = student(x)
+            loss = fitnet(tap["layer3"], teacher_feature)   # on-graph: reaches student params
+
+    Semantics:
+
+    - ``tap[name]`` is the module's output tensor as produced (``[B, ...]``), never detached. With
+      ``keep_all=True`` it is the list of outputs, one per call, in call order.
+    - Captures are reset at the start of every forward of ``model`` itself (a forward pre-hook on the
+      root), so in a training loop the tap always holds the latest forward's features and nothing
+      from the previous step keeps its graph alive. Call :meth:`clear` yourself only when you call
+      sub-modules directly instead of ``model(x)``.
+    - Hooks are registered on ``__enter__`` and removed on ``__exit__``, also when the block raises.
+      Captures stay readable after the block, until the next ``__enter__`` or :meth:`clear`.
+    - ``requires_grad=True`` (the default, for a student) refuses a capture that carries no graph:
+      one made under ``torch.no_grad()``/``torch.inference_mode()``, or of a tensor that does not
+      require grad. Pass ``requires_grad=False`` for a frozen teacher, whose features are targets
+      and need no graph.
+
+    Refusals, all :class:`jacplug.UserError`: unknown module names (:class:`jacplug.UnknownNameError`,
+    with the closest matches); and as :class:`FeatureTapError`: ``nn.DataParallel`` models, a
+    graph-less capture (see above), a module firing twice in one forward without ``keep_all=True``,
+    and reading a tensor that was modified in place after capture (detected through its version
+    counter).
+
+    Hand loss code a snapshot, ``tap.features()``, rather than the tap itself: a later forward of
+    the same model (e.g. on noise-perturbed inputs inside a loss term) resets the tap.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        *,
+        keep_all: bool = False,
+        requires_grad: bool = True,
+    ) -> None:
+        if isinstance(model, nn.DataParallel):
+            raise FeatureTapError(
+                "FeatureTap cannot hook an nn.DataParallel model: its forward runs on per-device "
+                "replicas, so hooks on the wrapped modules never see the features and the gathered "
+                "result has no tap; use DistributedDataParallel (one process per device) or tap the "
+                "model before wrapping it in DataParallel and run it unwrapped"
+            )
+        if isinstance(names, str):
+            names = [names]
+        self._root = _unwrap_ddp(model)
+        modules = dict(self._root.named_modules())
+        modules.pop("", None)  # the root's output is what the caller already gets back
+        unknown = [n for n in names if n not in modules]
+        if unknown:
+            raise UnknownNameError(
+                "module", unknown[0], modules, hint=f"in {type(self._root).__name__}; names are as in model.named_modules()"
+            )
+        if len(set(names)) != len(names):
+            raise FeatureTapError(f"module names given twice: {list(names)}")
+        if not names:
+            raise FeatureTapError("FeatureTap needs at least one module name, e.g. ['layer3']")
+        self.names: tuple[str, ...] = tuple(names)
+        self.keep_all = keep_all
+        self.requires_grad = requires_grad
+        self._modules = {n: modules[n] for n in self.names}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # name -> list of (output, version counters of its tensors at capture time)
+        self._captured: dict[str, list[tuple[Any, list[int | None]]]] = {}
+
+    # -- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> FeatureTap:
+        if self._handles:
+            raise FeatureTapError("this FeatureTap is already active; nest a second FeatureTap instead of re-entering")
+        self.clear()
+        try:
+            self._handles.append(self._root.register_forward_pre_hook(lambda module, args: self.clear()))
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._remove_hooks()
+
+    @property
+    def active(self) -> bool:
+        """True while the hooks are registered (inside the ``with`` block)."""
+        return bool(self._handles)
+
+    def clear(self) -> None:
+        """Drop every capture (and with it the reference to its graph)."""
+        self._captured = {}
+
+    # -- reading ---------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Any:
+        """The captured output of ``name`` (a list of outputs with ``keep_all=True``), version-checked."""
+        if name not in self._modules:
+            raise UnknownNameError("tapped module", name, self.names, hint="tap it by adding it to FeatureTap(model, names)")
+        records = self._captured.get(name)
+        if not records:
+            raise FeatureTapError(
+                f"module {name!r} has produced no output since the tap was entered or cleared: run the "
+                f"model's forward inside the `with FeatureTap(...)` block before reading tap[{name!r}]"
+            )
+        for index, (output, versions) in enumerate(records):
+            _check_versions(name, index, output, versions)
+        outputs = [output for output, _ in records]
+        return outputs if self.keep_all else outputs[0]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._captured
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in self.names if n in self._captured)
+
+    def __len__(self) -> int:
+        return len(self._captured)
+
+    def features(self) -> dict[str, Any]:
+        """``{name: tap[name]}`` for every module that fired, e.g. for ``DistillBatch.student_features``."""
+        return {name: self[name] for name in self}
+
+    # -- internals -------------------------------------------------------------------------------
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.requires_grad:
+                _check_graph(name, output)
+            records = self._captured.setdefault(name, [])
+            if records and not self.keep_all:
+                raise FeatureTapError(
+                    f"module {name!r} ran twice in one forward of {type(self._root).__name__} (a shared or "
+                    f"re-used module), so tap[{name!r}] would be ambiguous; pass keep_all=True to get every "
+                    f"output as a list, or tap a module that runs once. If you call sub-modules directly "
+                    f"rather than model(x), call tap.clear() between calls"
+                )
+            records.append((output, [_version(t) for t in _tensors(output)]))
+
+        return hook
+
+    def _remove_hooks(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "inactive"
+        return f"FeatureTap({type(self._root).__name__}, {list(self.names)}, keep_all={self.keep_all}, {state})"
+
+
+def disable_inplace(model: nn.Module) -> list[str]:
+    """Set ``inplace=False`` on every sub-module that has ``inplace=True`` (``nn.ReLU``, timm acts, dropout).
+
+    Returns the names of the modules changed. Why: an in-place activation right after a tapped
+    module overwrites the captured tensor (``bn1`` output becomes ``relu(bn1)``). This costs one
+    extra activation buffer per such module and does not change the model's outputs. In-place
+    arithmetic inside ``forward`` (e.g. ``x += shortcut`` in residual blocks) is not a module and
+    cannot be switched off this way: tap the block's output instead.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+            changed.append(name)
+    return changed
+
+
+def forward_intermediates(
+    model: nn.Module, x: Tensor, layers: str | int | Iterable[str | int]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Logits and named intermediate features of a timm model, through its own ``forward_intermediates``.
+
+    ``x``: ``[B, *S]``. ``layers``: module names from ``model.feature_info`` (e.g. ``"layer3"`` for a
+    ResNet) or feature indices into it. Returns ``(logits [B, C], {name: feature [B, ...]})``, all on
+    the graph. No hooks are involved, so this also works inside ``torch.func`` transforms
+    (``jacrev``, ``vmap``, ``functional_call``). The logits are ``model.forward_head`` of the final
+    features, equal to ``model(x)``.
+    """
+    if not callable(getattr(model, "forward_intermediates", None)) or not callable(getattr(model, "forward_head", None)):
+        raise FeatureTapError(
+            f"{type(model).__name__} has no forward_intermediates/forward_head (timm >= 1.0 models have them); "
+            f"use FeatureTap(model, names) instead"
+        )
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise FeatureTapError(f"{type(model).__name__} has no feature_info to name its intermediates; use FeatureTap")
+    known = [entry["module"] for entry in info]
+    if isinstance(layers, (str, int)):
+        layers = [layers]
+    wanted: dict[int, str] = {}
+    for layer in layers:
+        if isinstance(layer, int):
+            if not -len(known) <= layer < len(known):
+                raise FeatureTapError(f"feature index {layer} out of range for {len(known)} features: {known}")
+            index = layer % len(known)
+        elif layer in known:
+            index = known.index(layer)
+        else:
+            raise UnknownNameError("feature", str(layer), known, hint="forward_intermediates names come from model.feature_info")
+        wanted[index] = known[index]
+    if not wanted:
+        raise FeatureTapError(f"forward_intermediates needs at least one layer, one of {known}")
+    indices = sorted(wanted)
+    final, intermediates = model.forward_intermediates(x, indices=indices)
+    logits = model.forward_head(final)
+    return logits, {wanted[i]: feature for i, feature in zip(indices, intermediates)}
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    """DDP runs its module in this process, so hooks on ``model.module`` see the real features."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _tensors(output: Any) -> list[Tensor]:
+    """The tensors in a module output (a tensor, or tuples/lists/dicts of them)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _tensors(item)]
+    return []
+
+
+def _version(tensor: Tensor) -> int | None:
+    # inference tensors carry no version counter; nothing can modify them in place after capture anyway
+    return None if tensor.is_inference() else tensor._version
+
+
+def _check_graph(name: str, output: Any) -> None:
+    if not torch.is_grad_enabled():
+        mode = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+        raise FeatureTapError(
+            f"module {name!r} ran under {mode}, so its captured output has no graph and a loss on it "
+            f"would not train anything; run the forward with grad enabled, or, for a frozen teacher whose "
+            f"features are only targets, create the tap with FeatureTap(..., requires_grad=False)"
+        )
+    tensors = [t for t in _tensors(output) if t.is_floating_point() or t.is_complex()]
+    if tensors and not any(t.requires_grad for t in tensors):
+        raise FeatureTapError(
+            f"the output of module {name!r} does not require grad (its parameters and its input are all "
+            f"frozen, or it was detached), so a loss on it would not train anything; unfreeze the parameters "
+            f"before it, or pass requires_grad=False if these are a frozen teacher's target features"
+        )
+
+
+def _check_versions(name: str, index: int, output: Any, versions: list[int | None]) -> None:
+    for tensor, version in zip(_tensors(output), versions):
+        if version is not None and tensor._version != version:
+            call = f" (call {index})" if index else ""
+            raise FeatureTapError(
+                f"the output of module {name!r}{call} was modified in place after it was captured (version "
+                f"{version} -> {tensor._version}), so tap[{name!r}] now holds different values than the module "
+                f"produced: typically an in-place activation right after it, such as timm's ReLU(inplace=True) "
+                f"after BatchNorm, or `x += shortcut`; tap the activation or the enclosing block instead, set "
+                f"inplace=False on the activation, or call jacplug.features.disable_inplace(model) first"
+            )

@@ -1,0 +1,31 @@
+"""Built-in plugin: every loss term of :mod:`jacplug.losses`, registered by name exactly as a
+third-party plugin would (``--loss NAME=WEIGHT``, ``jacplug.create_loss(NAME, **options)``)."""
+
+from __future__ import annotations
+
+from jacplug import hookimpl
+from jacplug.losses import TERMS
+
+DESCRIPTIONS = {
+    "kd": "T^2 * KL(teacher || student) at temperature T (log-space targets); temperature=4",
+    "mse-soft": "MSE of softened probabilities; temperature=4",
+    "ce": "cross-entropy on ground-truth labels; label_smoothing=0",
+    "ce-teacher": "cross-entropy on the teacher's argmax class; temperature=1",
+    "jacobian": "Eq. 10: squared distance of unit-normalised input-Jacobian rows; classes=top1|label|topk|all, "
+    "k=1, squared=true, eps=1e-8, backend=auto",
+    "jacobian-projected": "all-class ||J_S - J_T||_F^2 estimated by k random output projections (VJP); k=1, "
+    "normalize=false",
+    "jacobian-direction": "all-class ||J_S - J_T||_F^2 estimated by k random input directions (JVP); k=1, "
+    "method=forward|finite-difference, step=none, normalize=false",
+    "noisy-distill": "logit MSE on Gaussian-noised inputs (= Jacobian matching to first order); sigma=0.1, samples=1",
+    "fitnet": "FitNet hint MSE through learnable 1x1 adapters; layers=..., channels={student: (t_ch, s_ch)}",
+    "attention": "attention transfer (normalised channel mean of |f|^p); layers=..., p=2",
+    "feature-jacobian": "matching of an attention map's input gradient; layers=..., summary=projection|energy, "
+    "squared=true",
+}
+
+
+@hookimpl
+def register_losses(register):
+    for name, cls in TERMS.items():
+        register(name, cls, description=DESCRIPTIONS[name])
