@@ -13,6 +13,7 @@ reverse result is that column sum and forward mode's ``J u`` is the row sum
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -84,7 +85,10 @@ def forward_products(f: Callable[[Tensor], Tensor], inputs: Tensor, directions: 
     products = []
     for i in range(directions.shape[1]):
         with fwAD.dual_level(), torch.set_grad_enabled(create_graph):
-            out = f(fwAD.make_dual(x, directions[:, i].to(x.dtype)))
+            with warnings.catch_warnings():  # torch's first make_dual scripts decompositions and warns about it
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
+                dual = fwAD.make_dual(x, directions[:, i].to(x.dtype))
+            out = f(dual)
             primal, tangent = fwAD.unpack_dual(out)
         if tangent is None:
             raise JacobianArgumentError("outputs do not depend on inputs (forward mode produced no tangent)")
