@@ -51,7 +51,7 @@ def register_jacobian_backends(register):
 
 @hookspec
 def register_datasets(register):
-    """Register datasets: ``factory(**options) -> jacplug.data.DatasetSplits``.
+    """Register datasets: ``factory(**options) -> jacplug.pipeline.DatasetSplits``.
 
     Pattern names such as ``"imagefolder:*"`` receive the full requested name first.
     """

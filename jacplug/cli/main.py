@@ -17,6 +17,10 @@ from ..errors import UserError
 #: command name -> module under jacplug.cli
 COMMANDS = {
     "plugins": "jacplug.cli.cmd_plugins",
+    "train": "jacplug.cli.cmd_train",
+    "check": "jacplug.cli.cmd_check",
+    "plot": "jacplug.cli.cmd_plot",
+    "bench": "jacplug.cli.cmd_bench",
 }
 
 

@@ -1,0 +1,80 @@
+"""Step time of the default KD + Jacobian loss with and without the teacher cache (``--cache-teacher``).
+
+Usage: ``python benchmarks/teacher_cache.py [--teacher resnet50] [--student resnet18] [--steps 6]``
+
+Both variants run the pipeline's own step (:func:`jacplug.pipeline.step.compute_terms`, backward,
+AdamW step) on the same batches of the embedded digits (16x16), interleaved so that load changes on
+a shared machine hit both alike; prints the median step times and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from jacplug.losses import jacobian_distillation
+from jacplug.pipeline import cache as teacher_cache
+from jacplug.pipeline.data import few_sample_subset
+from jacplug.pipeline.device import init_runtime
+from jacplug.pipeline.step import compute_terms, weighted_total
+from jacplug.pipeline.teacher import build_model
+from jacplug.registry import create_dataset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="resnet50")
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after one warm-up each)")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    runtime = init_runtime(args.device)
+    splits = few_sample_subset(create_dataset("digits"), 10, seed=0)
+    teacher = build_model(args.teacher, splits).to(runtime.device).eval().requires_grad_(False)
+    student = build_model(args.student, splits).to(runtime.device).train()
+    loss = jacobian_distillation()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cache.safetensors"
+        start = time.perf_counter()
+        teacher_cache.build(path, teacher, loss, splits.train, runtime.device, 64, key="bench", show=False)
+        build_s = time.perf_counter() - start
+        cache = teacher_cache.TeacherCache(path, runtime.device)
+        data = [splits.train[i] for i in range(len(splits.train))]
+        times: dict[str, list[float]] = {"live teacher": [], "cached teacher": []}
+        for step in range(args.steps + 1):
+            index = torch.randperm(len(data))[: args.batch_size]
+            x = torch.stack([data[i][0] for i in index]).to(runtime.device)
+            y = torch.tensor([data[i][1] for i in index], device=runtime.device)
+            for name in times:
+                if runtime.device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                cached = cache.lookup(index) if name == "cached teacher" else None
+                values = compute_terms(loss, student, teacher, x, y, runtime, cached)
+                optimizer.zero_grad(set_to_none=True)
+                weighted_total(loss, values).backward()
+                optimizer.step()
+                if runtime.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if step:  # the first round warms up
+                    times[name].append(time.perf_counter() - start)
+    live, hit = (statistics.median(times[k]) for k in ("live teacher", "cached teacher"))
+    print(f"{args.teacher} -> {args.student}, digits 16x16, batch {args.batch_size}, {runtime.device}, "
+          f"median of {args.steps} steps")
+    print(f"cache build (one pass over {len(splits.train)} samples): {build_s:.2f} s")
+    print(f"step without cache: {live * 1000:.0f} ms")
+    print(f"step with cache:    {hit * 1000:.0f} ms")
+    print(f"ratio (with / without): {hit / live:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""``jacplug check``: run one batch through the loss and show whether each term reaches the student.
+
+The teacher is untrained unless ``--teacher-checkpoint`` is given (gradient flow does not depend on
+its weights). Prints the per-term table of :func:`jacplug.graphcheck.format_flow_table`; a term with
+no path to the student's (or adapters') parameters ends the command with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("check", help="check on one batch that every loss term trains the student")
+    p.add_argument("--teacher", default="resnet50", help="teacher model name (default resnet50)")
+    p.add_argument("--student", default="resnet18", help="student model name (default resnet18)")
+    p.add_argument("--loss", action="append", metavar="NAME=WEIGHT[:OPT=VAL,...]",
+                   help="a loss term and its weight, repeatable (default: the KD + Jacobian preset)")
+    p.add_argument("--dataset", default="digits", help="dataset for the batch (default: the embedded digits)")
+    p.add_argument("--data-root", help="where torchvision datasets live")
+    p.add_argument("--image-size", type=int, help="input size (dataset default when omitted)")
+    p.add_argument("--batch-size", type=int, default=8, help="images in the batch (default 8)")
+    p.add_argument("--teacher-checkpoint", metavar="PATH", help="teacher weights (.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..graphcheck import flow_report, format_flow_table, raise_for_detached
+    from ..pipeline.checkpoint import load_model
+    from ..pipeline.config import TrainConfig
+    from ..pipeline.device import init_runtime
+    from ..pipeline.run import build_loss, load_data
+    from ..pipeline.step import compute_terms
+    from ..pipeline.teacher import build_model
+
+    config = TrainConfig(teacher=args.teacher, student=args.student, loss=args.loss or [], dataset=args.dataset,
+                         data_root=args.data_root, image_size=args.image_size, batch_size=args.batch_size,
+                         seed=args.seed, device=args.device, augment=False).validate()
+    torch.manual_seed(config.seed)
+    runtime = init_runtime(config.device)
+    splits = load_data(config)
+    loss = build_loss(config).to(runtime.device)
+    student = build_model(config.student, splits).to(runtime.device).train()
+    teacher = build_model(config.teacher, splits)
+    if args.teacher_checkpoint:
+        load_model(args.teacher_checkpoint, teacher, expected_name=config.teacher, num_classes=splits.num_classes,
+                   in_chans=splits.in_chans)
+    teacher = teacher.to(runtime.device).eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(config.seed)
+    picks = torch.randperm(len(splits.train), generator=generator)[: config.batch_size].tolist()
+    inputs = torch.stack([splits.train[i][0] for i in picks]).to(runtime.device)
+    targets = torch.tensor([int(splits.train[i][1]) for i in picks], device=runtime.device)
+    values = compute_terms(loss, student, teacher, inputs, targets, runtime)
+    params = list(student.parameters()) + list(loss.parameters())
+    report = flow_report(values, params)
+    print(f"{config.teacher} -> {config.student} on {config.dataset}, one batch of {len(picks)}:")
+    print(format_flow_table(report, loss.weights))
+    raise_for_detached(report)
+    return 0

@@ -1,0 +1,114 @@
+"""``jacplug train``: distil a teacher into a student and print a summary table.
+
+Every option defaults to ``None`` here so the pipeline can tell what the user gave: defaults come
+from :class:`jacplug.pipeline.config.TrainConfig`, then ``--config FILE``, then these flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="distil a teacher into a student (KD + Jacobian matching by default)",
+        description="Distil a teacher into a student. Without data options it uses the embedded digits "
+        "dataset; without a teacher checkpoint it trains the teacher first. Options may also come from "
+        "--config FILE (YAML or TOML, same names); flags given here override the file.",
+    )
+    add = p.add_argument
+    add("--teacher", help="teacher model name (any timm name; default resnet50)")
+    add("--student", help="student model name (any timm name; default resnet18)")
+    add("--dataset", help="digits (embedded, default), cifar10, cifar100, imagefolder:PATH, or a plugin's dataset")
+    add("--data-root", help="where torchvision datasets live (default ./data)")
+    add("--download", action="store_true", default=None, help="download a torchvision dataset (needs internet)")
+    add("--samples-per-class", type=int, metavar="N", help="train the student on N images per class (seeded)")
+    add("--image-size", type=int, metavar="PX", help="input size (digits: 16, CIFAR: 32, imagefolder: 64)")
+    add("--augment", action=argparse.BooleanOptionalAction, default=None,
+        help="random crop/flip on the training split (default: on for CIFAR and image folders, off for digits)")
+    add("--loss", action="append", metavar="NAME=WEIGHT[:OPT=VAL,...]",
+        help="a loss term and its weight, repeatable (default: kd=0.5 + jacobian=5, the documented preset)")
+    add("--epochs", type=int, help="student epochs (default 4)")
+    add("--batch-size", type=int, help="batch size (default 64)")
+    add("--lr", type=float, help="student learning rate, AdamW with cosine decay (default 2e-3)")
+    add("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
+    add("--seed", type=int, help="seed for initialisation, shuffling and the few-sample subset (default 0)")
+    add("--device", help="auto (CUDA when available, default), cpu, cuda or cuda:N")
+    add("--out", metavar="DIR", help="run directory (default runs/TEACHER-STUDENT-TIMESTAMP)")
+    add("--resume", action="store_true", default=None, help="continue the interrupted run in --out DIR")
+    add("--teacher-checkpoint", metavar="PATH", help="teacher weights (.safetensors) instead of training one")
+    add("--pretrained", action="store_true", default=None,
+        help="start the teacher from timm's pretrained weights (needs internet), then fine-tune it")
+    add("--teacher-epochs", type=int, metavar="N", help="epochs to train the teacher when no checkpoint is given (default 4)")
+    add("--teacher-lr", type=float, help="teacher learning rate (default 2e-3)")
+    add("--config", metavar="FILE", help="YAML or TOML file with any of these options")
+    add("--cache-teacher", action="store_true", default=None,
+        help="compute the teacher's logits and Jacobian rows once (un-augmented data only)")
+    add("--no-check-gradients", dest="check_gradients", action="store_false", default=None,
+        help="skip the gradient-flow check of every loss term on the first batch")
+    add("--save-every", type=int, metavar="STEPS", help="also save resume state every STEPS steps (default 50; 0: epochs only)")
+    add("--max-steps-per-epoch", type=int, metavar="N", help="cap the steps per epoch (smoke tests)")
+    add("--workers", type=int, help="data-loader worker processes (default 0)")
+    add("--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="progress bars (default: only when stderr is a terminal)")
+    add("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.set_defaults(run=run)
+
+
+def resolve_config(args: argparse.Namespace):
+    """The run's :class:`TrainConfig`: saved config when resuming, else defaults < file < flags."""
+    from ..errors import UserError
+    from ..pipeline.config import FIELDS, for_resume, read_config_file, resolve
+
+    given = {k: v for k, v in vars(args).items() if k in FIELDS and k != "resume"}
+    file_options = read_config_file(args.config) if args.config else {}
+    if args.resume:
+        out = given.get("out") or file_options.get("out")
+        if not out:
+            raise UserError("--resume needs --out DIR, the directory of the run to continue")
+        saved = Path(out) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume: {str(out)!r} holds no run (no config.json); pass the run's directory as --out")
+        try:
+            saved_options = json.loads(saved.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{str(saved)!r} is corrupt ({exc}); the run cannot be resumed") from exc
+        return for_resume(saved_options, {**file_options, **{k: v for k, v in given.items() if v is not None}}, str(out))
+    return resolve(file_options, given)
+
+
+def format_summary(summary: dict) -> str:
+    """The end-of-run table: accuracies, final per-term losses, time, checkpoint paths."""
+
+    def pct(value) -> str:
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    rows = [
+        ("teacher", f"{summary['teacher']} ({summary['teacher_source']})"),
+        ("student", f"{summary['student']} on {summary['dataset']}, {summary['train_samples']} training images"),
+        ("teacher test accuracy", pct(summary["teacher_test_acc"])),
+        ("student test accuracy (last)", pct(summary["student_last_test_acc"])),
+        (f"student test accuracy (best on {summary['best_chosen_on']}, epoch {summary['student_best_epoch']})",
+         pct(summary["student_best_test_acc"])),
+    ]
+    rows += [(f"final loss: {k}", f"{v:.4g}") for k, v in summary["final_losses"].items()]
+    minutes, seconds = divmod(summary["time_s"], 60)
+    rows.append(("time", f"{int(minutes)}m {seconds:.1f}s"))
+    rows += [(f"checkpoint: {k}", v) for k, v in summary["checkpoints"].items()]
+    if summary.get("plot"):
+        rows.append(("plot", summary["plot"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline.run import train
+
+    summary = train(resolve_config(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0

@@ -1,0 +1,27 @@
+"""The training pipeline behind ``jacplug train``: data, teacher, distillation loop, checkpoints.
+
+``train(TrainConfig(...))`` runs everything and returns the summary; lifecycle hooks receive a
+:class:`RunContext`. Submodules have one job each (``data``, ``config``, ``teacher``, ``step``,
+``cache``, ``checkpoint``, ``metrics``, ``evaluate``, ``device``, ``run``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "TrainConfig": "jacplug.pipeline.config",
+    "DatasetSplits": "jacplug.pipeline.data",
+    "RunContext": "jacplug.pipeline.run",
+    "train": "jacplug.pipeline.run",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jacplug.pipeline' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

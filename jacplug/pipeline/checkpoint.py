@@ -1,0 +1,259 @@
+"""Checkpoints: safetensors only, written atomically, validated on load.
+
+Model files (``teacher.safetensors``, ``student_best.safetensors``, ``student_last.safetensors``)
+hold the plain timm ``state_dict`` (no ``module.`` prefix, contiguous tensors) and string metadata:
+``format`` (``jacplug-model/1``), ``role``, ``model``, ``num_classes``, ``in_chans``,
+``input_size`` (JSON ``[C, H, W]``), ``mean``/``std`` (JSON lists), ``config`` (JSON), ``metrics``
+(JSON, e.g. accuracies), ``jacplug_version``. Loading needs only ``safetensors`` and
+``timm.create_model(model, num_classes=..., in_chans=...)``.
+
+The resume file (``resume.safetensors``) is one file, so it is always self-consistent: the student,
+the loss module (adapters), the optimizer's tensors and the RNG states as tensors, and as JSON
+metadata the optimizer's param groups and scalars, the scheduler, and the position (epoch, batches
+consumed, global step, best accuracy). Nothing is ever unpickled.
+
+Every write goes to a temporary file in the target directory, is fsync-ed, then ``os.replace``-d
+into place, so a run killed at any instant leaves the old or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .._version import __version__
+from ..errors import UserError
+
+MODEL_FORMAT = "jacplug-model/1"
+RESUME_FORMAT = "jacplug-resume/1"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (same directory, so the rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the user's usual mode
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _plain_state(module: nn.Module) -> dict[str, Tensor]:
+    """``state_dict`` without a DDP wrapper prefix, as contiguous CPU tensors (safetensors needs both)."""
+    module = getattr(module, "module", module)
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_model(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    role: str,
+    name: str,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    config: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+) -> None:
+    """Write a model checkpoint that loads with plain safetensors + timm (see the module docstring)."""
+    metadata = {
+        "format": MODEL_FORMAT,
+        "role": role,
+        "model": name,
+        "num_classes": str(num_classes),
+        "in_chans": str(input_shape[0]),
+        "input_size": json.dumps(list(input_shape)),
+        "mean": json.dumps(list(mean)),
+        "std": json.dumps(list(std)),
+        "config": json.dumps(config, sort_keys=True),
+        "metrics": json.dumps(metrics or {}, sort_keys=True),
+        "jacplug_version": __version__,
+    }
+    state = _plain_state(model)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; a missing or unreadable file is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"checkpoint {str(path)!r} is corrupt or not a safetensors file ({' '.join(str(exc).split())}); "
+            "re-create it, or train the teacher again without --teacher-checkpoint"
+        ) from exc
+    return tensors, metadata
+
+
+def load_model(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    expected_name: str | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+) -> dict[str, str]:
+    """Load a model checkpoint into ``model`` after checking it fits; returns the metadata.
+
+    A checkpoint without jacplug metadata (a plain ``save_file(model.state_dict())``) is accepted
+    when its tensors fit ``model``. Mismatches (other architecture, class count or channels) raise a
+    one-line :class:`UserError` that names both sides.
+    """
+    tensors, meta = read_checkpoint(path)
+    where = f"checkpoint {str(path)!r}"
+    if expected_name and meta.get("model") and meta["model"] != expected_name:
+        raise UserError(f"{where} holds a {meta['model']!r} model, but {expected_name!r} was requested")
+    if num_classes is not None and meta.get("num_classes") and int(meta["num_classes"]) != num_classes:
+        raise UserError(
+            f"{where} was trained for {meta['num_classes']} classes, but the dataset has {num_classes}; "
+            "use a checkpoint trained on this dataset, or omit --teacher-checkpoint to train one"
+        )
+    if in_chans is not None and meta.get("in_chans") and int(meta["in_chans"]) != in_chans:
+        raise UserError(f"{where} expects {meta['in_chans']} input channels, but the dataset has {in_chans}")
+    target = getattr(model, "module", model)
+    expected = target.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        )
+        raise UserError(f"{where} does not fit the {type(target).__name__} being loaded ({detail})")
+    target.load_state_dict(tensors)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# resume state
+
+
+def _optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, entries in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_tensors() -> dict[str, Tensor]:
+    states = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"rng.cuda.{i}"] = s
+    return states
+
+
+def restore_rng(tensors: dict[str, Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_resume(
+    path: str | Path,
+    *,
+    student: nn.Module,
+    loss: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: dict[str, Any],
+    config: dict[str, Any],
+) -> None:
+    """Everything ``--resume`` needs, in one atomically written safetensors file."""
+    tensors = {f"student.{k}": v for k, v in _plain_state(student).items()}
+    tensors.update({f"loss.{k}": v for k, v in _plain_state(loss).items()})
+    optim_tensors, optim_meta = _optimizer_to_flat(optimizer.state_dict())
+    tensors.update(optim_tensors)
+    tensors.update(rng_tensors())
+    metadata = {
+        "format": RESUME_FORMAT,
+        "optimizer": json.dumps(optim_meta),
+        "scheduler": json.dumps(scheduler.state_dict()),
+        "position": json.dumps(position),
+        "config": json.dumps(config, sort_keys=True),
+        "jacplug_version": __version__,
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_resume(
+    path: str | Path,
+    *,
+    student: nn.Module,
+    loss: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> dict[str, Any]:
+    """Restore what :func:`save_resume` wrote (RNG included); returns the saved position."""
+    tensors, meta = read_checkpoint(path)
+    if meta.get("format") != RESUME_FORMAT:
+        raise UserError(f"{str(path)!r} is not a jacplug resume file (format {meta.get('format')!r})")
+
+    def part(prefix: str) -> dict[str, Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    try:
+        getattr(student, "module", student).load_state_dict(part("student."))
+        getattr(loss, "module", loss).load_state_dict(part("loss."))
+        optimizer.load_state_dict(_optimizer_from_flat(tensors, json.loads(meta["optimizer"])))
+        scheduler.load_state_dict(json.loads(meta["scheduler"]))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise UserError(
+            f"resume file {str(path)!r} does not match this run's student, loss or optimizer "
+            f"({' '.join(str(exc).split())[:200]}); start a new run with a fresh --out"
+        ) from exc
+    restore_rng(tensors)
+    return json.loads(meta["position"])

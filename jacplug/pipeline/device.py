@@ -1,0 +1,91 @@
+"""Where a run executes: device choice, mixed precision, and the torchrun process group.
+
+``--device auto`` picks CUDA when available. On CUDA the student's forward runs under bf16 autocast
+and models use channels-last memory (both speed up convolutions on tensor cores); on CPU neither is
+used (bf16 convolutions are slower than float32 on most CPUs). Jacobian terms stay correct under
+autocast because the pipeline evaluates the loss terms outside the autocast region with logits cast
+to float32 (see :func:`jacplug.pipeline.step.compute_terms`); the double backward through the bf16
+forward still runs in the precision autocast chose for each op.
+
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_distributed` joins the process
+group (NCCL on CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved device and process layout. ``rank 0`` writes files and calls lifecycle hooks."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    amp_dtype: torch.dtype | None = None  # autocast dtype for the models' forward passes; None: float32
+    channels_last: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """Context for the models' forward passes (a no-op when ``amp_dtype`` is None, as on CPU)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``cuda`` without CUDA is an error."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was requested but CUDA is not available here; use --device cpu or auto")
+        return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
+    return torch.device("cpu")
+
+
+def init_runtime(requested: str) -> Runtime:
+    """Resolve the device and, under torchrun, join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(requested, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    cuda = device.type == "cuda"
+    return Runtime(
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        amp_dtype=torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None,
+        channels_last=cuda,
+    )
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()

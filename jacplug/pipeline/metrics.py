@@ -1,0 +1,98 @@
+"""``metrics.jsonl`` (one JSON object per line, per step and per epoch) and the PNG plot of its curves.
+
+Step records: ``{"kind": "step", "epoch", "step", "loss", <term>..., "lr"}``; epoch records:
+``{"kind": "epoch", "epoch", "step", "train_loss", <term>..., "val_acc", "test_acc", "time_s"}``;
+teacher records use ``"kind": "teacher_epoch"``. Lines are appended and flushed one at a time; a
+reader skips a torn last line (a run killed mid-write), and ``--resume`` drops records past the
+resumed step so no step is counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write, atomic_write_text
+
+METRICS = "metrics.jsonl"
+PLOT = "curves.png"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All complete records of ``RUN_DIR/metrics.jsonl`` (empty when the file does not exist)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn line from a killed run
+    return records
+
+
+class MetricsLog:
+    """Appends records to ``metrics.jsonl``; a no-op off rank 0 (``enabled=False``)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.path = run_dir / METRICS
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to global ``step`` (used by ``--resume``)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step or r.get("kind") == "teacher_epoch"]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+
+
+def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the per-step loss terms and the per-epoch accuracies of a run into a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..errors import UserError
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    steps = [r for r in records if r.get("kind") == "step"]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    teacher = [r for r in records if r.get("kind") == "teacher_epoch"]
+    if not steps and not teacher:
+        raise UserError(f"{str(run_dir)!r} has no {METRICS} with training records; is it a jacplug run directory?")
+    skip = {"kind", "epoch", "step", "lr", "time_s"}
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        keys = sorted({k for r in steps for k in r if k not in skip})
+        for key in keys:
+            xs = [r["step"] for r in steps if key in r]
+            ax_loss.plot(xs, [r[key] for r in steps if key in r], label=key, linewidth=1)
+        ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="step", ylabel="loss (unweighted terms; 'loss' is the weighted total)", title="student losses")
+    ax_loss.legend(fontsize=8)
+    for label, rows, key in (
+        ("teacher val", teacher, "val_acc"),
+        ("student val", epochs, "val_acc"),
+        ("student test", epochs, "test_acc"),
+    ):
+        points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax_acc.plot(*zip(*points), marker="o", label=label)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    target = Path(out) if out else run_dir / PLOT
+    atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return target

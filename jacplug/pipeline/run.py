@@ -1,0 +1,342 @@
+"""``jacplug train``: data, teacher, the distillation loop, evaluation, checkpoints, hooks, summary.
+
+Optimizer: AdamW (``--lr`` 2e-3, ``--weight-decay`` 0.05) with a cosine decay to zero over all
+steps, for the student and the loss terms' learnable adapters alike. Why AdamW rather than SGD: the
+demo trains from scratch for a few epochs on small data, where AdamW converges fast without a tuned
+warm-up, and its per-parameter scaling absorbs the different gradient scales of the KD and
+Jacobian terms.
+
+Order of one step: cached teacher entries (``--cache-teacher``) or the teacher's forward; the
+student's forward; each term (:func:`.step.compute_terms`); on the run's first step the
+gradient-flow check (:func:`jacplug.graphcheck.gradient_flow`, unless ``--no-check-gradients``);
+``backward``; optimizer and scheduler step; a ``metrics.jsonl`` record and ``on_step_end``.
+
+Resume: ``resume.safetensors`` is rewritten every ``--save-every`` steps and at every epoch end.
+An epoch's sample order depends only on ``--seed`` and the epoch, so a resumed run rebuilds the
+epoch's order, skips the batches already consumed (without loading them), restores the RNG states,
+and continues with exactly the batches and random draws the interrupted run would have used
+(bit-identical on CPU with ``--workers 0``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..errors import UserError
+from ..graphcheck import gradient_flow
+from ..losses.composite import WeightedLoss
+from ..registry import create_dataset, get_host, model_pair, registry
+from . import cache as teacher_cache
+from .checkpoint import atomic_write_text, load_resume, save_model, save_resume
+from .config import TrainConfig
+from .data import DatasetSplits, Indexed, few_sample_subset
+from .device import Runtime, barrier, init_runtime, shutdown
+from .evaluate import accuracy
+from .metrics import MetricsLog, plot, read_metrics
+from .progress import progress, want_progress
+from .step import compute_terms, weighted_total, with_every_parameter
+from .teacher import build_model, cosine_schedule, prepare_teacher
+
+RESUME_FILE = "resume.safetensors"
+BEST_FILE = "student_best.safetensors"
+LAST_FILE = "student_last.safetensors"
+CONFIG_FILE = "config.json"
+CACHE_FILE = "teacher_cache.safetensors"
+
+
+@dataclass
+class RunContext:
+    """What lifecycle hooks receive as ``run``: the resolved config, the models, where files go."""
+
+    config: TrainConfig
+    out_dir: Path
+    device: torch.device
+    teacher: nn.Module
+    student: nn.Module
+    loss: WeightedLoss
+    splits: DatasetSplits
+    runtime: Runtime
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_out(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.teacher}-{config.student}-{stamp}"
+
+
+def build_loss(config: TrainConfig) -> WeightedLoss:
+    """The ``--loss`` specs through the registry, or the default preset; feature terms get the
+    registered teacher/student pair's layers and channels."""
+    from ..losses import build_loss as from_specs, jacobian_distillation, options_from_pair
+
+    if not config.loss:
+        return jacobian_distillation()
+    pair = model_pair(config.teacher, config.student)
+    overrides = {"fitnet": options_from_pair(pair)} if pair is not None else None
+    return from_specs(config.loss, overrides)
+
+
+def load_data(config: TrainConfig) -> DatasetSplits:
+    return create_dataset(
+        config.dataset, root=config.data_root, download=config.download, image_size=config.image_size,
+        augment=config.augment,
+    )
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, runtime: Runtime, seed: int) -> list[list[int]]:
+    """This rank's batches (dataset indices) for ``epoch``: a seeded shuffle, sharded like
+    ``DistributedSampler``; a trailing batch of one sample is dropped (train-mode BatchNorm
+    cannot normalise a single sample)."""
+    sampler = DistributedSampler(range(n), num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [b for b in batches if len(b) > 1]
+
+
+def _finite(values: dict[str, torch.Tensor], step: int) -> None:
+    bad = {k: float(v.detach()) for k, v in values.items() if not math.isfinite(float(v.detach()))}
+    if bad:
+        raise UserError(f"loss became non-finite at step {step} ({bad}); lower --lr or the weights of those terms")
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run the whole pipeline described by ``config``; returns the summary (see :func:`_summary`)."""
+    runtime = init_runtime(config.device)
+    try:
+        return _train(config, runtime)
+    finally:
+        shutdown(runtime)
+
+
+def _run_dir(config: TrainConfig, runtime: Runtime) -> Path:
+    out = Path(config.out) if config.out else default_out(config)
+    if runtime.distributed:  # every rank must use rank 0's timestamp
+        holder = [str(out)]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        out = Path(holder[0])
+    if config.resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise UserError(f"--resume: {str(out)!r} holds no run (no {CONFIG_FILE}); pass the run's directory as --out")
+    elif (out / RESUME_FILE).exists() or (out / LAST_FILE).exists():
+        raise UserError(f"{str(out)!r} already holds a run; pass --resume to continue it, or choose another --out")
+    return out
+
+
+def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    show = want_progress(config.progress, runtime.is_main)
+    run_dir = _run_dir(config, runtime)
+    # everything a user can get wrong is checked before any training starts
+    full = load_data(config)
+    splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
+    loss = build_loss(config)
+    student = build_model(config.student, splits)
+    registry("models").get(config.teacher)  # an unknown teacher name fails now, not after other work
+    if config.cache_teacher:
+        teacher_cache.check_cacheable(loss, splits.augment, config.dataset)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, config.to_json())
+    log = MetricsLog(run_dir, enabled=runtime.is_main)
+
+    teacher, teacher_source = prepare_teacher(config, full, runtime, run_dir, log, show)
+    teacher_acc = accuracy(teacher, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
+
+    student = student.to(runtime.device)
+    loss = loss.to(runtime.device)
+    if runtime.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    batches_per_epoch = len(epoch_batches(len(splits.train), config.batch_size, 0, runtime, config.seed))
+    if batches_per_epoch == 0:
+        raise UserError(f"the training split has {len(splits.train)} sample(s); at least 2 are needed per batch")
+    steps_per_epoch = min(batches_per_epoch, config.max_steps_per_epoch or batches_per_epoch)
+    scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
+    position: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
+    if config.resume and (run_dir / RESUME_FILE).is_file():
+        position = load_resume(run_dir / RESUME_FILE, student=student, loss=loss, optimizer=optimizer,
+                               scheduler=scheduler)
+        log.truncate_after(position["step"])
+
+    model = student
+    if runtime.distributed:
+        # a conv weight with one input channel gets gradients whose (irrelevant) stride of the size-1
+        # dimension differs from DDP's bucket view; the reducer copies them correctly and only warns
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+
+    lookup = None
+    if config.cache_teacher:
+        cache_path = run_dir / CACHE_FILE
+        key = teacher_cache.fingerprint(teacher, {"config": {k: getattr(config, k) for k in (
+            "dataset", "samples_per_class", "image_size", "seed", "loss", "data_root")}, "n": len(splits.train)})
+        if runtime.is_main and not teacher_cache.TeacherCache.matches(cache_path, key):
+            teacher_cache.build(cache_path, teacher, loss, splits.train, runtime.device, config.eval_batch_size, key, show)
+        barrier(runtime)
+        lookup = teacher_cache.TeacherCache(cache_path, runtime.device)
+
+    context = RunContext(config=config, out_dir=run_dir, device=runtime.device, teacher=teacher, student=student,
+                         loss=loss, splits=splits, runtime=runtime,
+                         extra={"teacher_acc": teacher_acc, "teacher_source": teacher_source})
+    loop = Loop(context, model, optimizer, scheduler, trainable, lookup, log, position, show, steps_per_epoch)
+    if runtime.is_main:
+        get_host().notify("on_train_start", run=context)
+    epoch_records = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
+    last_epoch: dict[str, Any] = epoch_records[-1] if epoch_records else {}
+    for epoch in range(position["epoch"], config.epochs):
+        loop.train_epoch(epoch)
+        last_epoch = loop.end_epoch(epoch, started)
+
+    summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last_epoch, started, splits)
+    if runtime.is_main:
+        if (run_dir / "metrics.jsonl").is_file():
+            summary["plot"] = str(plot(run_dir))
+        get_host().notify("on_train_end", run=context, summary=summary)
+    return summary
+
+
+@dataclass
+class Loop:
+    """The distillation loop's state between steps: what a step, an epoch end and a resume save need.
+
+    ``position`` is what ``resume.safetensors`` stores: ``epoch`` (next to run, from 0), ``batch``
+    (batches of it already consumed), ``step`` (global), ``best_acc``/``best``, and the running
+    ``sums``/``count`` of the epoch's per-term means.
+    """
+
+    run: RunContext
+    model: nn.Module  # the student, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainable: list[torch.Tensor]
+    cache: Any  # teacher_cache.TeacherCache or None
+    log: MetricsLog
+    position: dict[str, Any]
+    show: bool
+    steps_per_epoch: int
+
+    def train_epoch(self, epoch: int) -> None:
+        """One epoch from ``position["batch"]`` on (0 unless resuming mid-epoch)."""
+        run, position = self.run, self.position
+        config, runtime = run.config, run.runtime
+        train_set = Indexed(run.splits.train)
+        batches = epoch_batches(len(train_set), config.batch_size, epoch, runtime, config.seed)[: self.steps_per_epoch]
+        start = position["batch"] if position["epoch"] == epoch else 0
+        if not start:
+            position.update(sums={}, count=0)
+        loader = DataLoader(train_set, batch_sampler=batches[start:], num_workers=config.workers,
+                            pin_memory=runtime.device.type == "cuda")
+        self.model.train()
+        bar = progress(loader, desc=f"student {epoch + 1}/{config.epochs}", show=self.show, total=len(batches) - start)
+        for b, (inputs, targets, indices) in enumerate(bar, start=start):
+            metrics = self.step(inputs, targets, indices)
+            for key, value in metrics.items():
+                if key != "lr":
+                    position["sums"][key] = position["sums"].get(key, 0.0) + value
+            position["count"] += 1
+            if self.show:
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+            self.log.write({"kind": "step", "epoch": epoch + 1, "step": position["step"], **metrics})
+            if runtime.is_main:
+                get_host().notify("on_step_end", run=run, step=position["step"], metrics=metrics)
+            if config.save_every and position["step"] % config.save_every == 0 and b + 1 < len(batches):
+                position.update(epoch=epoch, batch=b + 1)
+                self.save_resume()
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
+        """One optimisation step; returns ``loss`` (weighted total), each term (unweighted) and ``lr``."""
+        run = self.run
+        runtime, loss = run.runtime, run.loss
+        inputs = inputs.to(runtime.device, non_blocking=True)
+        targets = targets.to(runtime.device, non_blocking=True)
+        if runtime.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        cached = self.cache.lookup(indices) if self.cache is not None else None
+        values = compute_terms(loss, self.model, run.teacher, inputs, targets, runtime, cached)
+        if self.position["step"] == 0 and run.config.check_gradients:
+            gradient_flow(values, self.trainable)  # a detached term fails here, before any update
+        total = weighted_total(loss, values)
+        if runtime.distributed:
+            total = with_every_parameter(total, self.trainable)
+        _finite({"loss": total, **values}, self.position["step"] + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.position["step"] += 1
+        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in values.items()},
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def end_epoch(self, epoch: int, started: float) -> dict[str, Any]:
+        """Evaluate, write the student checkpoints, the epoch record and the resume state; returns the record."""
+        run, position = self.run, self.position
+        config, runtime, splits = run.config, run.runtime, run.splits
+        count = max(position["count"], 1)
+        metrics: dict[str, Any] = {"train_loss": position["sums"].get("loss", 0.0) / count}
+        metrics.update({k: v / count for k, v in position["sums"].items() if k != "loss"})
+        for name, split in (("val_acc", splits.val), ("test_acc", splits.test)):
+            if split is not None:
+                metrics[name] = accuracy(run.student, split, runtime, batch_size=config.eval_batch_size,
+                                         show=self.show, desc=name.split("_")[0])
+        score = metrics.get("val_acc", metrics["test_acc"])
+        scores = {"epoch": epoch + 1, **{k: v for k, v in metrics.items() if k.endswith("_acc")}}
+        improved = score > position["best_acc"]
+        if runtime.is_main:
+            meta = dict(name=config.student, num_classes=splits.num_classes, input_shape=splits.input_shape,
+                        mean=splits.mean, std=splits.std, config=config.to_dict(), metrics=scores)
+            if improved:
+                save_model(run.out_dir / BEST_FILE, run.student, role="student_best", **meta)
+            save_model(run.out_dir / LAST_FILE, run.student, role="student_last", **meta)
+        if improved:
+            position["best_acc"], position["best"] = score, scores
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": position["step"], **metrics,
+                  "time_s": round(time.perf_counter() - started, 3)}
+        self.log.write(record)  # before the resume save: a kill in between drops the record on resume
+        position.update(epoch=epoch + 1, batch=0, sums={}, count=0)
+        self.save_resume()
+        if runtime.is_main:
+            get_host().notify("on_epoch_end", run=run, epoch=epoch + 1, metrics=metrics)
+        return record
+
+    def save_resume(self) -> None:
+        run = self.run
+        if run.runtime.is_main:
+            save_resume(run.out_dir / RESUME_FILE, student=run.student, loss=run.loss, optimizer=self.optimizer,
+                        scheduler=self.scheduler, position=self.position, config=run.config.to_dict())
+
+
+def _summary(config, run_dir, teacher_acc, teacher_source, position, last, started, splits) -> dict[str, Any]:
+    """Accuracies (test split), final per-term losses (last epoch's means), time, file locations."""
+    best = position.get("best", {})
+    terms = {k: v for k, v in last.items() if k not in ("kind", "epoch", "step", "time_s") and not k.endswith("_acc")}
+    return {
+        "teacher": config.teacher,
+        "student": config.student,
+        "dataset": config.dataset,
+        "train_samples": len(splits.train),
+        "teacher_test_acc": teacher_acc,
+        "teacher_source": teacher_source,
+        "student_last_test_acc": last.get("test_acc"),
+        "student_best_test_acc": best.get("test_acc"),
+        "student_best_epoch": best.get("epoch"),
+        "best_chosen_on": "val" if splits.val is not None else "test",
+        "final_losses": terms,
+        "time_s": time.perf_counter() - started,
+        "run_dir": str(run_dir),
+        "checkpoints": {name: str(run_dir / f) for name, f in (
+            ("teacher", "teacher.safetensors"), ("student_best", BEST_FILE), ("student_last", LAST_FILE))},
+    }

@@ -1,0 +1,280 @@
+"""``jacplug train`` end to end through the real CLI: files, hooks, checkpoints, resume, bad input.
+
+Runs use timm's ``test_resnet`` (a tiny ResNet) on the embedded digits at their native 8x8, a few
+images per class and a few steps, so the whole module stays within seconds per run on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from jacplug import hookimpl
+from jacplug.cli.main import main
+from jacplug.losses.base import LossTerm
+from jacplug.pipeline.checkpoint import save_model
+from jacplug.pipeline.metrics import read_metrics
+from jacplug.registry import create_dataset, get_host
+
+TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8",
+        "--seed", "0", "--device", "cpu", "--no-progress"]
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main(["train", *TINY, *args]) if args[:1] != ("plot",) else main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> str:
+    """A test_resnet teacher trained once (1 epoch on all 1,258 training digits) for the module."""
+    out = tmp_path_factory.mktemp("teacher-run")
+    rc = main(["train", *TINY, "--batch-size", "64", "--teacher-epochs", "3", "--teacher-lr", "5e-3", "--epochs", "1", "--samples-per-class", "2",
+               "--max-steps-per-epoch", "1", "--out", str(out), "--loss", "kd=1"])
+    assert rc == 0
+    return str(out / "teacher.safetensors")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    @hookimpl
+    def on_train_start(self, run):
+        self.calls.append(("start", run.config.student))
+
+    @hookimpl
+    def on_step_end(self, run, step, metrics):
+        self.calls.append(("step", (step, sorted(metrics))))
+
+    @hookimpl
+    def on_epoch_end(self, run, epoch, metrics):
+        self.calls.append(("epoch", epoch))
+
+    @hookimpl
+    def on_train_end(self, run, summary):
+        self.calls.append(("end", summary["run_dir"]))
+
+
+@pytest.fixture
+def plugin():
+    """Register plugin objects in the CLI's host for one test."""
+    names = []
+
+    def register(obj, name):
+        names.append(get_host().register(obj, name=name))
+        return obj
+
+    yield register
+    for name in names:
+        get_host().unregister(name)
+
+
+def test_end_to_end_run_writes_everything_and_best_checkpoint_reproduces_accuracy(tmp_path, capsys, teacher_file, plugin):
+    recorder = plugin(Recorder(), "recorder")
+    out = tmp_path / "run"
+    rc, stdout, err = cli(capsys, "--teacher-checkpoint", teacher_file, "--samples-per-class", "3", "--epochs", "2",
+                          "--out", str(out), "--json")
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.jsonl", "curves.png", "student_best.safetensors", "student_last.safetensors",
+            "resume.safetensors"} <= names
+    assert json.loads((out / "config.json").read_text())["samples_per_class"] == 3
+    records = read_metrics(out)
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6, 7, 8]  # 30 images / batch 8 = 4 steps per epoch
+    assert all({"loss", "kd", "jacobian", "lr"} <= set(r) for r in steps)
+    assert [r["epoch"] for r in epochs] == [1, 2] and all({"kd", "jacobian", "val_acc", "test_acc"} <= set(r) for r in epochs)
+    assert set(summary["final_losses"]) == {"train_loss", "kd", "jacobian"}
+    kinds = [c[0] for c in recorder.calls]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("step") == 8 and kinds.count("epoch") == 2
+    assert recorder.calls[1] == ("step", (1, ["jacobian", "kd", "loss", "lr"]))
+
+    # the best student loads with nothing but safetensors + timm and reproduces the reported accuracy
+    path = summary["checkpoints"]["student_best"]
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata()
+    student = timm.create_model(meta["model"], num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]))
+    student.load_state_dict(load_file(path))
+    test = create_dataset("digits", image_size=json.loads(meta["input_size"])[-1]).test
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        acc = int((student.eval()(x).argmax(1) == y).sum()) / len(y)
+    assert acc == pytest.approx(summary["student_best_test_acc"], abs=1e-9)
+    assert summary["teacher_test_acc"] > 0.3  # one epoch of a tiny ResNet: well above chance
+
+    (out / "curves.png").unlink()
+    rc, stdout, _ = cli(capsys, "plot", str(out))
+    assert rc == 0 and (out / "curves.png").stat().st_size > 1000
+
+
+class Interrupt:
+    """Stops training after a given step, as Ctrl-C or a kill between two checkpoints would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    @hookimpl
+    def on_step_end(self, step):
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, capsys, teacher_file, plugin):
+    common = ["--teacher-checkpoint", teacher_file, "--samples-per-class", "4", "--epochs", "2", "--save-every", "2"]
+    rc, _, err = cli(capsys, *common, "--out", str(tmp_path / "straight"))
+    assert rc == 0, err
+
+    interrupt = plugin(Interrupt(at=7), "interrupt")  # 5 steps per epoch: killed in epoch 2, last save at step 6
+    rc, _, err = cli(capsys, *common, "--out", str(tmp_path / "resumed"))
+    assert rc == 130 and "interrupted" in err
+    get_host().unregister("interrupt")
+    rc, _, err = cli(capsys, "--out", str(tmp_path / "resumed"), "--resume")
+    assert rc == 0, err
+
+    straight = load_file(tmp_path / "straight" / "student_last.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "student_last.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed") if r["kind"] == "step"] == list(range(1, 11))
+    assert interrupt.at == 7
+
+
+def test_resume_refuses_changed_identity_options(tmp_path, capsys, teacher_file):
+    out = str(tmp_path / "run")
+    rc, _, _ = cli(capsys, "--teacher-checkpoint", teacher_file, "--samples-per-class", "2", "--epochs", "1",
+                   "--out", out, "--loss", "kd=1")
+    assert rc == 0
+    rc, _, err = cli(capsys, "--out", out, "--resume", "--loss", "kd=2")
+    assert rc == 2 and "--loss" in err and "saved" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = cli(capsys, "--teacher-checkpoint", teacher_file, "--out", out)
+    assert rc == 2 and "already holds a run; pass --resume" in err
+
+
+def _wrong_classes(tmp_path) -> str:
+    path = tmp_path / "three.safetensors"
+    net = timm.create_model("test_resnet", num_classes=3, in_chans=1)
+    save_model(path, net, role="teacher", name="test_resnet", num_classes=3, input_shape=(1, 8, 8), mean=(0.0,),
+               std=(1.0,), config={})
+    return str(path)
+
+
+def _corrupt(tmp_path) -> str:
+    path = tmp_path / "corrupt.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return str(path)
+
+
+BAD = [
+    (["--teacher", "resnet5O"], "unknown model 'resnet5O'; did you mean"),
+    (["--student", "resnet1B"], "unknown model 'resnet1B'; did you mean"),
+    (["--loss", "kdd=1"], "unknown loss 'kdd'; did you mean 'kd'"),
+    (["--dataset", "digitz"], "unknown dataset 'digitz'; did you mean 'digits'"),
+    (["--dataset", "imagefolder:/no/such/folder"], "does not exist"),
+    (["--loss", "kd=0"], "weight must be finite and > 0"),
+    (["--loss", "kd=-1"], "weight must be finite and > 0"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--teacher-epochs", "-1"], "--teacher-epochs must be >= 0"),
+    (["--samples-per-class", "0"], "--samples-per-class must be a positive integer"),
+    (["--resume"], "holds no run (no config.json)"),
+    (["--cache-teacher", "--augment"], "--cache-teacher needs un-augmented training data"),
+    (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
+    ("wrong-classes", "trained for 3 classes, but the dataset has 10"),
+    ("corrupt", "is corrupt or not a safetensors file"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[str(a)[:40] for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+    if args == "wrong-classes":
+        args = ["--teacher-checkpoint", _wrong_classes(tmp_path)]
+    elif args == "corrupt":
+        args = ["--teacher-checkpoint", _corrupt(tmp_path)]
+    rc, out, err = cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jacplug: error: ") and message in lines[0], err
+
+
+def test_offline_download_suggests_the_embedded_dataset(tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    rc, _, err = cli(capsys, "--dataset", "cifar10", "--download", "--data-root", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert rc == 2 and "offline" in err and "--dataset digits" in err and len(err.strip().splitlines()) == 1
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jacplug", "train", "--teacher", "resnet5O", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("jacplug: error: unknown model 'resnet5O'")
+
+
+class DetachedTerm(LossTerm):
+    """The forum's mistake: a computed value made a new leaf with ``requires_grad = True``."""
+
+    name = "detached"
+    needs = frozenset({"student_logits"})
+
+    def forward(self, batch):
+        value = batch.student_logits.detach().pow(2).mean()
+        value.requires_grad = True
+        return value
+
+
+class DetachedPlugin:
+    @hookimpl
+    def register_losses(self, register):
+        register("detached", DetachedTerm)
+
+
+def test_training_checks_gradient_flow_first(tmp_path, capsys, teacher_file, plugin):
+    plugin(DetachedPlugin(), "detached-loss")
+    common = ["--teacher-checkpoint", teacher_file, "--samples-per-class", "2", "--epochs", "1",
+              "--loss", "kd=1", "--loss", "detached=1"]
+    rc, _, err = cli(capsys, *common, "--out", str(tmp_path / "checked"))
+    assert rc == 2 and err.startswith("jacplug: error: loss term(s) with no gradient path to the parameters: detached")
+    assert not (tmp_path / "checked" / "student_last.safetensors").exists()
+    rc, _, err = cli(capsys, *common, "--out", str(tmp_path / "unchecked"), "--no-check-gradients")
+    assert rc == 0, err
+
+
+def test_cache_teacher_run(tmp_path, capsys, teacher_file):
+    out = tmp_path / "cached"
+    rc, stdout, err = cli(capsys, "--teacher-checkpoint", teacher_file, "--samples-per-class", "2", "--epochs", "2",
+                          "--cache-teacher", "--out", str(out), "--json")
+    assert rc == 0, err
+    from safetensors import safe_open as open_
+
+    with open_(str(out / "teacher_cache.safetensors"), framework="pt") as fh:
+        assert fh.get_slice("teacher_jacobian_rows").get_shape() == [20, 1, 1, 8, 8]  # top-1 row per sample
+    assert json.loads(stdout)["final_losses"]["jacobian"] > 0
+
+
+def test_config_file_options_are_overridden_by_flags(tmp_path):
+    from jacplug.cli.cmd_train import resolve_config
+    from jacplug.cli.main import build_parser
+
+    path = tmp_path / "run.toml"
+    path.write_text('teacher = "resnet34"\nepochs = 9\nbatch-size = 16\nloss = ["kd=1", "jacobian=3"]\ncache_teacher = true\n')
+    args = build_parser().parse_args(["train", "--config", str(path), "--epochs", "2", "--lr", "0.01"])
+    config = resolve_config(args)
+    assert (config.teacher, config.epochs, config.batch_size, config.lr) == ("resnet34", 2, 16, 0.01)
+    assert config.loss == ["kd=1", "jacobian=3"] and config.cache_teacher and config.student == "resnet18"
+    args = build_parser().parse_args(["train", "--config", str(path), "--loss", "kd=2"])
+    assert resolve_config(args).loss == ["kd=2"]  # a repeated flag replaces the file's list

@@ -1,0 +1,99 @@
+"""Checkpoints: atomic writes, plain-timm loading, validation errors, the resume file round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from jacplug.errors import UserError
+from jacplug.pipeline.checkpoint import atomic_write, load_model, load_resume, save_model, save_resume
+from jacplug.pipeline.teacher import cosine_schedule
+
+META = dict(name="test_resnet", num_classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.3,), config={"seed": 0})
+
+
+def model(num_classes: int = 10, name: str = "test_resnet"):
+    return timm.create_model(name, num_classes=num_classes, in_chans=1)
+
+
+def test_model_checkpoint_loads_with_plain_timm_and_safetensors(tmp_path):
+    torch.manual_seed(0)
+    net = model()
+    save_model(tmp_path / "s.safetensors", net, role="student_last", metrics={"test_acc": 0.5}, **META)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    plain = timm.create_model(meta["model"], num_classes=int(meta["num_classes"]), in_chans=int(meta["in_chans"]))
+    plain.load_state_dict(load_file(tmp_path / "s.safetensors"))
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(plain.eval()(x), net.eval()(x))
+    assert json.loads(meta["input_size"]) == [1, 8, 8] and json.loads(meta["metrics"]) == {"test_acc": 0.5}
+    assert json.loads(meta["config"]) == {"seed": 0} and meta["jacplug_version"]
+
+
+def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "f.safetensors"
+    target.write_text("old")
+
+    def broken(tmp):
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, broken)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
+
+
+def test_checkpoint_errors_are_one_line_user_errors(tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_model(good, model(), role="teacher", **META)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(good.read_bytes()[:1000])
+    cases = [
+        (tmp_path / "missing.safetensors", {}, "does not exist"),
+        (corrupt, {}, "corrupt or not a safetensors file"),
+        (good, {"num_classes": 100}, "trained for 10 classes, but the dataset has 100"),
+        (good, {"expected_name": "resnet18"}, "holds a 'test_resnet' model, but 'resnet18' was requested"),
+    ]
+    for path, kwargs, message in cases:
+        with pytest.raises(UserError, match=message) as info:
+            load_model(path, model(), **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="does not fit"):  # no metadata to check, but the shapes disagree
+        load_model(good, model(num_classes=3))
+
+
+def test_resume_file_restores_optimizer_scheduler_and_rng(tmp_path):
+    torch.manual_seed(0)
+    net, loss = model(), torch.nn.Linear(2, 2)
+    params = list(net.parameters()) + list(loss.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scheduler = cosine_schedule(optimizer, 10)
+    for _ in range(2):
+        net(torch.randn(4, 1, 8, 8)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    save_resume(tmp_path / "r.safetensors", student=net, loss=loss, optimizer=optimizer, scheduler=scheduler,
+                position={"epoch": 1, "batch": 3, "step": 2}, config={})
+    expected_draw = torch.rand(3)
+
+    torch.manual_seed(99)
+    net2, loss2 = model(), torch.nn.Linear(2, 2)
+    optimizer2 = torch.optim.AdamW(list(net2.parameters()) + list(loss2.parameters()), lr=1e-2)
+    scheduler2 = cosine_schedule(optimizer2, 10)
+    position = load_resume(tmp_path / "r.safetensors", student=net2, loss=loss2, optimizer=optimizer2,
+                           scheduler=scheduler2)
+    assert position == {"epoch": 1, "batch": 3, "step": 2}
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+    before, after = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
+    assert sorted(before) == sorted(after)
+    for pid, entry in before.items():
+        assert all(torch.equal(torch.as_tensor(value), torch.as_tensor(after[pid][k])) for k, value in entry.items())
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(a, b)

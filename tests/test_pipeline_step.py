@@ -1,0 +1,90 @@
+"""The step's DistillBatch preparation: teacher cache equivalence and the Jacobian term under bf16 autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from jacplug.errors import UserError
+from jacplug.losses import JacobianLoss, KDLoss, WeightedLoss, jacobian_distillation
+from jacplug.pipeline import cache as teacher_cache
+from jacplug.pipeline.device import Runtime
+from jacplug.pipeline.step import compute_terms, weighted_total
+
+CPU = Runtime(device=torch.device("cpu"))
+
+
+def convnet(classes: int = 4) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, padding=1),
+        nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, classes),
+    )
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n: int = 12) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+@pytest.mark.parametrize("classes", ["top1", "label", "all"])
+def test_cached_teacher_gives_the_same_terms_and_gradients(tmp_path, classes):
+    torch.manual_seed(0)
+    student, teacher = convnet(), convnet().eval().requires_grad_(False)
+    loss = WeightedLoss({"kd": (KDLoss(), 1.0), "jacobian": (JacobianLoss(classes=classes), 10.0)})
+    data = Images()
+    path = tmp_path / "cache.safetensors"
+    teacher_cache.build(path, teacher, loss, data, CPU.device, batch_size=5, key="k", show=False)
+    assert teacher_cache.TeacherCache.matches(path, "k") and not teacher_cache.TeacherCache.matches(path, "other")
+    cache = teacher_cache.TeacherCache(path, CPU.device)
+
+    index = torch.tensor([7, 2, 11, 0])
+    x, y = data.x[index], data.y[index]
+    results = []
+    for cached in (None, cache.lookup(index)):
+        student.zero_grad()
+        values = compute_terms(loss, student, teacher, x, y, CPU, cached)
+        weighted_total(loss, values).backward()
+        results.append(({k: float(v.detach()) for k, v in values.items()}, [p.grad.clone() for p in student.parameters()]))
+    (live, live_grads), (hit, hit_grads) = results
+    assert live == pytest.approx(hit, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(live_grads, hit_grads))
+
+
+def test_cache_refuses_augmented_data_and_feature_terms():
+    with pytest.raises(UserError, match="un-augmented"):
+        teacher_cache.check_cacheable(jacobian_distillation(), augment=True, dataset="cifar10")
+    from jacplug.losses import AttentionTransferLoss
+
+    features = WeightedLoss({"attention": (AttentionTransferLoss(layers="0"), 1.0)})
+    with pytest.raises(UserError, match="feature maps"):
+        teacher_cache.check_cacheable(features, augment=False, dataset="digits")
+
+
+def test_jacobian_term_under_bf16_autocast_stays_float32_and_close():
+    """On CPU bf16 autocast is off by default (slower); forcing it checks the term's precision handling:
+    the logits are float32, the term's value and gradients stay close to the float32 computation."""
+    torch.manual_seed(0)
+    student, teacher = convnet(), convnet().eval().requires_grad_(False)
+    loss = jacobian_distillation()
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    bf16 = Runtime(device=torch.device("cpu"), amp_dtype=torch.bfloat16)
+    out = {}
+    for name, runtime in (("fp32", CPU), ("bf16", bf16)):
+        student.zero_grad()
+        values = compute_terms(loss, student, teacher, x, y, runtime)
+        assert all(v.dtype == torch.float32 for v in values.values())
+        weighted_total(loss, values).backward()
+        grad = torch.cat([p.grad.flatten() for p in student.parameters()])
+        assert torch.isfinite(grad).all()
+        out[name] = (values["jacobian"].item(), grad)
+    assert out["bf16"][0] == pytest.approx(out["fp32"][0], rel=0.05, abs=0.02)
+    cosine = torch.nn.functional.cosine_similarity(out["bf16"][1], out["fp32"][1], dim=0)
+    assert cosine > 0.95
