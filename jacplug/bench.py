@@ -5,16 +5,21 @@ every method once per round, in rotating order, and taking medians over rounds c
 Each measured step is a full training step (forward, loss, backward, optimizer step) built from the
 public library API exactly as a user's own loop would build it (docs/reuse.md).
 
-Memory: on CUDA the peak allocated bytes of the step; on CPU (where PyTorch exposes no allocator
-statistics) the bytes of the distinct tensors autograd saves for backward during the step, which is
-what Jacobian terms add (the teacher's saved activations, the double-backward graph).
+Memory: on CUDA the peak allocated bytes of the step. On CPU, where PyTorch exposes no allocator
+statistics, two measures: ``--memory saved`` (default, in-process) sums the distinct tensors autograd
+saves during the step, an upper bound that ignores that the teacher's saved activations are freed
+before the student's double backward; ``--memory rss`` runs each method in a fresh process and
+reports the growth of the peak resident set over three steps, the real high-water mark.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -193,6 +198,39 @@ def measure_memory(setup: Setup, step: Callable[[Setup], None]) -> int:
     return _saved_bytes(lambda: step(setup))
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_growth(model_name: str, classes: int, batch: int, size: int, method: str) -> int:
+    """Bytes by which the resident set peaks above its level before three steps of ``method``.
+
+    Linux only: the peak (VmHWM) is reset through /proc/self/clear_refs once the models exist, and
+    the parent sets MALLOC_MMAP_THRESHOLD_ so freed tensors go back to the system at once instead of
+    hiding later allocations in reused heap."""
+    setup = make_setup(model_name, classes, batch, size, torch.device("cpu"))
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _status_kib("VmRSS")
+    for _ in range(3):
+        methods()[method](setup)
+    return 1024 * (_status_kib("VmHWM") - before)
+
+
+def measure_rss(model_name: str, classes: int, batch: int, size: int, method: str) -> int:
+    """:func:`peak_rss_growth` in a fresh process."""
+    code = ("import torch; from jacplug.bench import peak_rss_growth; "
+            f"torch.set_num_threads({torch.get_num_threads()}); "
+            f"print(peak_rss_growth({model_name!r}, {classes}, {batch}, {size}, {method!r}))")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    return int(out.strip().splitlines()[-1])
+
+
 def _time(setup: Setup, step: Callable[[Setup], None]) -> float:
     sync = torch.cuda.synchronize if setup.inputs.device.type == "cuda" else (lambda: None)
     sync()
@@ -210,6 +248,7 @@ def run(
     batch: int,
     size: int,
     device: torch.device,
+    memory_mode: str = "saved",
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Measure every selected method on every config; returns one row per (config, method)."""
@@ -221,7 +260,10 @@ def run(
         times: dict[str, list[float]] = {m: [] for m in names}
         for m in names:  # warm-up (allocator, one-time initialisation)
             table[m](setup)
-        memory = {m: measure_memory(setup, table[m]) for m in names}
+        if memory_mode == "rss" and device.type == "cpu":
+            memory = {m: measure_rss(model_name, classes, batch, size, m) for m in names}
+        else:
+            memory = {m: measure_memory(setup, table[m]) for m in names}
         for r in range(repeats):
             order = names[r % len(names):] + names[: r % len(names)]
             for m in order:
@@ -256,8 +298,10 @@ def main_from_args(args: argparse.Namespace) -> int:
         configs.append((models, int(classes)))
     device = torch.device(args.device)
     print(f"# jacplug bench: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.repeats} rounds")
-    rows = run(configs, args.methods, args.repeats, args.full_repeats, args.batch_size, args.image_size, device)
+          f"batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.repeats} rounds, memory: "
+          f"{'peak allocated' if device.type == 'cuda' else args.memory}")
+    rows = run(configs, args.methods, args.repeats, args.full_repeats, args.batch_size, args.image_size, device,
+               memory_mode=args.memory)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

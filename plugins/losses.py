@@ -16,7 +16,7 @@ DESCRIPTIONS = {
     "jacobian-projected": "all-class ||J_S - J_T||_F^2 estimated by k random output projections (VJP); k=1, "
     "normalize=false",
     "jacobian-direction": "all-class ||J_S - J_T||_F^2 estimated by k random input directions (JVP); k=1, "
-    "method=forward|finite-difference, step=none, normalize=false",
+    "method=forward|finite-difference, scheme=forward|central (finite differences), step=none, normalize=false",
     "noisy-distill": "logit MSE on Gaussian-noised inputs (= Jacobian matching to first order); sigma=0.1, samples=1",
     "fitnet": "FitNet hint MSE through learnable 1x1 adapters; layers=..., channels={student: (t_ch, s_ch)}",
     "attention": "attention transfer (normalised channel mean of |f|^p); layers=..., p=2",

@@ -234,12 +234,13 @@ def test_projected_uses_a_cached_full_teacher_jacobian(nets):
     assert torch.allclose(cached, ProjectedJacobianLoss(k=2)(make_batch(student, teacher, x)), atol=1e-10)
 
 
-@pytest.mark.parametrize("method, atol", [("forward", 1e-10), ("finite-difference", 1e-6)])
+@pytest.mark.parametrize("method, scheme, atol", [("forward", "forward", 1e-10), ("finite-difference", "forward", 1e-6),
+                                                  ("finite-difference", "central", 1e-6)])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_direction_matches_hand_computation(nets, method, atol, normalize):
+def test_direction_matches_hand_computation(nets, method, scheme, atol, normalize):
     student, teacher, x = nets
     torch.manual_seed(13)
-    term = DirectionalJacobianLoss(k=2, method=method, normalize=normalize)
+    term = DirectionalJacobianLoss(k=2, method=method, normalize=normalize, scheme=scheme)
     value = term(make_batch(student, teacher, x, with_fns=True))
     torch.manual_seed(13)
     u = torch.randn(B, 2, D, dtype=torch.float64)

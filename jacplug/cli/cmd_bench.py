@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--memory", default="saved", choices=["saved", "rss"],
+                        help="CPU memory measure: autograd saved bytes (fast upper bound) or peak RSS growth "
+                             "in a fresh process per method (slower, the real high-water mark)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 

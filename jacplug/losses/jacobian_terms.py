@@ -26,6 +26,7 @@ from .teacher import teacher_jacobian_rows, teacher_vjp
 
 CLASS_CHOICES = ("top1", "label", "topk", "all")
 JVP_METHODS = ("forward", "finite-difference")
+FD_SCHEMES = ("forward", "central")
 
 
 def unit_rows(rows: Tensor, eps: float) -> Tensor:
@@ -163,7 +164,10 @@ class DirectionalJacobianLoss(LossTerm):
     ``|| J_S[b] u - J_T[b] u ||^2``, an unbiased estimate of the batch mean of
     ``||J_S[b] - J_T[b]||_F^2`` (``E_u ||D u||^2 = ||D||_F^2``). ``J u`` comes from ``jvp`` on the
     models as callables: ``method="forward"`` (forward-mode AD, exact) or ``"finite-difference"``
-    (``(f(x + h u) - f(x)) / h``, no double backward, biased by O(h)). Both re-run the models.
+    (no double backward, biased by O(h) or O(h^2)). With ``scheme="forward"`` (the default) the
+    finite difference is ``(f(x + h u) - f(x)) / h`` with ``f(x)`` taken from the batch's logits, so
+    each model runs once more per direction; ``scheme="central"`` runs each twice and is second-order
+    accurate. Both methods re-run the models.
 
     ``normalize=True`` returns the mean of ``|| n(J_S u) - n(J_T u) ||^2`` instead (direction
     matching of output changes, scale-free, not a Frobenius estimate).
@@ -173,10 +177,17 @@ class DirectionalJacobianLoss(LossTerm):
     needs = frozenset({"student_fn", "teacher_fn"})
 
     def __init__(
-        self, k: int = 1, method: str = "forward", step: float | None = None, normalize: bool = False, eps: float = 1e-8
+        self,
+        k: int = 1,
+        method: str = "forward",
+        step: float | None = None,
+        normalize: bool = False,
+        eps: float = 1e-8,
+        scheme: str = "forward",
     ) -> None:
         super().__init__()
         self.method = choice(self.name, "method", method, JVP_METHODS)
+        self.scheme = choice(self.name, "scheme", scheme, FD_SCHEMES)
         self.step = None if step is None else positive_float(self.name, "step", step, " or None (automatic)")
         self.k = positive_int(self.name, "k", k)
         self.normalize, self.eps = bool(normalize), positive_float(self.name, "eps", eps)
@@ -185,13 +196,17 @@ class DirectionalJacobianLoss(LossTerm):
         require(batch, self, "student_fn", "teacher_fn")
         inputs = batch.inputs.detach()
         u = torch.randn(inputs.shape[0], self.k, *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
-        options = dict(method=self.method, step=self.step)
-        teacher = jvp(batch.teacher_fn, inputs, u, create_graph=False, **options).detach()
-        student = jvp(batch.student_fn, inputs, u, create_graph=True, **options)
+        options = dict(method=self.method, step=self.step, scheme=self.scheme)
+        reuse = self.method == "finite-difference" and self.scheme == "forward"
+        t_base = batch.teacher_logits.detach() if reuse and batch.teacher_logits is not None else None
+        s_base = batch.student_logits if reuse else None
+        teacher = jvp(batch.teacher_fn, inputs, u, create_graph=False, outputs=t_base, **options).detach()
+        student = jvp(batch.student_fn, inputs, u, create_graph=True, outputs=s_base, **options)
         return row_distance(student, teacher, normalize=self.normalize, squared=True, eps=self.eps).mean()
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, k={self.k}, method={self.method!r}, normalize={self.normalize}"
+        scheme = f", scheme={self.scheme!r}" if self.method == "finite-difference" else ""
+        return f"name={self.name!r}, k={self.k}, method={self.method!r}{scheme}, normalize={self.normalize}"
 
 
 class NoisyDistillLoss(LossTerm):

@@ -1,0 +1,24 @@
+"""The step benchmark runs end to end on tiny settings and reports ratios to KD (not timed)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from jacplug.bench import format_table, methods, run
+from jacplug.cli.cmd_bench import METHODS
+
+
+def test_cli_method_list_matches_the_benchmark():
+    assert tuple(methods()) == METHODS
+
+
+def test_every_method_runs_and_reports_ratios():
+    rows = run([("mlp", 3)], list(METHODS), repeats=1, full_repeats=1, batch=2, size=4, device=torch.device("cpu"),
+               log=lambda _: None)
+    assert [r["method"] for r in rows] == list(METHODS)
+    kd = rows[0]
+    assert kd["time_ratio"] == 1.0 and kd["memory_ratio"] == 1.0
+    assert all(r["median_ms"] > 0 and math.isfinite(r["time_ratio"]) for r in rows)
+    assert "eq10-top1" in format_table(rows)
