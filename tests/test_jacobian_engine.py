@@ -193,3 +193,15 @@ def test_callable_accepts_inputs_without_grad(convnet):
     x = _inputs(2, 2, 5, 5).detach()
     ref = per_sample_reference(convnet, x)
     torch.testing.assert_close(jacplug.jacobian(convnet, x, backend="loop"), ref)
+
+
+def test_auto_backend_follows_the_measured_cpu_rule(convnet):
+    from jacplug.engine import AutoBackend, BatchedBackend, LoopBackend
+
+    auto = AutoBackend()
+    x = _inputs(2, 2, 5, 5)
+    conv_out = convnet(x)
+    mlp_out = small_mlp(50, 5).double()(x)
+    assert isinstance(auto.choose(conv_out, 3), LoopBackend)
+    assert isinstance(auto.choose(mlp_out, 3), BatchedBackend)
+    assert isinstance(auto.choose(mlp_out, 1), LoopBackend)
