@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from jacplug import hookimpl
 from jacplug.cli.main import main
-from jacplug.losses.base import LossTerm
 from jacplug.registry import get_host
+from detached_loss import DetachedPlugin
 
 TINY = ["check", "--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "4"]
 
@@ -16,24 +15,6 @@ def test_check_prints_one_row_per_term(capsys):
     assert rc == 0
     rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in ("kd", "jacobian")}
     assert set(rows) == {"kd", "jacobian"} and all(line.rstrip().endswith("ok") for line in rows.values())
-
-
-class Detached(LossTerm):
-    """The forum's mistake: a Jacobian-like tensor made a new leaf with ``requires_grad = True``."""
-
-    name = "detached"
-    needs = frozenset({"student_logits"})
-
-    def forward(self, batch):
-        value = batch.student_logits.detach().pow(2).mean()
-        value.requires_grad = True
-        return value
-
-
-class DetachedPlugin:
-    @hookimpl
-    def register_losses(self, register):
-        register("detached", Detached)
 
 
 def test_check_names_a_detached_term_and_exits_2(capsys):

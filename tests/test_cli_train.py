@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from jacplug import hookimpl
 from jacplug.cli.main import main
-from jacplug.losses.base import LossTerm
 from jacplug.pipeline.checkpoint import save_model
 from jacplug.pipeline.metrics import read_metrics
 from jacplug.registry import create_dataset, get_host
+from detached_loss import DetachedPlugin
 
 TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8",
         "--seed", "0", "--device", "cpu", "--no-progress"]
@@ -223,24 +223,6 @@ def test_real_process_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("jacplug: error: unknown model 'resnet5O'")
-
-
-class DetachedTerm(LossTerm):
-    """The forum's mistake: a computed value made a new leaf with ``requires_grad = True``."""
-
-    name = "detached"
-    needs = frozenset({"student_logits"})
-
-    def forward(self, batch):
-        value = batch.student_logits.detach().pow(2).mean()
-        value.requires_grad = True
-        return value
-
-
-class DetachedPlugin:
-    @hookimpl
-    def register_losses(self, register):
-        register("detached", DetachedTerm)
 
 
 def test_training_checks_gradient_flow_first(tmp_path, capsys, teacher_file, plugin):

@@ -17,7 +17,22 @@ from .options import positive_float
 _T_HINT = " (typical: 1 to 8)"
 
 
-class KDLoss(LossTerm):
+class _SoftenedTerm(LossTerm):
+    """A distillation term that softens logits by a temperature ``T`` (shared option and repr)."""
+
+    needs = frozenset({"student_logits", "teacher_logits"})
+    default_temperature = 4.0
+
+    def __init__(self, temperature: float | None = None) -> None:
+        super().__init__()
+        value = self.default_temperature if temperature is None else temperature
+        self.temperature = positive_float(self.name, "temperature", value, _T_HINT)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, temperature={self.temperature:g}"
+
+
+class KDLoss(_SoftenedTerm):
     """``T^2 * KL(softmax(t / T) || softmax(s / T))``, mean over the batch (Hinton et al.).
 
     Targets are passed in log space (``log_target=True``), which avoids ``log(0)`` for confident
@@ -26,11 +41,6 @@ class KDLoss(LossTerm):
     """
 
     name = "kd"
-    needs = frozenset({"student_logits", "teacher_logits"})
-
-    def __init__(self, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.temperature = positive_float(self.name, "temperature", temperature, _T_HINT)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         require(batch, self, "student_logits", "teacher_logits")
@@ -39,21 +49,13 @@ class KDLoss(LossTerm):
         log_p_teacher = F.log_softmax(batch.teacher_logits.detach() / t, dim=1)
         return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t
 
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, temperature={self.temperature:g}"
 
-
-class SoftMSELoss(LossTerm):
+class SoftMSELoss(_SoftenedTerm):
     """Mean squared error between ``softmax(s / T)`` and ``softmax(t / T)``, mean over all ``B * C``
     entries (``nn.MSELoss`` as in the forum code). Its values are small (probabilities), so it needs
     a much larger weight than ``kd`` to have the same pull."""
 
     name = "mse-soft"
-    needs = frozenset({"student_logits", "teacher_logits"})
-
-    def __init__(self, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.temperature = positive_float(self.name, "temperature", temperature, _T_HINT)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         require(batch, self, "student_logits", "teacher_logits")
@@ -61,9 +63,6 @@ class SoftMSELoss(LossTerm):
         return F.mse_loss(
             F.softmax(batch.student_logits / t, dim=1), F.softmax(batch.teacher_logits.detach() / t, dim=1)
         )
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, temperature={self.temperature:g}"
 
 
 class CrossEntropyLoss(LossTerm):
@@ -86,22 +85,15 @@ class CrossEntropyLoss(LossTerm):
         return F.cross_entropy(batch.student_logits, batch.targets.long(), label_smoothing=self.label_smoothing)
 
 
-class TeacherCELoss(LossTerm):
+class TeacherCELoss(_SoftenedTerm):
     """Cross-entropy of ``s / T`` on the teacher's argmax class (hard pseudo-labels), mean over the
     batch; the forum code's ``CrossEntropyLoss`` branch. ``T`` only rescales the student's logits
     (the argmax does not depend on it)."""
 
     name = "ce-teacher"
-    needs = frozenset({"student_logits", "teacher_logits"})
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = positive_float(self.name, "temperature", temperature, _T_HINT)
+    default_temperature = 1.0
 
     def forward(self, batch: DistillBatch) -> Tensor:
         require(batch, self, "student_logits", "teacher_logits")
         pseudo_labels = batch.teacher_logits.detach().argmax(dim=1)
         return F.cross_entropy(batch.student_logits / self.temperature, pseudo_labels)
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, temperature={self.temperature:g}"
