@@ -21,6 +21,7 @@ COMMANDS = {
     "check": "jacplug.cli.cmd_check",
     "plot": "jacplug.cli.cmd_plot",
     "bench": "jacplug.cli.cmd_bench",
+    "experiment": "jacplug.cli.cmd_experiment",
 }
 
 

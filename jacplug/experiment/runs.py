@@ -1,0 +1,356 @@
+"""The few-sample experiment: one teacher, many short student runs, weights chosen on validation.
+
+Protocol (issue 7, after Srinivas & Fleuret 2018):
+
+1. The teacher is trained once with cross-entropy on the whole training split (or loaded).
+2. Selection: for each method with a weight to tune, every weight of its grid is trained at each
+   ``select_at`` sample size with one seed (``select_seed``, not one of the reported seeds) and
+   scored by VALIDATION accuracy only: those runs get splits whose ``test`` is ``None``, so they
+   cannot read the test split. The best weight at the nearest selection size (ties: the smaller
+   weight) is used for that sample size.
+3. Main grid: every method x sample size x seed, with the chosen weights; each run reports val and
+   test accuracy after its last step (no early stopping, so the test split never picks anything).
+
+Why a fixed number of optimisation steps rather than epochs: one image per class is 10 images, a
+single batch; an epoch budget would give that run almost no updates. Every run takes ``steps``
+AdamW steps on batches of ``min(batch_size, n_train)`` drawn from seeded permutations.
+
+Determinism: each run seeds torch's global RNG with its seed before building the student, so its
+result does not depend on which worker process runs it or in which order; the few-sample subset of
+seed ``s`` is :func:`jacplug.pipeline.data.few_sample_subset` with ``s`` (the same images for every
+method, so methods are compared on identical data). On CPU with a fixed thread count a rerun is
+bit-identical.
+
+Why worker processes: the models are small, so one CPU thread per run is used efficiently while a
+second thread mostly waits; ``workers`` processes with ``threads`` threads each run runs in parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..losses import build_loss
+from ..pipeline.checkpoint import load_model, save_model
+from ..pipeline.config import TrainConfig
+from ..pipeline.data import DatasetSplits, few_sample_subset
+from ..pipeline.device import Runtime, init_runtime
+from ..pipeline.evaluate import accuracy
+from ..pipeline.metrics import MetricsLog
+from ..pipeline.step import compute_terms, weighted_total
+from ..pipeline.teacher import build_model, cosine_schedule, train_teacher
+from ..registry import create_dataset
+from .methods import METHODS, get_method
+
+TEACHER_FILE = "teacher.safetensors"
+
+
+@dataclass
+class ExperimentConfig:
+    """Every option of the experiment (recorded in the results JSON). ``samples_per_class``: ``None``
+    stands for all training images."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    image_size: int | None = None
+    teacher: str = "resnet10t"
+    student: str = "test_resnet"
+    teacher_checkpoint: str | None = None
+    teacher_epochs: int = 10
+    teacher_lr: float = 2e-3
+    samples_per_class: list[int | None] = field(default_factory=lambda: [1, 5, 10, 50, None])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 100
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    temperature: float = 4.0
+    attention_layers: str = "layer1+layer2"
+    jacobian_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 30.0])
+    attention_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 30.0])
+    select_at: list[int | None] = field(default_factory=lambda: [5, 50])
+    select_seed: int = 1000
+    device: str = "auto"
+    workers: int = 2
+    threads: int = 1
+    eval_batch_size: int = 512
+    out: str = "runs/few-shot"
+
+    def validate(self) -> "ExperimentConfig":
+        for name in ("steps", "batch_size", "teacher_epochs", "workers", "threads"):
+            if int(getattr(self, name)) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if not self.seeds or not self.samples_per_class or not self.methods:
+            raise UserError("need at least one seed, one --samples-per-class value and one method")
+        for name in self.methods:
+            get_method(name)
+        for grid_name in ("jacobian_grid", "attention_grid"):
+            if not getattr(self, grid_name) or any(not (w > 0 and math.isfinite(w)) for w in getattr(self, grid_name)):
+                raise UserError(f"--{grid_name.replace('_grid', '-weights')} must be finite weights > 0")
+        if not self.select_at:
+            raise UserError("--select-at needs at least one sample size")
+        for n in [*self.samples_per_class, *self.select_at]:
+            if n is not None and n <= 0:
+                raise UserError(f"samples per class must be positive integers or 'all', got {n}")
+        return self
+
+    def grid(self, key: str) -> list[float]:
+        return self.attention_grid if key == "attention" else self.jacobian_grid
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One student run. ``phase``: ``"select"`` (validation only) or ``"main"``."""
+
+    method: str
+    samples_per_class: int | None
+    seed: int
+    weights: tuple[tuple[str, float], ...]
+    phase: str = "main"
+
+
+# ---------------------------------------------------------------------------------------------------
+# one run
+
+
+def load_splits(config: ExperimentConfig) -> DatasetSplits:
+    return create_dataset(config.dataset, root=config.data_root, download=config.download,
+                          image_size=config.image_size)
+
+
+def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of ``min(batch_size, n)`` indices from consecutive seeded permutations of ``n``."""
+    generator = torch.Generator().manual_seed(seed)
+    size = min(batch_size, n)
+    pending: list[int] = []
+    while True:
+        while len(pending) < size:
+            pending.extend(torch.randperm(n, generator=generator).tolist())
+        yield pending[:size]
+        pending = pending[size:]
+
+
+def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teacher: nn.Module,
+            runtime: Runtime) -> dict[str, Any]:
+    """Train a student for ``config.steps`` steps and return the run's record (accuracies, losses, time).
+
+    Selection runs see splits without a test split, so they can only be scored on validation.
+    """
+    started = time.perf_counter()
+    splits = few_sample_subset(full, spec.samples_per_class, spec.seed) if spec.samples_per_class else full
+    if spec.phase == "select":
+        splits = dataclasses.replace(splits, test=None)
+    method = get_method(spec.method)
+    specs = method.specs(dict(spec.weights), config.temperature, config.attention_layers)
+    torch.manual_seed(spec.seed)
+    student = build_model(config.student, splits).to(runtime.device).train()
+    loss = build_loss(specs).to(runtime.device)
+    trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(optimizer, config.steps)
+    batches = batch_indices(len(splits.train), config.batch_size, spec.seed)
+    diverged_at = None
+    values: dict[str, torch.Tensor] = {}
+    for step in range(config.steps):
+        items = [splits.train[i] for i in next(batches)]
+        inputs = torch.stack([x for x, _ in items]).to(runtime.device)
+        targets = torch.tensor([int(y) for _, y in items], device=runtime.device)
+        values = compute_terms(loss, student, teacher, inputs, targets, runtime)
+        total = weighted_total(loss, values)
+        if not math.isfinite(float(total.detach())):
+            diverged_at = step + 1  # recorded, and the run is scored as it stands: a weight that diverges loses
+            break
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        scheduler.step()
+    record: dict[str, Any] = {
+        **dataclasses.asdict(spec),
+        "weights": dict(spec.weights),
+        "loss": specs,
+        "train_samples": len(splits.train),
+        "final_terms": {k: float(v.detach()) for k, v in values.items()},
+        "diverged_at_step": diverged_at,
+    }
+    for name in ("val", "test"):
+        split = getattr(splits, name)
+        if split is not None:
+            record[f"{name}_acc"] = accuracy(student, split, runtime, batch_size=config.eval_batch_size,
+                                             show=False, desc=name)
+    record["time_s"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------
+# teacher
+
+
+def prepare_teacher(config: ExperimentConfig, splits: DatasetSplits, runtime: Runtime, out: Path) -> tuple[Path, str]:
+    """Train the teacher on the full training split (or copy the given checkpoint's path); returns
+    the weights file every worker loads, and where it came from."""
+    if config.teacher_checkpoint:
+        return Path(config.teacher_checkpoint), config.teacher_checkpoint
+    train_config = TrainConfig(teacher=config.teacher, batch_size=64, teacher_epochs=config.teacher_epochs,
+                               teacher_lr=config.teacher_lr, weight_decay=config.weight_decay, seed=0,
+                               eval_batch_size=config.eval_batch_size)
+    torch.manual_seed(0)
+    model = build_model(config.teacher, splits).to(runtime.device)
+    train_teacher(model, splits, train_config, runtime, MetricsLog(out), show=False)
+    path = out / TEACHER_FILE
+    save_model(path, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
+               input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=train_config.to_dict())
+    return path, f"trained here ({config.teacher_epochs} epochs, seed 0)"
+
+
+def load_teacher(config: ExperimentConfig, splits: DatasetSplits, path: Path, runtime: Runtime) -> nn.Module:
+    model = build_model(config.teacher, splits)
+    load_model(path, model, expected_name=config.teacher, num_classes=splits.num_classes, in_chans=splits.in_chans)
+    return model.to(runtime.device).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# executing many runs: in-process, or in worker processes that each load data and teacher once
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(config: ExperimentConfig, teacher_path: str) -> None:
+    torch.set_num_threads(config.threads)
+    runtime = init_runtime(config.device)
+    full = load_splits(config)
+    _WORKER.update(config=config, full=full, runtime=runtime,
+                   teacher=load_teacher(config, full, Path(teacher_path), runtime))
+
+
+def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
+    return run_one(spec, _WORKER["config"], _WORKER["full"], _WORKER["teacher"], _WORKER["runtime"])
+
+
+class Executor:
+    """Runs :class:`RunSpec` lists; ``workers > 1`` on CPU uses a spawn pool of that many processes."""
+
+    def __init__(self, config: ExperimentConfig, teacher_path: Path, runtime: Runtime) -> None:
+        self.pool = None
+        if config.workers > 1 and runtime.device.type == "cpu":
+            context = multiprocessing.get_context("spawn")
+            self.pool = context.Pool(config.workers, initializer=_init_worker, initargs=(config, str(teacher_path)))
+        else:
+            _init_worker(config, str(teacher_path))
+
+    def map(self, specs: list[RunSpec], done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        """Results in the order of ``specs``; ``done`` is called as each finishes (progress, saving)."""
+        order = sorted(range(len(specs)), key=lambda i: -_cost(specs[i]))  # long runs first: better packing
+        results: dict[int, dict[str, Any]] = {}
+        if self.pool is None:
+            for i in order:
+                results[i] = _run_in_worker(specs[i])
+                done(results[i])
+        else:
+            ordered = [specs[i] for i in order]
+            for i, record in zip(order, self.pool.imap(_run_in_worker, ordered)):
+                results[i] = record
+                done(record)
+        return [results[i] for i in range(len(specs))]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+        else:
+            _WORKER.clear()  # in-process: release the data and teacher held for the runs
+
+
+def _cost(spec: RunSpec) -> int:
+    return 2 if "jacobian" in spec.method or "projected" in spec.method else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# the protocol
+
+
+def selection_specs(config: ExperimentConfig) -> list[RunSpec]:
+    """Grid runs of every tuned method at every ``select_at`` size, with ``select_seed``."""
+    specs = []
+    for name in config.methods:
+        key = METHODS[name].tunes
+        if key is None:
+            continue
+        for n in config.select_at:
+            specs.extend(RunSpec(name, n, config.select_seed, ((key, w),), phase="select") for w in config.grid(key))
+    return specs
+
+
+def _size(n: int | None, full_per_class: float) -> float:
+    return full_per_class if n is None else float(n)
+
+
+def choose_weights(config: ExperimentConfig, selection: list[dict[str, Any]],
+                   full_per_class: float) -> dict[str, dict[str, float]]:
+    """``{label of sample size: {weight key: chosen value}}`` for every reported sample size.
+
+    Per key and selection size the weight with the best validation accuracy wins (ties: the smaller
+    weight); each reported size uses the nearest selection size on a log scale. Keys not tuned in
+    this run (their method was not requested) fall back to the middle of their grid.
+    """
+    best: dict[tuple[str, int | None], float] = {}
+    for record in selection:
+        if "test_acc" in record:
+            raise RuntimeError("a selection run was scored on the test split")  # guarded by run_one
+        key, weight = next(iter(record["weights"].items()))
+        slot = (key, record["samples_per_class"])
+        current = best.get(slot)
+        score = (record["val_acc"], -weight)
+        if current is None or score > current:
+            best[slot] = score
+    chosen: dict[str, dict[str, float]] = {}
+    for n in config.samples_per_class:
+        nearest = min(config.select_at, key=lambda s: abs(math.log(_size(s, full_per_class) / _size(n, full_per_class))))
+        weights = {}
+        for key in ("jacobian", "projected", "attention"):
+            score = best.get((key, nearest))
+            grid = config.grid(key)
+            weights[key] = -score[1] if score is not None else sorted(grid)[len(grid) // 2]
+        chosen[size_label(n)] = weights
+    return chosen
+
+
+def size_label(n: int | None) -> str:
+    return "all" if n is None else str(n)
+
+
+def main_specs(config: ExperimentConfig, chosen: dict[str, dict[str, float]]) -> list[RunSpec]:
+    return [
+        RunSpec(name, n, seed, tuple((key, chosen[size_label(n)][key]) for key in METHODS[name].uses))
+        for n in config.samples_per_class
+        for name in config.methods
+        for seed in config.seeds
+    ]
+
+
+def hardware() -> dict[str, Any]:
+    """What the results page must state about where the numbers came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": multiprocessing.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
