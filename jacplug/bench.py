@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from .engine import jacobian
+from .errors import UserError
+from .registry import create_model
 from .losses import DistillBatch, KDLoss, WeightedLoss
 from .losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss
 from .losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
@@ -46,8 +48,6 @@ class Setup:
 
 
 def make_setup(name: str, classes: int, batch: int, size: int, device: torch.device, seed: int = 0) -> Setup:
-    import timm
-
     torch.manual_seed(seed)
     if name == "mlp":
         def mlp(width: int) -> nn.Module:
@@ -56,8 +56,8 @@ def make_setup(name: str, classes: int, batch: int, size: int, device: torch.dev
         teacher, student = mlp(1024), mlp(256)
     else:
         teacher_name, student_name = name.split("->")
-        teacher = timm.create_model(teacher_name, num_classes=classes)
-        student = timm.create_model(student_name, num_classes=classes)
+        teacher = create_model(teacher_name, num_classes=classes)
+        student = create_model(student_name, num_classes=classes)
     teacher = teacher.to(device).eval().requires_grad_(False)
     student = student.to(device).train()
     inputs = torch.randn(batch, 3, size, size, device=device)
@@ -289,13 +289,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_config(spec: str) -> tuple[str, int]:
+    """``"TEACHER->STUDENT:C"`` or ``"mlp:C"`` -> ``(models, C)``; model names are checked when built."""
+    models, _, classes = spec.rpartition(":")
+    valid_models = models == "mlp" or (models.count("->") == 1 and all(models.split("->")))
+    if not valid_models or not classes.isdigit() or int(classes) < 2:
+        raise UserError(f"bad --configs entry {spec!r}; expected TEACHER->STUDENT:C (e.g. resnet34->resnet18:10) "
+                        f"or mlp:C, with C >= 2 classes")
+    return models, int(classes)
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = []
-    for spec in args.configs:
-        models, _, classes = spec.rpartition(":")
-        configs.append((models, int(classes)))
+    configs = [parse_config(spec) for spec in args.configs]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
     device = torch.device(args.device)
     print(f"# jacplug bench: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.repeats} rounds, memory: "

@@ -22,3 +22,14 @@ def test_every_method_runs_and_reports_ratios():
     assert kd["time_ratio"] == 1.0 and kd["memory_ratio"] == 1.0
     assert all(r["median_ms"] > 0 and math.isfinite(r["time_ratio"]) for r in rows)
     assert "eq10-top1" in format_table(rows)
+
+
+def test_bad_bench_arguments_are_one_line_errors(capsys):
+    from jacplug.cli.main import main
+
+    for configs, message in [("resnet34:10", "bad --configs entry 'resnet34:10'"),
+                             ("mlp:x", "bad --configs entry 'mlp:x'"),
+                             ("resnet5O->resnet18:10", "unknown model 'resnet5O'; did you mean 'resnet50'")]:
+        assert main(["bench", "--configs", configs, "--repeats", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"jacplug: error: {message}") and err.count("\n") == 1
