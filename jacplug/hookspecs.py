@@ -58,6 +58,13 @@ def register_datasets(register):
 
 
 @hookspec
+def register_op_substitutions(register):
+    """Register double-differentiable formulations of ops: ``factory() ->
+    jacplug.engine.Substitution`` (the functions it replaces, the replacement, and whether it serves
+    the exact terms' double backward, forward mode, or both). See docs/jacobian.md."""
+
+
+@hookspec
 def on_train_start(run):
     """Training is about to start. ``run``: :class:`jacplug.pipeline.RunContext` (config, models,
     out_dir, device). Called once per process (rank 0 only under DDP)."""

@@ -32,6 +32,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "losses": ("register_losses", "loss"),
     "jacobian_backends": ("register_jacobian_backends", "Jacobian backend"),
     "datasets": ("register_datasets", "dataset"),
+    "op_substitutions": ("register_op_substitutions", "op substitution"),
 }
 LIFECYCLE_HOOKS = ("on_train_start", "on_step_end", "on_epoch_end", "on_train_end")
 

@@ -1,5 +1,9 @@
 """``jacplug check``: run one batch through the loss and show whether each term reaches the student.
 
+It is the start-up probe of ``jacplug train`` on a batch of ``--batch-size``: an op the student
+cannot differentiate as a term needs ends it with one line naming the op, the module and the terms
+that work instead (exit code 2).
+
 The teacher is untrained unless ``--teacher-checkpoint`` is given (gradient flow does not depend on
 its weights). Prints the per-term table of :func:`jacplug.graphcheck.format_flow_table`; a term with
 no path to the student's (or adapters') parameters ends the command with exit code 2.
@@ -29,12 +33,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..graphcheck import flow_report, format_flow_table, raise_for_detached
+    from ..graphcheck import format_flow_table, raise_for_detached
     from ..pipeline.checkpoint import load_model
     from ..pipeline.config import TrainConfig
     from ..pipeline.device import init_runtime
     from ..pipeline.run import build_loss, load_data
-    from ..pipeline.step import compute_terms
+    from ..pipeline.probe import probe_terms
     from ..pipeline.teacher import build_model
 
     config = TrainConfig(teacher=args.teacher, student=args.student, loss=args.loss or [], dataset=args.dataset,
@@ -54,9 +58,7 @@ def run(args: argparse.Namespace) -> int:
     picks = torch.randperm(len(splits.train), generator=generator)[: config.batch_size].tolist()
     inputs = torch.stack([splits.train[i][0] for i in picks]).to(runtime.device)
     targets = torch.tensor([int(splits.train[i][1]) for i in picks], device=runtime.device)
-    values = compute_terms(loss, student, teacher, inputs, targets, runtime)
-    params = list(student.parameters()) + list(loss.parameters())
-    report = flow_report(values, params)
+    report = probe_terms(loss, student, teacher, inputs, targets, runtime, config.student)
     print(f"{config.teacher} -> {config.student} on {config.dataset}, one batch of {len(picks)}:")
     print(format_flow_table(report, loss.weights))
     raise_for_detached(report)

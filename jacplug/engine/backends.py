@@ -47,7 +47,7 @@ class JacobianBackend:
     def from_callable(
         self, f: Callable[[Tensor], Tensor], inputs: Tensor, rows: Tensor | None, *, create_graph: bool
     ) -> Tensor:
-        outputs, x = evaluate(f, inputs)
+        outputs, x = evaluate(f, inputs, create_graph=create_graph)
         rows = check_rows(rows, outputs.shape[0], outputs.shape[1], outputs.device)
         return self.from_outputs(outputs, x, rows, create_graph=create_graph)
 

@@ -13,6 +13,7 @@ reverse result is that column sum and forward mode's ``J u`` is the row sum
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable
 
@@ -80,11 +81,18 @@ def forward_products(f: Callable[[Tensor], Tensor], inputs: Tensor, directions: 
     Uses ``torch.autograd.forward_ad`` rather than ``torch.func.jvp`` because its tangents are
     ordinary autograd tensors: with ``create_graph=True`` they are differentiable w.r.t. the model's
     parameters, and modules with buffers (train-mode BatchNorm) and in-place ops work unchanged.
+
+    PyTorch's own tangent formulas for ``layer_norm``, train-mode ``batch_norm`` and ``softmax`` give
+    the right ``J u`` but wrong (or failing) parameter gradients of it, so ``f`` runs under
+    :func:`~jacplug.engine.substitutions.forward_mode_safe`, and outside autocast: a tangent rounded
+    to bf16 is not worth differentiating (the model runs in its parameters' precision).
     """
+    from .substitutions import forward_mode_safe
+
     x = inputs.detach()
     products = []
     for i in range(directions.shape[1]):
-        with fwAD.dual_level(), torch.set_grad_enabled(create_graph):
+        with fwAD.dual_level(), torch.set_grad_enabled(create_graph), full_precision(x), forward_mode_safe():
             with warnings.catch_warnings():  # torch's first make_dual scripts decompositions and warns about it
                 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=FutureWarning)
                 dual = fwAD.make_dual(x, directions[:, i].to(x.dtype))
@@ -94,6 +102,12 @@ def forward_products(f: Callable[[Tensor], Tensor], inputs: Tensor, directions: 
             raise JacobianArgumentError("outputs do not depend on inputs (forward mode produced no tangent)")
         products.append(tangent if create_graph else tangent.detach())
     return torch.stack(products, dim=1)
+
+
+def full_precision(inputs: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``inputs``' device: the extra evaluations of forward mode and finite
+    differences need the model's full precision (a bf16 difference of nearby outputs is noise)."""
+    return torch.autocast(inputs.device.type, enabled=False)
 
 
 def default_step(dtype: torch.dtype, scheme: str) -> float:
@@ -120,18 +134,23 @@ def finite_difference_products(
     :func:`default_step`, so it scales with the input's magnitude and the direction's length.
     ``scheme="forward"`` costs one extra evaluation per direction and reuses ``outputs = f(inputs)``
     when given (the training step has computed it already); ``"central"`` costs two and is accurate
-    to second order. Gradients flow to ``f``'s parameters when ``create_graph=True``.
+    to second order. Gradients flow to ``f``'s parameters when ``create_graph=True``. ``f`` runs
+    outside autocast (:func:`full_precision`); ``outputs`` must then be full-precision too.
     """
     if scheme not in ("forward", "central"):
         raise JacobianArgumentError(f"finite-difference scheme must be 'forward' or 'central', got {scheme!r}")
     x = inputs.detach()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        raise JacobianArgumentError(
+            f"finite differences in {x.dtype} lose most digits of J u; pass float32 inputs (and a float32 model)"
+        )
     h = default_step(x.dtype, scheme) if step is None else float(step)
     if not h > 0:
         raise JacobianArgumentError(f"finite-difference step must be > 0, got {h}")
     view = (-1,) + (1,) * (x.dim() - 1)
     scale = x.flatten(1).abs().amax(1).clamp_min(1.0)
     products = []
-    with torch.set_grad_enabled(create_graph):
+    with torch.set_grad_enabled(create_graph), full_precision(x):
         base = None
         if scheme == "forward":
             base = outputs if outputs is not None else f(x)

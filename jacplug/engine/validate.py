@@ -6,6 +6,8 @@ user's code failed silently; ours must say what is wrong and what would be right
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Callable
 
 import torch
@@ -93,10 +95,14 @@ def check_input_directions(u: Tensor, inputs: Tensor) -> Tensor:
     )
 
 
-def evaluate(f: Callable[[Tensor], Tensor], inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """Run a callable on inputs that require grad, returning ``(outputs, inputs_used)``."""
+def evaluate(f: Callable[[Tensor], Tensor], inputs: Tensor, *, create_graph: bool) -> tuple[Tensor, Tensor]:
+    """Run a callable on inputs that require grad, returning ``(outputs, inputs_used)``; with
+    ``create_graph`` the forward runs :func:`~jacplug.engine.substitutions.double_differentiable`,
+    because the Jacobian taken from it will be differentiated again."""
+    from .substitutions import double_differentiable
+
     x = inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), double_differentiable() if create_graph else contextlib.nullcontext():
         outputs = f(x)
     check_outputs(outputs, x)
     return outputs, x

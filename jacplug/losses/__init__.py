@@ -7,6 +7,7 @@ Every term is an ``nn.Module`` taking a :class:`DistillBatch` and returning a sc
 
 from .base import NEEDS, DistillBatch, LossTerm
 from .composite import WeightedLoss
+from .evaluation import extra_evaluation, isolated_running_stats
 from .distill import CrossEntropyLoss, KDLoss, SoftMSELoss, TeacherCELoss
 from .feature_terms import AttentionTransferLoss, FeatureJacobianLoss, FitNetLoss, options_from_pair
 from .jacobian_terms import DirectionalJacobianLoss, JacobianLoss, NoisyDistillLoss, ProjectedJacobianLoss
@@ -48,6 +49,8 @@ __all__ = [
     "TeacherCELoss",
     "WeightedLoss",
     "build_loss",
+    "extra_evaluation",
+    "isolated_running_stats",
     "jacobian_distillation",
     "options_from_pair",
     "parse_spec",

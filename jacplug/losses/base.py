@@ -49,6 +49,10 @@ class DistillBatch:
     student_features: Mapping[str, Tensor] = field(default_factory=dict)
     teacher_features: Mapping[str, Tensor] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    #: ``student_logits`` / ``teacher_logits`` equal ``student_fn(inputs)`` / ``teacher_fn(inputs)``
+    #: to rounding, so a forward finite difference may reuse them; ``False`` when the logits come
+    #: from a mixed-precision forward and the callables run in full precision
+    logits_match_fns: bool = True
 
 
 class LossTerm(nn.Module):
@@ -60,6 +64,10 @@ class LossTerm(nn.Module):
 
     name: str = "loss"
     needs: frozenset[str] = frozenset()
+    #: which derivatives of the student beyond the first the term takes: ``"double_backward"``
+    #: (back-propagating through ``ds/dx``) and/or ``"forward_ad"`` (through a forward-mode tangent);
+    #: the caller then runs the student so those exist (:mod:`jacplug.engine.substitutions`)
+    higher_order: frozenset[str] = frozenset()
     #: student layer name -> teacher layer name, for terms that read feature maps
     feature_layers: Mapping[str, str] = {}
 

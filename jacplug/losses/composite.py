@@ -41,6 +41,12 @@ class WeightedLoss(nn.Module):
         return frozenset().union(*(term.needs for term in self.terms.values()))
 
     @property
+    def higher_order(self) -> frozenset[str]:
+        """Union of the terms' higher-order derivatives of the student (``"double_backward"``,
+        ``"forward_ad"``), so callers run the student's forward accordingly."""
+        return frozenset().union(*(term.higher_order for term in self.terms.values()))
+
+    @property
     def feature_layers(self) -> dict[str, str]:
         """Student layer -> teacher layer, over every feature term."""
         layers: dict[str, str] = {}

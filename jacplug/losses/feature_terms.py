@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine import vjp
+from ..engine.substitutions import DOUBLE_BACKWARD
 from ..errors import UserError
 from ..registry import ModelPair
 from .base import DistillBatch, LossTerm
@@ -195,6 +196,7 @@ class FeatureJacobianLoss(LossTerm):
 
     name = "feature-jacobian"
     needs = frozenset({"features", "input_grad"})
+    higher_order = frozenset({DOUBLE_BACKWARD})
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..engine import jacobian, jvp, resolve_backend, vjp
+from ..engine.substitutions import DOUBLE_BACKWARD, FORWARD_AD
 from ..errors import UserError
 from .base import DistillBatch, LossTerm, require
 from .options import choice, positive_float, positive_int
@@ -75,6 +76,7 @@ class JacobianLoss(LossTerm):
 
     name = "jacobian"
     needs = frozenset({"student_logits", "teacher_logits", "input_grad"})  # plus "targets" for classes="label"
+    higher_order = frozenset({DOUBLE_BACKWARD})
 
     def __init__(
         self, classes: str = "top1", k: int = 1, squared: bool = True, eps: float = 1e-8, backend: str = "auto"
@@ -137,6 +139,7 @@ class ProjectedJacobianLoss(LossTerm):
 
     name = "jacobian-projected"
     needs = frozenset({"student_logits", "teacher_logits", "input_grad"})
+    higher_order = frozenset({DOUBLE_BACKWARD})
 
     def __init__(self, k: int = 1, normalize: bool = False, eps: float = 1e-8) -> None:
         super().__init__()
@@ -191,13 +194,14 @@ class DirectionalJacobianLoss(LossTerm):
         self.step = None if step is None else positive_float(self.name, "step", step, " or None (automatic)")
         self.k = positive_int(self.name, "k", k)
         self.normalize, self.eps = bool(normalize), positive_float(self.name, "eps", eps)
+        self.higher_order = frozenset({FORWARD_AD}) if self.method == "forward" else frozenset()
 
     def forward(self, batch: DistillBatch) -> Tensor:
         require(batch, self, "student_fn", "teacher_fn")
         inputs = batch.inputs.detach()
         u = torch.randn(inputs.shape[0], self.k, *inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
         options = dict(method=self.method, step=self.step, scheme=self.scheme)
-        reuse = self.method == "finite-difference" and self.scheme == "forward"
+        reuse = self.method == "finite-difference" and self.scheme == "forward" and batch.logits_match_fns
         t_base = batch.teacher_logits.detach() if reuse and batch.teacher_logits is not None else None
         s_base = batch.student_logits if reuse else None
         teacher = jvp(batch.teacher_fn, inputs, u, create_graph=False, outputs=t_base, **options).detach()

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..errors import UserError
-from ..graphcheck import gradient_flow
+from ..graphcheck import gradient_flow, raise_for_detached
 from ..losses.composite import WeightedLoss
 from ..registry import create_dataset, get_host, model_pair, registry
 from . import cache as teacher_cache
@@ -43,6 +43,7 @@ from .data import DatasetSplits, Indexed, few_sample_subset
 from .device import Runtime, barrier, init_runtime, shutdown
 from .evaluate import accuracy
 from .metrics import MetricsLog, plot, read_metrics
+from .probe import probe_batch, probe_terms
 from .progress import progress, want_progress
 from .step import compute_terms, weighted_total, with_every_parameter
 from .teacher import build_model, cosine_schedule, prepare_teacher
@@ -91,6 +92,17 @@ def load_data(config: TrainConfig) -> DatasetSplits:
         config.dataset, root=config.data_root, download=config.download, image_size=config.image_size,
         augment=config.augment,
     )
+
+
+def startup_probe(config: TrainConfig, loss: WeightedLoss, student: nn.Module, splits: DatasetSplits,
+                  runtime: Runtime) -> None:
+    """Every term once, with the student and a freshly built teacher, on two training images: an
+    unsupported op, a bad option or a shape mismatch stops the run before the teacher is trained."""
+    teacher = build_model(config.teacher, splits).to(runtime.device).eval().requires_grad_(False)
+    inputs, targets = probe_batch(splits, runtime.device)
+    report = probe_terms(loss.to(runtime.device), student.to(runtime.device).train(), teacher, inputs, targets,
+                         runtime, config.student)
+    raise_for_detached(report)
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, runtime: Runtime, seed: int) -> list[list[int]]:
@@ -146,6 +158,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     registry("models").get(config.teacher)  # an unknown teacher name fails now, not after other work
     if config.cache_teacher:
         teacher_cache.check_cacheable(loss, splits.augment, config.dataset)
+    if not config.resume:
+        startup_probe(config, loss, student, splits, runtime)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_json())

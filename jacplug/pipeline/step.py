@@ -14,31 +14,24 @@ Shared by the training loop, ``jacplug check`` and the DDP equivalence test, so 
 
 Mixed precision: the models' forward passes run under ``runtime.autocast()`` (bf16 on CUDA), but
 the logits are cast to float32 and the loss terms, Jacobians included, are evaluated outside
-autocast, so the Jacobian rows and their normalisation are float32 computations.
+autocast, so the Jacobian rows and their normalisation are float32 computations. The extra
+evaluations of forward-mode, finite-difference and noise terms run in full precision and leave
+BatchNorm's running statistics alone (:func:`jacplug.losses.extra_evaluation`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..engine.substitutions import DOUBLE_BACKWARD, double_differentiable
 from ..features import FeatureTap
 from ..losses.base import DistillBatch, as_scalar
 from ..losses.composite import WeightedLoss
+from ..losses.evaluation import extra_evaluation
 from .device import Runtime
-
-
-def as_float_fn(model: nn.Module, runtime: Runtime) -> Callable[[Tensor], Tensor]:
-    """``x -> float32 logits [B, C]`` with the run's autocast, for terms that call the model themselves."""
-
-    def call(x: Tensor) -> Tensor:
-        with runtime.autocast():
-            return model(x).float()
-
-    return call
 
 
 def compute_terms(
@@ -64,7 +57,7 @@ def compute_terms(
     with contextlib.ExitStack() as stack:
         s_tap = stack.enter_context(FeatureTap(plain_student, list(layers))) if layers else None
         t_tap = stack.enter_context(FeatureTap(teacher, list(layers.values()), requires_grad=False)) if layers else None
-        with runtime.autocast():
+        with runtime.autocast(), student_mode(loss):
             student_logits = student(x).float()
         student_features = s_tap.features() if s_tap else {}
         cache: dict[str, Tensor] = {}
@@ -81,13 +74,21 @@ def compute_terms(
         student_logits=student_logits,
         teacher_logits=teacher_logits,
         targets=targets,
-        student_fn=as_float_fn(plain_student, runtime) if "student_fn" in needs else None,
-        teacher_fn=as_float_fn(teacher, runtime),
+        student_fn=extra_evaluation(plain_student) if "student_fn" in needs else None,
+        teacher_fn=extra_evaluation(teacher),
         student_features=student_features,
         teacher_features=teacher_features,
         cache=cache,
+        logits_match_fns=runtime.amp_dtype is None,
     )
     return {key: as_scalar(term(batch), term) for key, term in loss.terms.items()}
+
+
+def student_mode(loss: WeightedLoss) -> contextlib.AbstractContextManager:
+    """How the student's forward must run for ``loss``: double-differentiable (fused attention and
+    hard-sigmoid swapped for equivalent formulations) when a term back-propagates through its input
+    Jacobian, else as is, with its fastest kernels. Forward-mode terms re-run the student themselves."""
+    return double_differentiable() if DOUBLE_BACKWARD in loss.higher_order else contextlib.nullcontext()
 
 
 def weighted_total(loss: WeightedLoss, values: dict[str, Tensor]) -> Tensor:
