@@ -52,6 +52,8 @@ def add_parser(sub) -> None:
         help="skip the gradient-flow check of every loss term on the first batch")
     add("--save-every", type=int, metavar="STEPS", help="also save resume state every STEPS steps (default 50; 0: epochs only)")
     add("--max-steps-per-epoch", type=int, metavar="N", help="cap the steps per epoch (smoke tests)")
+    add("--cuda-graphs", choices=("auto", "on", "off"),
+        help="capture the training step in a CUDA graph (auto, the default: on for one CUDA device)")
     add("--workers", type=int, help="data-loader worker processes (default 0)")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
         help="progress bars (default: only when stderr is a terminal)")

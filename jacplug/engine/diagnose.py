@@ -82,12 +82,16 @@ def forward_mode_error(model: nn.Module, inputs: Tensor, seed: int = 0) -> float
     generator = torch.Generator(device=inputs.device).manual_seed(seed)
     x = inputs.detach()
     u = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    tangent = forward_products(model, x, u.unsqueeze(1), create_graph=True)[:, 0]
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # both passes draw the same dropout masks
+        torch.manual_seed(seed)
+        tangent = forward_products(model, x, u.unsqueeze(1), create_graph=True)[:, 0]
+        torch.manual_seed(seed)
+        xr = x.clone().requires_grad_(True)
+        with double_differentiable():
+            outputs = model(xr)
     w = torch.randn(tangent.shape, generator=generator, device=x.device, dtype=tangent.dtype)
     forward = torch.autograd.grad((tangent * w).sum(), params, allow_unused=True)
-    xr = x.clone().requires_grad_(True)
-    with double_differentiable():
-        outputs = model(xr)
     row = reverse_products(outputs, xr, w.unsqueeze(1).to(outputs.dtype), create_graph=True)[:, 0]
     reverse = torch.autograd.grad((row * u).sum(), params, allow_unused=True)
     pairs = [

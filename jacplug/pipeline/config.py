@@ -50,6 +50,7 @@ class TrainConfig:
     workers: int = 0
     max_steps_per_epoch: int | None = None  # cap, for smoke tests and benchmarks
     progress: bool | None = None  # None: progress bars only when stderr is a terminal
+    cuda_graphs: str = "auto"  # auto: capture the step in a CUDA graph on a single CUDA device; on; off
 
     def validate(self) -> "TrainConfig":
         """Reject values no run could use, with the option name in the message."""
@@ -74,6 +75,8 @@ class TrainConfig:
             raise UserError(f"--max-steps-per-epoch must be a positive integer, got {self.max_steps_per_epoch}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UserError(f"--device must be auto, cpu or cuda (or cuda:N), got {self.device!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise UserError(f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.pretrained and self.teacher_checkpoint:
             raise UserError("--pretrained and --teacher-checkpoint both choose the teacher's weights; pass one")
         return self

@@ -68,6 +68,8 @@ def init_runtime(requested: str) -> Runtime:
     device = resolve_device(requested, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # every step has the same shapes (a last, smaller batch excepted): let cuDNN time its algorithms once
+        torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     cuda = device.type == "cuda"

@@ -5,14 +5,11 @@ backend or feature layer, or a shape mismatch would otherwise fail only after th
 (minutes to hours). The probe runs :func:`~jacplug.pipeline.step.compute_terms` and the gradient-flow
 report on a batch of two training images with the models as built (the teacher's weights do not
 matter for any of this), and for forward-mode terms compares the student's forward-mode parameter
-gradients with reverse mode on a float64 copy (:func:`jacplug.engine.diagnose.forward_mode_error`).
-It leaves no trace:
+gradients with reverse mode (:func:`jacplug.engine.diagnose.forward_mode_error`). It leaves no trace:
 RNG state, BatchNorm running statistics and ``.grad`` fields are as before.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +24,11 @@ from .data import DatasetSplits
 from .device import Runtime
 from .step import compute_terms
 
-#: relative error of forward-mode parameter gradients above which forward mode is refused. The check
-#: runs on a float64 copy of the student: there rounding gives 1e-10 or less, while the PyTorch defects
-#: it guards against give 0.1 to 1 (float32 rounding alone reaches 1e-2 through a BatchNorm over two images)
-FORWARD_MODE_TOLERANCE = 1e-6
+#: relative error of forward-mode parameter gradients above which forward mode is refused. The PyTorch
+#: defects this guards against give 0.1 to 1; float32 rounding gives up to 4e-3 over two images (a
+#: BatchNorm over two samples amplifies it), float64 1e-5 (a float64 check would be exact but costs
+#: minutes for depthwise convolutions on a CPU)
+FORWARD_MODE_TOLERANCE = 5e-2
 
 #: what works without the derivative a term lacks, for the refusal message
 ALTERNATIVES = {
@@ -76,7 +74,8 @@ def probe_terms(
 
 def _check_forward_mode(loss: WeightedLoss, student: nn.Module, inputs: Tensor, student_name: str) -> None:
     try:
-        error = forward_mode_error(copy.deepcopy(student).double(), inputs.double())
+        with isolated_running_stats(student):
+            error = forward_mode_error(student, inputs.float())
     except RuntimeError as exc:
         op = missing_derivative(exc)
         if op is None:

@@ -21,6 +21,7 @@ and continues with exactly the batches and random draws the interrupted run woul
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..capture import CapturedStep
 from ..errors import UserError
 from ..graphcheck import gradient_flow, raise_for_detached
 from ..losses.composite import WeightedLoss
@@ -105,6 +107,17 @@ def startup_probe(config: TrainConfig, loss: WeightedLoss, student: nn.Module, s
     raise_for_detached(report)
 
 
+def use_cuda_graphs(config: TrainConfig, runtime: Runtime) -> bool:
+    """``--cuda-graphs``: ``auto`` captures on a single CUDA device; ``on`` insists (one line if it cannot)."""
+    if config.cuda_graphs == "off":
+        return False
+    why_not = ("the run is not on CUDA" if runtime.device.type != "cuda"
+               else "DistributedDataParallel's gradient hooks are not captured" if runtime.distributed else None)
+    if why_not and config.cuda_graphs == "on":
+        raise UserError(f"--cuda-graphs on: {why_not}; use --cuda-graphs auto or off")
+    return why_not is None
+
+
 def epoch_batches(n: int, batch_size: int, epoch: int, runtime: Runtime, seed: int) -> list[list[int]]:
     """This rank's batches (dataset indices) for ``epoch``: a seeded shuffle, sharded like
     ``DistributedSampler``; a trailing batch of one sample is dropped (train-mode BatchNorm
@@ -116,8 +129,8 @@ def epoch_batches(n: int, batch_size: int, epoch: int, runtime: Runtime, seed: i
     return [b for b in batches if len(b) > 1]
 
 
-def _finite(values: dict[str, torch.Tensor], step: int) -> None:
-    bad = {k: float(v.detach()) for k, v in values.items() if not math.isfinite(float(v.detach()))}
+def _finite(values: dict[str, float], step: int) -> None:
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         raise UserError(f"loss became non-finite at step {step} ({bad}); lower --lr or the weights of those terms")
 
@@ -173,7 +186,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     if runtime.channels_last:
         student = student.to(memory_format=torch.channels_last)
     trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    graphs = use_cuda_graphs(config, runtime)
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=runtime.device.type == "cuda")
     batches_per_epoch = len(epoch_batches(len(splits.train), config.batch_size, 0, runtime, config.seed))
     if batches_per_epoch == 0:
         raise UserError(f"the training split has {len(splits.train)} sample(s); at least 2 are needed per batch")
@@ -207,6 +222,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
                          loss=loss, splits=splits, runtime=runtime,
                          extra={"teacher_acc": teacher_acc, "teacher_source": teacher_source})
     loop = Loop(context, model, optimizer, scheduler, trainable, lookup, log, position, show, steps_per_epoch)
+    loop.captured = CapturedStep(loop.forward_backward, enabled=graphs)
     if runtime.is_main:
         get_host().notify("on_train_start", run=context)
     epoch_records = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
@@ -242,6 +258,8 @@ class Loop:
     position: dict[str, Any]
     show: bool
     steps_per_epoch: int
+    captured: CapturedStep | None = None
+    fallback_reported: bool = False
 
     def train_epoch(self, epoch: int) -> None:
         """One epoch from ``position["batch"]`` on (0 unless resuming mid-epoch)."""
@@ -272,28 +290,45 @@ class Loop:
                 self.save_resume()
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
-        """One optimisation step; returns ``loss`` (weighted total), each term (unweighted) and ``lr``."""
-        run = self.run
-        runtime, loss = run.runtime, run.loss
+        """One optimisation step; returns ``loss`` (weighted total), each term (unweighted) and ``lr``.
+
+        The forward and backward run through :attr:`captured` (a CUDA graph after warm-up, see
+        :mod:`jacplug.capture`); the finiteness check, the optimizer and the schedule run eagerly.
+        """
+        runtime = self.run.runtime
         inputs = inputs.to(runtime.device, non_blocking=True)
         targets = targets.to(runtime.device, non_blocking=True)
         if runtime.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        cached = self.cache.lookup(indices) if self.cache is not None else None
-        values = compute_terms(loss, self.model, run.teacher, inputs, targets, runtime, cached)
-        if self.position["step"] == 0 and run.config.check_gradients:
-            gradient_flow(values, self.trainable)  # a detached term fails here, before any update
-        total = weighted_total(loss, values)
-        if runtime.distributed:
-            total = with_every_parameter(total, self.trainable)
-        _finite({"loss": total, **values}, self.position["step"] + 1)
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        cached = self.cache.lookup(indices) if self.cache is not None else {}
+        values = {k: float(v) for k, v in self.captured(inputs, targets, *cached.values()).items()}
+        _finite(values, self.position["step"] + 1)  # before the update: a non-finite step changes nothing
         self.optimizer.step()
         self.scheduler.step()
         self.position["step"] += 1
-        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in values.items()},
-                "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.captured.fallback not in (None, "disabled") and not self.fallback_reported:
+            self.fallback_reported = True
+            if self.run.runtime.is_main:
+                print(f"jacplug: CUDA graph capture failed, training eagerly: {self.captured.fallback}",
+                      file=sys.stderr)
+        return {**values, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, *cached: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gradients of the weighted loss in ``.grad`` (accumulated into zeroed tensors, which keeps
+        them the same tensors for a CUDA graph); returns the detached total and terms, no host sync.
+        On the run's first step the gradient-flow check runs first (eagerly: warm-up precedes capture)."""
+        run = self.run
+        loss = run.loss
+        entries = dict(zip(self.cache.keys, cached)) if cached else None
+        values = compute_terms(loss, self.model, run.teacher, inputs, targets, run.runtime, entries)
+        if self.position["step"] == 0 and run.config.check_gradients:
+            gradient_flow(values, self.trainable)  # a detached term fails here, before any update
+        total = weighted_total(loss, values)
+        if run.runtime.distributed:
+            total = with_every_parameter(total, self.trainable)
+        self.optimizer.zero_grad(set_to_none=False)
+        total.backward()
+        return {"loss": total.detach(), **{k: v.detach() for k, v in values.items()}}
 
     def end_epoch(self, epoch: int, started: float) -> dict[str, Any]:
         """Evaluate, write the student checkpoints, the epoch record and the resume state; returns the record."""
