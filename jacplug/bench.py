@@ -15,8 +15,10 @@ reports the growth of the peak resident set over three steps, the real high-wate
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -27,17 +29,23 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .capture import CapturedStep
 from .engine import jacobian
 from .errors import UserError
-from .registry import create_model
 from .losses import DistillBatch, KDLoss, WeightedLoss
 from .losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss
 from .losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
+from .pipeline.device import Runtime
+from .pipeline.step import compute_terms, weighted_total
+from .registry import create_model
+
+ForwardBackward = Callable[[], object]
 
 
 @dataclass
 class Setup:
-    """One benchmark configuration: frozen teacher, trainable student, a fixed batch."""
+    """One benchmark configuration: frozen teacher, trainable student, a fixed batch, and how the
+    forward passes run (``runtime``: device, bf16 autocast, channels-last)."""
 
     name: str
     teacher: nn.Module
@@ -45,9 +53,33 @@ class Setup:
     inputs: Tensor
     targets: Tensor
     optimizer: torch.optim.Optimizer
+    runtime: Runtime
 
 
-def make_setup(name: str, classes: int, batch: int, size: int, device: torch.device, seed: int = 0) -> Setup:
+_MODEL_SPEC = re.compile(r"^([\w.\-]+)(?:\((.*)\))?$")
+
+
+def build_model(spec: str, classes: int, size: int) -> nn.Module:
+    """``NAME`` or ``NAME(key=value,...)`` (e.g. ``vit_tiny_patch16_224(patch_size=4)``); models whose
+    constructor takes ``img_size`` get the benchmark's image size."""
+    match = _MODEL_SPEC.match(spec)
+    if match is None:
+        raise UserError(f"bad model {spec!r} in --configs; expected NAME or NAME(key=value,...)")
+    kwargs: dict = {}
+    for item in filter(None, (match.group(2) or "").split(",")):
+        key, _, value = item.partition("=")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key.strip()] = value.strip()
+    try:
+        return create_model(match.group(1), num_classes=classes, img_size=size, **kwargs)
+    except TypeError:  # the model has no img_size
+        return create_model(match.group(1), num_classes=classes, **kwargs)
+
+
+def make_setup(name: str, classes: int, batch: int, size: int, device: torch.device, seed: int = 0,
+               amp: bool = False, channels_last: bool = False) -> Setup:
     torch.manual_seed(seed)
     if name == "mlp":
         def mlp(width: int) -> nn.Module:
@@ -56,48 +88,49 @@ def make_setup(name: str, classes: int, batch: int, size: int, device: torch.dev
         teacher, student = mlp(1024), mlp(256)
     else:
         teacher_name, student_name = name.split("->")
-        teacher = create_model(teacher_name, num_classes=classes)
-        student = create_model(student_name, num_classes=classes)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    student = student.to(device).train()
-    inputs = torch.randn(batch, 3, size, size, device=device)
+        teacher, student = build_model(teacher_name, classes, size), build_model(student_name, classes, size)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    student = student.to(device, memory_format=memory_format).train()
+    inputs = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     targets = torch.randint(0, classes, (batch,), device=device)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
-    return Setup(f"{name} C={classes}", teacher, student, inputs, targets, optimizer)
+    runtime = Runtime(device=device, amp_dtype=torch.bfloat16 if amp else None, channels_last=channels_last)
+    return Setup(f"{name} C={classes} {size}px", teacher, student, inputs, targets, optimizer, runtime)
 
 
-def _jacplug_step(loss: WeightedLoss, cached: bool = False) -> Callable[[Setup], None]:
-    """A training step following jacplug's protocol: inputs require grad only when a term needs input
-    Jacobians; the teacher then runs with grad w.r.t. the inputs only (its rows are taken without a
-    graph), otherwise under no_grad."""
-    input_grad = "input_grad" in loss.needs
-    cache_store: dict[int, dict] = {}
+def _jacplug_step(loss: WeightedLoss, cached: bool = False) -> Callable[[Setup], ForwardBackward]:
+    """The training step of ``jacplug train`` (:func:`jacplug.pipeline.step.compute_terms`: inputs
+    require grad only when a term needs input Jacobians, the teacher's rows are taken without a graph,
+    the student runs double-differentiably when needed), as a forward-backward to which the caller
+    adds the optimizer step (so it can be captured in a CUDA graph). ``cached``: what
+    ``--cache-teacher`` provides, the teacher's logits and top-1 rows computed once ahead of time."""
 
-    def step(s: Setup) -> None:
-        x = s.inputs.detach().requires_grad_(input_grad)
-        student_logits = s.student(x)
-        cache: dict = {}
-        if cached:  # what --cache-teacher provides: logits and top-1 rows computed once, ahead of time
-            if id(s) not in cache_store:
-                xt = s.inputs.detach().requires_grad_(True)
-                logits = s.teacher(xt)
-                rows = logits.argmax(1, keepdim=True)
-                cache_store[id(s)] = {"logits": logits.detach(), CACHE_ROWS: rows,
-                                      CACHE_JACOBIAN_ROWS: jacobian(logits, xt, rows, create_graph=False)}
-            entry = cache_store[id(s)]
-            teacher_logits = entry["logits"]
-            cache = {CACHE_ROWS: entry[CACHE_ROWS], CACHE_JACOBIAN_ROWS: entry[CACHE_JACOBIAN_ROWS]}
-        else:
-            with torch.set_grad_enabled(input_grad):
-                teacher_logits = s.teacher(x)
-        batch = DistillBatch(inputs=x, student_logits=student_logits, teacher_logits=teacher_logits,
-                             targets=s.targets, student_fn=s.student, teacher_fn=s.teacher, cache=cache)
-        total, _ = loss(batch)
-        s.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        s.optimizer.step()
+    def prepare(s: Setup) -> ForwardBackward:
+        entries = None
+        if cached:
+            xt = s.inputs.detach().requires_grad_(True)
+            with s.runtime.autocast():
+                logits = s.teacher(xt).float()
+            rows = logits.argmax(1, keepdim=True)
+            entries = {"teacher_logits": logits.detach(), CACHE_ROWS: rows,
+                       CACHE_JACOBIAN_ROWS: jacobian(logits, xt, rows, create_graph=False)}
 
-    return step
+        def forward_backward() -> dict[str, Tensor]:
+            values = compute_terms(loss, s.student, s.teacher, s.inputs, s.targets, s.runtime, entries)
+            total = weighted_total(loss, values)
+            s.optimizer.zero_grad(set_to_none=False)
+            total.backward()
+            return {"loss": total.detach()}
+
+        return forward_backward
+
+    return prepare
+
+
+def _eager(step: Callable[[Setup], None]) -> Callable[[Setup], ForwardBackward]:
+    """A hand-written reference step (it runs its own optimizer step) in the same shape."""
+    return lambda s: (lambda: step(s))
 
 
 def _forum_top1_step(s: Setup) -> None:
@@ -149,8 +182,9 @@ def _forum_full_loop_step(s: Setup) -> None:
     s.optimizer.step()
 
 
-def methods() -> dict[str, Callable[[Setup], None]]:
-    """Method name -> step. ``kd`` is the unit; ``full-*`` are the expensive all-class rows."""
+def methods() -> dict[str, Callable[[Setup], ForwardBackward]]:
+    """Method name -> builder of a forward-backward for a setup. ``kd`` is the unit; ``full-*`` are
+    the expensive all-class rows; ``forum-*`` are hand-written references that step on their own."""
     kd = KDLoss(temperature=4.0)
 
     def with_kd(term, weight: float = 10.0) -> WeightedLoss:
@@ -158,16 +192,31 @@ def methods() -> dict[str, Callable[[Setup], None]]:
 
     return {
         "kd": _jacplug_step(WeightedLoss({"kd": (kd, 1.0)})),
-        "forum-eq10-top1": _forum_top1_step,
+        "forum-eq10-top1": _eager(_forum_top1_step),
         "eq10-top1": _jacplug_step(with_kd(JacobianLoss())),
         "eq10-top1-cached": _jacplug_step(with_kd(JacobianLoss()), cached=True),
         "projected-k1": _jacplug_step(with_kd(ProjectedJacobianLoss(k=1))),
         "direction-fd": _jacplug_step(with_kd(DirectionalJacobianLoss(method="finite-difference"))),
         "direction-forward": _jacplug_step(with_kd(DirectionalJacobianLoss(method="forward"))),
-        "full-forum-loop": _forum_full_loop_step,
+        "full-forum-loop": _eager(_forum_full_loop_step),
         "full-loop": _jacplug_step(with_kd(JacobianLoss(classes="all", backend="loop"))),
         "full-batched": _jacplug_step(with_kd(JacobianLoss(classes="all", backend="batched"))),
     }
+
+
+class Runner:
+    """A whole training step of one method on one setup: the forward-backward, eager or captured
+    in a CUDA graph, then the optimizer step (reference steps that step on their own are left alone)."""
+
+    def __init__(self, setup: Setup, method: str, graphed: bool = False) -> None:
+        self.setup, self.own_step = setup, method.startswith("forum-") or method == "full-forum-loop"
+        forward_backward = methods()[method](setup)
+        self.forward_backward = CapturedStep(forward_backward) if graphed else forward_backward
+
+    def __call__(self, setup: Setup | None = None) -> None:
+        self.forward_backward()
+        if not self.own_step:
+            self.setup.optimizer.step()
 
 
 def _saved_bytes(fn: Callable[[], None]) -> int:
@@ -188,6 +237,7 @@ def _saved_bytes(fn: Callable[[], None]) -> int:
 
 
 def measure_memory(setup: Setup, step: Callable[[Setup], None]) -> int:
+    """Peak allocated bytes of one step above the level before it (CUDA), or autograd's saved bytes (CPU)."""
     if setup.inputs.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -216,8 +266,9 @@ def peak_rss_growth(model_name: str, classes: int, batch: int, size: int, method
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     before = _status_kib("VmRSS")
+    runner = Runner(setup, method)
     for _ in range(3):
-        methods()[method](setup)
+        runner()
     return 1024 * (_status_kib("VmHWM") - before)
 
 
@@ -241,78 +292,106 @@ def _time(setup: Setup, step: Callable[[Setup], None]) -> float:
 
 
 def run(
-    configs: list[tuple[str, int]],
+    configs: list[tuple[str, int, int]],
     selected: list[str],
     repeats: int,
     full_repeats: int,
     batch: int,
-    size: int,
     device: torch.device,
     memory_mode: str = "saved",
     log: Callable[[str], None] = print,
+    amp: bool = False,
+    channels_last: bool = False,
+    graphs: bool = False,
 ) -> list[dict]:
-    """Measure every selected method on every config; returns one row per (config, method)."""
-    table = methods()
+    """Measure every selected method on every ``(models, classes, image size)`` config; one row per
+    (config, method, eager or graphed), ratios to the *eager* KD step of the same config."""
     rows: list[dict] = []
-    for model_name, classes in configs:
-        setup = make_setup(model_name, classes, batch, size, device)
-        names = ["kd"] + [m for m in selected if m != "kd"]
-        times: dict[str, list[float]] = {m: [] for m in names}
-        for m in names:  # warm-up (allocator, one-time initialisation)
-            table[m](setup)
+    for model_name, classes, size in configs:
+        setup = make_setup(model_name, classes, batch, size, device, amp=amp, channels_last=channels_last)
+        names = ["kd"] + [m for m in selected if m != "kd" and not (m.startswith("full-") and classes > 100)]
+        variants = [(m, False) for m in names]
+        if graphs:
+            variants += [(m, True) for m in names if not m.startswith("forum-") and m != "full-forum-loop"]
+        runners = {v: Runner(setup, v[0], graphed=v[1]) for v in variants}
+        for runner in runners.values():  # warm-up: allocator, cuDNN autotuning, graph capture
+            for _ in range(4 if graphs else 1):
+                runner()
         if memory_mode == "rss" and device.type == "cpu":
-            memory = {m: measure_rss(model_name, classes, batch, size, m) for m in names}
+            memory = {v: measure_rss(model_name, classes, batch, size, v[0]) for v in variants}
         else:
-            memory = {m: measure_memory(setup, table[m]) for m in names}
+            memory = {v: measure_memory(setup, runners[v]) for v in variants}
+        times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
         for r in range(repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for m in order:
-                if m.startswith("full-") and len(times[m]) >= full_repeats:
+            order = variants[r % len(variants):] + variants[: r % len(variants)]
+            for v in order:
+                if v[0].startswith("full-") and len(times[v]) >= full_repeats:
                     continue
-                times[m].append(_time(setup, table[m]))
+                times[v].append(_time(setup, runners[v]))
             log(f"  {setup.name}: round {r + 1}/{repeats} done")
-        kd_time, kd_mem = statistics.median(times["kd"]), memory["kd"]
-        for m in names:
-            median = statistics.median(times[m])
+        kd_time, kd_mem = statistics.median(times[("kd", False)]), memory[("kd", False)]
+        for v in variants:
+            median = statistics.median(times[v])
+            captured = runners[v].forward_backward
             rows.append({
-                "config": setup.name, "method": m, "median_ms": 1e3 * median, "time_ratio": median / kd_time,
-                "memory_ratio": memory[m] / kd_mem if kd_mem else float("nan"), "runs": len(times[m]),
+                "config": setup.name, "method": v[0], "graph": _graph_status(captured) if v[1] else "eager",
+                "median_ms": 1e3 * median, "time_ratio": median / kd_time, "images_per_s": batch / median,
+                "memory_ratio": memory[v] / kd_mem if kd_mem else float("nan"), "peak_mb": memory[v] / 2**20,
+                "runs": len(times[v]),
             })
     return rows
 
 
+def _graph_status(step: CapturedStep) -> str:
+    return "graphed" if step.captured else f"eager fallback ({step.fallback})"
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'config':<28} {'method':<20} {'median ms':>10} {'x KD time':>10} {'x KD memory':>12} {'runs':>5}"]
+    lines = [f"{'config':<44} {'method':<18} {'mode':<8} {'median ms':>10} {'x eager KD':>10} {'img/s':>9} "
+             f"{'x KD mem':>9} {'runs':>5}"]
     for r in rows:
-        lines.append(f"{r['config']:<28} {r['method']:<20} {r['median_ms']:>10.1f} {r['time_ratio']:>10.2f} "
-                     f"{r['memory_ratio']:>12.2f} {r['runs']:>5}")
-    return "\n".join(lines)
+        mode = r["graph"] if r["graph"] in ("eager", "graphed") else "FALLBACK"
+        lines.append(f"{r['config']:<44} {r['method']:<18} {mode:<8} {r['median_ms']:>10.1f} {r['time_ratio']:>10.2f} "
+                     f"{r['images_per_s']:>9.0f} {r['memory_ratio']:>9.2f} {r['runs']:>5}")
+    fallbacks = sorted({r["graph"] for r in rows if r["graph"] not in ("eager", "graphed")})
+    return "\n".join(lines + [f"# {f}" for f in fallbacks])
 
 
-def parse_config(spec: str) -> tuple[str, int]:
-    """``"TEACHER->STUDENT:C"`` or ``"mlp:C"`` -> ``(models, C)``; model names are checked when built."""
-    models, _, classes = spec.rpartition(":")
+def parse_config(spec: str, default_size: int) -> tuple[str, int, int]:
+    """``"TEACHER->STUDENT:C[@SIZE]"`` or ``"mlp:C"`` -> ``(models, C, size)``; a model may carry
+    keyword arguments, ``NAME(key=value,...)``; names are checked when built."""
+    head, _, size = spec.partition("@")
+    models, _, classes = head.rpartition(":")
     valid_models = models == "mlp" or (models.count("->") == 1 and all(models.split("->")))
-    if not valid_models or not classes.isdigit() or int(classes) < 2:
-        raise UserError(f"bad --configs entry {spec!r}; expected TEACHER->STUDENT:C (e.g. resnet34->resnet18:10) "
-                        f"or mlp:C, with C >= 2 classes")
-    return models, int(classes)
+    if not valid_models or not classes.isdigit() or int(classes) < 2 or (size and not size.isdigit()):
+        raise UserError(f"bad --configs entry {spec!r}; expected TEACHER->STUDENT:C[@SIZE] (e.g. "
+                        f"resnet34->resnet18:10 or resnet50->resnet18:1000@224) or mlp:C, with C >= 2 classes")
+    return models, int(classes), int(size) if size else default_size
 
 
 def main_from_args(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    configs = [parse_config(spec) for spec in args.configs]
-    if args.device == "cuda" and not torch.cuda.is_available():
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
         raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if (args.amp or args.channels_last or args.cuda_graphs) and not cuda:
+        raise UserError("--amp, --channels-last and --cuda-graphs measure the GPU step; add --device cuda")
+    from .cli.cmd_bench import DEFAULT_CONFIGS, DEFAULT_CUDA_CONFIGS
+
+    specs = args.configs or (DEFAULT_CUDA_CONFIGS if cuda else DEFAULT_CONFIGS)
+    configs = [parse_config(spec, args.image_size) for spec in specs]
     device = torch.device(args.device)
-    print(f"# jacplug bench: torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size}, {args.image_size}x{args.image_size}, {args.repeats} rounds, memory: "
-          f"{'peak allocated' if device.type == 'cuda' else args.memory}")
-    rows = run(configs, args.methods, args.repeats, args.full_repeats, args.batch_size, args.image_size, device,
-               memory_mode=args.memory)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # static shapes: time cuDNN's algorithms once
+    card = f" ({torch.cuda.get_device_name(device)})" if cuda else ""
+    print(f"# jacplug bench: torch {torch.__version__}, device {device}{card}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch_size}, {args.repeats} rounds, amp {'bf16' if args.amp else 'off'}, channels-last "
+          f"{'on' if args.channels_last else 'off'}, memory: {'peak allocated' if cuda else args.memory}")
+    rows = run(configs, args.methods, args.repeats, args.full_repeats, args.batch_size, device,
+               memory_mode=args.memory, amp=args.amp, channels_last=args.channels_last, graphs=args.cuda_graphs)
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=2)
+            json.dump({"device": card.strip(" ()") or "cpu", "torch": torch.__version__, "rows": rows}, fh, indent=2)
     return 0

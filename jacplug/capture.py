@@ -47,6 +47,8 @@ class CapturedStep:
         self.step = step
         self.warmup = warmup
         self.fallback: str | None = None if enabled else "disabled"
+        if enabled and not torch.cuda.is_available():
+            self.fallback = "CUDA is not available"
         self.calls = 0
         self.replays = 0
         self._graph: torch.cuda.CUDAGraph | None = None

@@ -98,6 +98,9 @@ def format_summary(summary: dict) -> str:
          pct(summary["student_best_test_acc"])),
     ]
     rows += [(f"final loss: {k}", f"{v:.4g}") for k, v in summary["final_losses"].items()]
+    if summary.get("student_images_per_s"):
+        rows.append(("student training speed", f"{summary['student_images_per_s']:.0f} images/s "
+                                               f"({summary['student_steps_run']})"))
     minutes, seconds = divmod(summary["time_s"], 60)
     rows.append(("time", f"{int(minutes)}m {seconds:.1f}s"))
     rows += [(f"checkpoint: {k}", v) for k, v in summary["checkpoints"].items()]

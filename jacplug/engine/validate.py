@@ -65,11 +65,17 @@ def check_rows(rows: Tensor | None, batch: int, classes: int, device: torch.devi
         rows = rows.unsqueeze(1)
     if rows.dim() != 2 or rows.shape[0] != batch:
         raise JacobianArgumentError(f"rows must be [B] or [B, R] with B = {batch}; got shape {tuple(rows.shape)}")
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= classes):
+    if rows.numel() and not capturing(rows) and (int(rows.min()) < 0 or int(rows.max()) >= classes):
         raise JacobianArgumentError(
             f"rows hold class indices in [{int(rows.min())}, {int(rows.max())}] but outputs have C = {classes} classes"
         )
     return rows.to(device=device, dtype=torch.long)
+
+
+def capturing(tensor: Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream: checks that read values
+    back to the host (and so synchronise) must be skipped then; they ran on the eager warm-up steps."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def check_output_vectors(v: Tensor, outputs: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..engine import jacobian, vjp
+from ..engine.validate import capturing
 from .base import DistillBatch, LossTerm
 
 CACHE_ROWS = "teacher_rows"
@@ -40,7 +41,8 @@ def cached_rows(cache: dict, rows: Tensor) -> Tensor | None:
     if have_rows is None or have_jac is None:
         return None
     match = rows.unsqueeze(-1) == have_rows.to(rows.device).unsqueeze(-2)  # [B, R, R_cached]
-    if not bool(match.any(-1).all()):
+    # under CUDA-graph capture the check cannot read the device; the cache was built for this loss's rows
+    if not capturing(rows) and not bool(match.any(-1).all()):
         return None
     index = match.int().argmax(-1)  # first cached position of each wanted class
     return have_jac[torch.arange(rows.shape[0], device=index.device).unsqueeze(1), index]

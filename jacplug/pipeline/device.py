@@ -46,7 +46,9 @@ class Runtime:
         """Context for the models' forward passes (a no-op when ``amp_dtype`` is None, as on CPU)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        # autocast's cache of cast weights must not outlive a CUDA-graph capture (PyTorch's rule)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=not capturing)
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:

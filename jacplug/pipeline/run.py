@@ -163,6 +163,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     show = want_progress(config.progress, runtime.is_main)
     run_dir = _run_dir(config, runtime)
+    graphs = use_cuda_graphs(config, runtime)
     # everything a user can get wrong is checked before any training starts
     full = load_data(config)
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
@@ -186,7 +187,6 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     if runtime.channels_last:
         student = student.to(memory_format=torch.channels_last)
     trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
-    graphs = use_cuda_graphs(config, runtime)
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                   fused=runtime.device.type == "cuda")
     batches_per_epoch = len(epoch_batches(len(splits.train), config.batch_size, 0, runtime, config.seed))
@@ -232,6 +232,9 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
         last_epoch = loop.end_epoch(epoch, started)
 
     summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last_epoch, started, splits)
+    seconds, images = loop.throughput["seconds"], loop.throughput["images"]
+    summary["student_images_per_s"] = images / seconds if seconds else None
+    summary["student_steps_run"] = loop.graph_status()
     if runtime.is_main:
         if (run_dir / "metrics.jsonl").is_file():
             summary["plot"] = str(plot(run_dir))
@@ -260,6 +263,13 @@ class Loop:
     steps_per_epoch: int
     captured: CapturedStep | None = None
     fallback_reported: bool = False
+    throughput: dict[str, float] = field(default_factory=lambda: {"seconds": 0.0, "images": 0})
+
+    def graph_status(self) -> str:
+        """How the steps ran: ``CUDA graph``, ``eager``, or ``eager (capture failed: ...)``."""
+        if self.captured is None or self.captured.fallback == "disabled":
+            return "eager"
+        return "CUDA graph" if self.captured.captured else f"eager (capture failed: {self.captured.fallback})"
 
     def train_epoch(self, epoch: int) -> None:
         """One epoch from ``position["batch"]`` on (0 unless resuming mid-epoch)."""
@@ -296,6 +306,7 @@ class Loop:
         :mod:`jacplug.capture`); the finiteness check, the optimizer and the schedule run eagerly.
         """
         runtime = self.run.runtime
+        started = time.perf_counter()
         inputs = inputs.to(runtime.device, non_blocking=True)
         targets = targets.to(runtime.device, non_blocking=True)
         if runtime.channels_last:
@@ -306,6 +317,8 @@ class Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.position["step"] += 1
+        self.throughput["seconds"] += time.perf_counter() - started  # values were read: the GPU is done
+        self.throughput["images"] += len(targets)
         if self.captured.fallback not in (None, "disabled") and not self.fallback_reported:
             self.fallback_reported = True
             if self.run.runtime.is_main:

@@ -1,0 +1,34 @@
+"""CapturedStep without a GPU: it must fall back to eager execution and say why; `--cuda-graphs on`
+without CUDA is a one-line error. The GPU behaviour is tested in test_cuda.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jacplug import CapturedStep
+
+
+def test_cpu_inputs_fall_back_to_eager_steps_with_the_reason():
+    calls = []
+
+    def step(x):
+        calls.append(x.clone())
+        return {"loss": x.sum()}
+
+    if torch.cuda.is_available():
+        pytest.skip("covered by test_cuda.py on a CUDA machine")
+    captured = CapturedStep(step, warmup=1)
+    for i in range(3):
+        assert float(captured(torch.full((2,), float(i)))["loss"]) == 2 * i
+    assert captured.fallback == "CUDA is not available" and not captured.captured and len(calls) == 3
+    assert CapturedStep(step, enabled=False).fallback == "disabled"
+
+
+def test_cuda_graphs_on_without_cuda_is_a_one_line_error(tmp_path, capsys):
+    from jacplug.cli.main import main
+
+    code = main(["train", "--device", "cpu", "--cuda-graphs", "on", "--out", str(tmp_path / "run"),
+                 "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--cuda-graphs on: the run is not on CUDA" in err and err.count("\n") == 1
