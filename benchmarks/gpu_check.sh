@@ -4,7 +4,8 @@
 #   2. the step benchmark: eager and CUDA-graphed, bf16 + channels-last, for a 32 px ResNet pair,
 #      the 224 px ImageNet-sized case and a ViT student, then the float32 baseline of the first;
 #   3. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed.
-# Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json/txt, train_*.json.
+# Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, train_*.json; the
+# tables are printed.
 # Budget: under 8 minutes on one H100.
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
@@ -15,19 +16,19 @@ JACPLUG="$PY -m jacplug"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/card.txt"
 
-$PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 
 METHODS="eq10-top1 eq10-top1-cached projected-k1 direction-fd direction-forward"
-timeout 240 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --amp --channels-last --cuda-graphs \
-    --methods $METHODS --json "$OUT/bench_amp.json" 2>&1 | grep -v "round" | tee "$OUT/bench_amp.txt"
+timeout 200 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --amp --channels-last --cuda-graphs \
+    --methods $METHODS --json "$OUT/bench_amp.json" 2>&1 | grep -v "round"
 timeout 60 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs --methods eq10-top1 \
-    --configs "resnet34->resnet18:10@32" --json "$OUT/bench_fp32.json" 2>&1 | grep -v "round" | tee "$OUT/bench_fp32.txt"
+    --configs "resnet34->resnet18:10@32" --json "$OUT/bench_fp32.json" 2>&1 | grep -v "round"
 
 RUN=$(mktemp -d)
-timeout 120 $JACPLUG train --teacher resnet50 --student resnet18 --cuda-graphs off --out "$RUN/eager" --json \
+timeout 90 $JACPLUG train --teacher resnet50 --student resnet18 --cuda-graphs off --out "$RUN/eager" --json \
     > "$OUT/train_eager.json" 2> "$RUN/eager.err" || tail -n 3 "$RUN/eager.err"
 for mode in on off; do
-    timeout 60 $JACPLUG train --teacher resnet50 --student resnet18 --cuda-graphs $mode --out "$RUN/student-$mode" \
+    timeout 45 $JACPLUG train --teacher resnet50 --student resnet18 --cuda-graphs $mode --out "$RUN/student-$mode" \
         --teacher-checkpoint "$RUN/eager/teacher.safetensors" --json > "$OUT/train_student_$mode.json" \
         2> "$RUN/$mode.err" || tail -n 3 "$RUN/$mode.err"
 done
