@@ -1,4 +1,4 @@
-"""Few-sample distillation experiment (issue 7): CE, KD, KD + Jacobian (Eq. 10), KD + projected
+"""Few-sample distillation experiment: CE, KD, KD + Jacobian (Eq. 10), KD + projected
 Jacobian, KD + attention, KD + attention + Jacobian, at 1/5/10/50/all samples per class.
 
 Usage: ``python benchmarks/few_shot.py [--out runs/few-shot] [options]``, the same as

@@ -134,7 +134,7 @@ def _eager(step: Callable[[Setup], None]) -> Callable[[Setup], ForwardBackward]:
 
 
 def _forum_top1_step(s: Setup) -> None:
-    """The forum's Eq. 10 code: both rows by autograd.grad(create_graph=True), teacher not frozen
+    """Eq. 10 as commonly hand-written: both rows by autograd.grad(create_graph=True), teacher not frozen
     for the Jacobian (its graph is kept alive), plain (not squared) distance."""
     teacher_params = [p.requires_grad_(True) for p in s.teacher.parameters()]
     try:
@@ -159,7 +159,7 @@ def _forum_top1_step(s: Setup) -> None:
 
 
 def _forum_full_loop_step(s: Setup) -> None:
-    """The forum's full Jacobian: per class, ``backward(grad_output, create_graph=True)`` and read
+    """The full Jacobian as commonly hand-written: per class, ``backward(grad_output, create_graph=True)`` and read
     ``x.grad``, for teacher and student; then match the flattened full Jacobians."""
     x = s.inputs.detach().requires_grad_(True)
     t, out = s.teacher(x), s.student(x)

@@ -2,10 +2,12 @@
 
 Registration hooks receive a ``register`` callback, called as ``register(name, factory, **metadata)``;
 ``metadata`` is free-form (``description=`` is shown by ``jacplug plugins``) except for
-``override=True``, which lets a plugin replace a name another plugin registered first.
+``override=True``, which lets a plugin replace a name another plugin registered first, an exact name
+that a pattern already serves included (a timm model name such as ``resnet18``).
 
 Lifecycle hooks observe training; they receive keyword arguments only, so new ones can be added
 without breaking old plugins (pluggy passes each implementation just the arguments it names).
+Every hook is called through pluggy, one plugin at a time (see :mod:`jacplug.registry`).
 """
 
 from __future__ import annotations

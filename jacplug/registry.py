@@ -3,14 +3,20 @@
 Why this shape: built-in models, losses, Jacobian backends and datasets register through exactly the
 hooks third-party plugins use (``jacplug.hookspecs``), and are found through the same entry-point
 group, so the path plugin authors rely on is exercised by every run. Loading is lazy (nothing is
-imported until a registry is first read) and each plugin is isolated: one that fails to import or
-raises in a hook is reported with its name, distribution and version and skipped, unless
-``JACPLUG_STRICT_PLUGINS=1``. ``JACPLUG_PLUGINS=a,b`` limits which entry points load (an empty value
-loads none).
+imported until a registry is first read) and each plugin is isolated: one that fails to import,
+implements a hook that does not exist, or raises in a hook is reported with its name, distribution
+and version and removed, unless ``JACPLUG_STRICT_PLUGINS=1``. ``JACPLUG_PLUGINS=a,b`` limits which
+entry points load (an empty value loads none).
+
+Hooks are always called through pluggy, so its contract holds (wrappers, implementations that take
+only some of the arguments, ``optionalhook``). Isolation comes from calling each plugin through a
+``PluginManager`` of its own: one pluggy hook call per plugin, so a failure belongs to the plugin that
+raised and the other plugins still run. A wrapper therefore wraps its own plugin's implementations.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import warnings
@@ -95,13 +101,23 @@ class Registry:
         if not callable(factory):
             raise TypeError(f"{self.label} {name!r} from plugin {plugin!r}: factory must be callable, got {factory!r}")
         override = bool(metadata.pop("override", False))
-        old = self._entries.get(name)
-        if old is not None and not override:
-            raise DuplicateNameError(
-                f"{self.label} {name!r} is registered by plugin {old.plugin!r} and again by plugin "
-                f"{plugin!r}; pass override=True in the later register() call to replace it"
-            )
-        self._entries[name] = Entry(name, factory, plugin, metadata)
+        entry = Entry(name, factory, plugin, metadata)
+        if not override:
+            old = self._entries.get(name)
+            if old is not None:
+                raise DuplicateNameError(
+                    f"{self.label} {name!r} is registered by plugin {old.plugin!r} and again by plugin "
+                    f"{plugin!r}; pass override=True in the later register() call to replace it"
+                )
+            # an exact name shadows the pattern serving it (a timm model name, say): the same conflict
+            old = None if entry.is_pattern else self._pattern_serving(name)
+            if old is not None:
+                raise DuplicateNameError(
+                    f"{self.label} {name!r} is served by plugin {old.plugin!r} (pattern {old.name!r}) and "
+                    f"registered again by plugin {plugin!r}; pass override=True in the later register() call "
+                    "to replace it"
+                )
+        self._entries[name] = entry
 
     def remove_plugin(self, plugin: str) -> None:
         self._entries = {k: e for k, e in self._entries.items() if e.plugin != plugin}
@@ -128,17 +144,23 @@ class Registry:
             names = {n for n in names if fnmatch.fnmatch(n, pattern)}
         return sorted(names)
 
-    def get(self, name: str) -> Entry:
-        entry = self._entries.get(name)
-        if entry is not None:
-            return entry
-        known = self.names()
-        for candidate in self._entries.values():
-            if not (candidate.is_pattern and fnmatch.fnmatch(name, candidate.name)):
-                continue
+    def _patterns_matching(self, name: str) -> Iterator[Entry]:
+        return (e for e in self._entries.values() if e.is_pattern and fnmatch.fnmatch(name, e.name))
+
+    def _pattern_serving(self, name: str) -> Entry | None:
+        """The pattern entry that would build ``name``: it matches and its ``accepts`` (if any) agrees."""
+        for candidate in self._patterns_matching(name):
             accepts = candidate.metadata.get("accepts")
             if accepts is None or accepts(name):
                 return candidate
+        return None
+
+    def get(self, name: str) -> Entry:
+        entry = self._entries.get(name) or self._pattern_serving(name)
+        if entry is not None:
+            return entry
+        known = self.names()
+        for candidate in self._patterns_matching(name):
             catalog = candidate.metadata.get("catalog")
             if catalog is not None:
                 known = known + list(catalog())
@@ -163,6 +185,8 @@ class PluginInfo:
     module: str | None = None
     hooks: list[str] = field(default_factory=list)
     registered: dict[str, list[str]] = field(default_factory=dict)
+    #: kind -> name -> the ``description=`` it was registered with (names without one are left out)
+    descriptions: dict[str, dict[str, str]] = field(default_factory=dict)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -173,6 +197,7 @@ class PluginInfo:
             "module": self.module,
             "hooks": self.hooks,
             "registered": self.registered,
+            "descriptions": self.descriptions,
             "error": self.error,
         }
 
@@ -180,22 +205,24 @@ class PluginInfo:
 class PluginHost:
     """A pluggy ``PluginManager`` plus the registries its plugins fill.
 
-    Tests and embedding applications may create their own host (``PluginHost(load_entry_points=False)``)
-    and ``register`` plugin objects in-process; the module-level :func:`get_host` serves the CLI.
+    ``pm`` holds every loaded plugin (for introspection); hooks are called through a manager per
+    plugin (see the module docstring). Tests and embedding applications may create their own host
+    (``PluginHost(load_entry_points=False)``) and ``register`` plugin objects in-process; the
+    module-level :func:`get_host` serves the CLI.
     """
 
     def __init__(self, load_entry_points: bool = True) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        self.pm = _plugin_manager()
         self.plugins: dict[str, PluginInfo] = {}
         self.failed: dict[str, PluginInfo] = {}
+        self._callers: dict[str, pluggy.PluginManager] = {}  # plugin name -> a manager holding only it
         self._load_entry_points = load_entry_points
         self._loaded = False
         self._registries: dict[str, Registry] | None = None
 
     # -- loading -------------------------------------------------------------------------------
     def _fail(self, info: PluginInfo, stage: str, exc: BaseException) -> None:
-        info.error = f"{type(exc).__name__}: {exc}"
+        info.error = " ".join(f"{type(exc).__name__}: {exc}".split())  # pluggy's messages span lines
         self.failed[info.name] = info
         origin = f" (distribution {info.distribution} {info.version})" if info.distribution else ""
         message = f"plugin {info.name!r}{origin} failed {stage}: {info.error}"
@@ -204,6 +231,30 @@ class PluginHost:
         warnings.warn(
             message + "; skipped (set JACPLUG_STRICT_PLUGINS=1 to make this fatal)", PluginWarning, stacklevel=3
         )
+
+    def _add(self, plugin: object, name: str | None) -> str:
+        """Register ``plugin`` in ``pm`` and in a manager of its own; raise, leaving nothing behind, if
+        pluggy refuses it or it implements a hook that does not exist (a misspelling, say)."""
+        name = self.pm.register(plugin, name=name)
+        if name is None:
+            raise ValueError("pluggy refused the plugin (it is blocked)")
+        caller = _plugin_manager()
+        try:
+            caller.register(plugin, name=name)
+            caller.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            raise pluggy.PluginValidationError(plugin, _unknown_hooks_message(caller) or str(exc)) from None
+        self._callers[name] = caller
+        return name
+
+    def _remove(self, name: str) -> None:
+        """Forget a plugin everywhere: no registrations, no lifecycle calls."""
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
+        self._callers.pop(name, None)
+        self.plugins.pop(name, None)
+        self._registries = None
 
     def load(self) -> None:
         """Load entry-point plugins once (idempotent)."""
@@ -230,50 +281,52 @@ class PluginHost:
                                                         f"distribution {self.plugins[ep.name].distribution}"))
                 continue
             try:
-                plugin = ep.load()
-                self.pm.register(plugin, name=ep.name)
+                self._add(ep.load(), ep.name)
             except Exception as exc:  # any plugin failure must not break the host
                 self._fail(info, "to load", exc)
                 continue
+            info.hooks = self._hooks_of(ep.name)
             self.plugins[ep.name] = info
 
     def register(self, plugin: object, name: str | None = None) -> str:
-        """Register a plugin object (module, class or instance with ``@hookimpl`` methods) in-process."""
+        """Register a plugin object (module, class or instance with ``@hookimpl`` methods) in-process.
+
+        Unlike an entry point, a plugin registered here is the caller's own code, so a plugin pluggy
+        rejects (an unknown hook, an argument the hook does not have) raises
+        ``pluggy.PluginValidationError`` at once instead of being skipped."""
         self.load()
-        name = self.pm.register(plugin, name=name)
-        if name is None:
-            raise ValueError("pluggy refused the plugin (it is blocked)")
-        self.plugins[name] = PluginInfo(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
+        name = self._add(plugin, name)
+        info = PluginInfo(name=name, module=getattr(plugin, "__name__", type(plugin).__name__))
+        info.hooks = self._hooks_of(name)
+        self.plugins[name] = info
         self._registries = None
         return name
 
     def unregister(self, name: str) -> None:
-        self.pm.unregister(name=name)
-        self.plugins.pop(name, None)
+        self._remove(name)
         self.failed.pop(name, None)
-        self._registries = None
+
+    def _hooks_of(self, name: str) -> list[str]:
+        caller = self._callers[name]
+        return sorted(hc.name for hc in caller.get_hookcallers(caller.get_plugin(name)) or [] if hc.has_spec())
 
     # -- registries ----------------------------------------------------------------------------
     def _collect(self) -> dict[str, Registry]:
+        """Call every plugin's registration hooks, in load order (built-ins first), so the first
+        registration of a name wins and a later one needs ``override=True``."""
         registries = {kind: Registry(kind) for kind in KINDS}
-        for info in self.plugins.values():
-            info.hooks, info.registered = [], {}
         for name in list(self.plugins):
             info = self.plugins[name]
-            plugin = self.pm.get_plugin(name)
-            info.hooks = sorted(
-                hc.name for hc in (self.pm.get_hookcallers(plugin) or []) if hc.name in _ALL_HOOKS
-            )
+            info.registered, info.descriptions = {}, {}
+            hooks = self._callers[name].hook
             try:
                 for kind, (hook_name, _) in KINDS.items():
-                    for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                        if impl.plugin_name == name:
-                            impl.function(register=_registrar(registries[kind], name, info, kind))
+                    getattr(hooks, hook_name)(register=_registrar(registries[kind], name, info, kind))
             except Exception as exc:
                 for registry in registries.values():
                     registry.remove_plugin(name)
-                self.plugins.pop(name)
-                self._fail(info, f"in a registration hook", exc)
+                self._remove(name)
+                self._fail(info, "in a registration hook", exc)
         return registries
 
     def registry(self, kind: str) -> Registry:
@@ -286,19 +339,36 @@ class PluginHost:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook on every plugin, isolating failures per plugin."""
+        """Call a lifecycle hook on every plugin, in pluggy's order (``tryfirst``/``trylast``, else
+        the last registered first), isolating failures per plugin."""
         if hook_name not in LIFECYCLE_HOOKS:
             raise ValueError(f"unknown lifecycle hook {hook_name!r}; expected one of {LIFECYCLE_HOOKS}")
         self.load()
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+        order = dict.fromkeys(impl.plugin_name for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        for name in order:
             try:
-                impl.function(**{k: kwargs[k] for k in impl.argnames})
+                getattr(self._callers[name].hook, hook_name)(**kwargs)
             except Exception as exc:
-                info = self.plugins.get(impl.plugin_name, PluginInfo(name=impl.plugin_name))
-                self._fail(info, f"in {hook_name}", exc)
+                self._fail(self.plugins.get(name, PluginInfo(name=name)), f"in {hook_name}", exc)
 
 
-_ALL_HOOKS = {spec for spec, _ in KINDS.values()} | set(LIFECYCLE_HOOKS)
+def _plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _unknown_hooks_message(pm: pluggy.PluginManager) -> str:
+    """``unknown hook 'register_loss'; did you mean 'register_losses'?`` for each hook ``pm``'s plugins
+    implement that no hookspec declares (``optionalhook`` implementations excepted, as pluggy does)."""
+    known = [name for name in vars(pm.hook) if not name.startswith("_") and getattr(pm.hook, name).has_spec()]
+    parts = []
+    for name, caller in vars(pm.hook).items():
+        if name.startswith("_") or caller.has_spec() or all(i.optionalhook for i in caller.get_hookimpls()):
+            continue
+        match = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"unknown hook {name!r}" + (f"; did you mean {match[0]!r}?" if match else ""))
+    return ", ".join(parts)
 
 
 def _builtin_first(ep) -> tuple[int, str]:
@@ -310,6 +380,8 @@ def _registrar(registry: Registry, plugin: str, info: PluginInfo, kind: str) -> 
     def register(name: str, factory: Callable[..., Any], **metadata: Any) -> None:
         registry.add(name, factory, plugin, **metadata)
         info.registered.setdefault(kind, []).append(name)
+        if metadata.get("description"):
+            info.descriptions.setdefault(kind, {})[name] = str(metadata["description"])
 
     return register
 

@@ -100,7 +100,7 @@ def digits_dataset(split: str = "train", image_size: int = 16, samples_per_class
     """One split (``train``/``val``/``test``) of jacplug's embedded digits: ``(image [1, H, W], label)``.
 
     ``samples_per_class`` keeps that many training images per class, chosen by ``seed`` (the
-    few-sample setting of DESIGN section 7); it applies to the train split only.
+    few-sample setting of docs/results.md); it applies to the train split only.
     """
     from jacplug.pipeline.data import few_sample_subset
     from jacplug.registry import create_dataset

@@ -1,4 +1,5 @@
-"""A loss term with the forum's mistake, and a plugin registering it, for CLI tests."""
+"""A loss term with a common mistake (docs/autograd-explained.md, section 2), and a plugin
+registering it, for CLI tests."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from jacplug.losses import LossTerm
 
 
 class DetachedTerm(LossTerm):
-    """The forum's mistake: a computed value made a new leaf with ``requires_grad = True``."""
+    """The mistake: a computed value made a new leaf with ``requires_grad = True``."""
 
     name = "detached"
     needs = frozenset({"student_logits"})

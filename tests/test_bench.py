@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import math
+import json
 
+import pytest
 import torch
 
-from jacplug.bench import format_table, methods, run
-from jacplug.cli.cmd_bench import METHODS
+from jacplug.bench import methods
+from jacplug.cli.main import main
 
 
-def test_cli_method_list_matches_the_benchmark():
-    assert tuple(methods()) == METHODS
-
-
-def test_every_method_runs_and_reports_ratios():
-    rows = run([("mlp", 3, 4)], list(METHODS), repeats=1, full_repeats=1, batch=2, device=torch.device("cpu"),
-               log=lambda _: None)
-    assert [r["method"] for r in rows] == list(METHODS)
+def test_cli_runs_every_method_by_default_and_reports_ratios_to_kd(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["bench", "--configs", "mlp:3", "--repeats", "1", "--batch-size", "2", "--image-size", "4",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == list(methods())  # the CLI's default is every method the benchmark has
     kd = rows[0]
-    assert kd["time_ratio"] == 1.0 and kd["memory_ratio"] == 1.0
-    assert all(r["median_ms"] > 0 and math.isfinite(r["time_ratio"]) for r in rows)
-    assert "eq10-top1" in format_table(rows)
+    for r in rows:
+        assert r["time_ratio"] == pytest.approx(r["median_ms"] / kd["median_ms"])
+        assert r["memory_ratio"] == pytest.approx(r["peak_mb"] / kd["peak_mb"])
+        assert r["images_per_s"] == pytest.approx(2 / (r["median_ms"] / 1e3))
+    assert rows[[r["method"] for r in rows].index("full-loop")]["memory_ratio"] > 1  # double backward saves more
+    printed = capsys.readouterr().out
+    assert all(f" {r['method']} " in printed for r in rows)
 
 
 def test_bad_bench_arguments_are_one_line_errors(capsys):
-    from jacplug.cli.main import main
-
     for configs, message in [("resnet34:10", "bad --configs entry 'resnet34:10'"),
                              ("mlp:x", "bad --configs entry 'mlp:x'"),
                              ("resnet5O->resnet18:10", "unknown model 'resnet5O'; did you mean 'resnet50'"),

@@ -139,10 +139,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, capsys
     rc, _, err = cli(capsys, *common, "--out", str(tmp_path / "straight"))
     assert rc == 0, err
 
-    interrupt = plugin(Interrupt(at=7), "interrupt")  # 5 steps per epoch: killed in epoch 2, last save at step 6
+    plugin(Interrupt(at=7), "interrupt")  # 5 steps per epoch: killed in epoch 2, last save at step 6
     rc, _, err = cli(capsys, *common, "--out", str(tmp_path / "resumed"))
     assert rc == 130 and "interrupted" in err
     get_host().unregister("interrupt")
+    recorder = plugin(Recorder(), "recorder")
     rc, _, err = cli(capsys, "--out", str(tmp_path / "resumed"), "--resume")
     assert rc == 0, err
 
@@ -150,7 +151,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, capsys
     resumed = load_file(tmp_path / "resumed" / "student_last.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [r["step"] for r in read_metrics(tmp_path / "resumed") if r["kind"] == "step"] == list(range(1, 11))
-    assert interrupt.at == 7
+    # the resumed process continued from the save at step 6: it redid step 7 and nothing before
+    assert [call[1][0] for call in recorder.calls if call[0] == "step"] == [7, 8, 9, 10]
 
 
 def test_resume_refuses_changed_identity_options(tmp_path, capsys, teacher_file):

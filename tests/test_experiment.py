@@ -81,8 +81,13 @@ def test_sample_size_parses_all():
     assert sample_size("all") is None and sample_size("5") == 5
 
 
-def test_cli_method_names_match_the_methods():
-    from jacplug.cli.cmd_experiment import METHOD_NAMES
+def test_cli_runs_every_experiment_method_by_default_and_refuses_others(capsys):
+    from jacplug.cli.cmd_experiment import config_from_args
+    from jacplug.cli.main import build_parser
     from jacplug.experiment.methods import METHODS
 
-    assert METHOD_NAMES == tuple(METHODS)
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["experiment"])).methods == list(METHODS)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["experiment", "--methods", "kd+jacobain"])
+    assert exit_info.value.code == 2 and "invalid choice: 'kd+jacobain'" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""gradient_flow catches the forum's broken Jacobian losses, passes the correct one, names every detached term."""
+"""gradient_flow catches the usual broken hand-written Jacobian losses, passes the correct one, names
+every detached term."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def setup():
     return student, teacher, x
 
 
-def forum_jacobian_retain_graph(output, x):
-    """The forum's second attempt: autograd.grad with retain_graph=True only."""
+def handwritten_jacobian_retain_graph(output, x):
+    """A common second attempt: autograd.grad with retain_graph=True only."""
     jac = torch.zeros(B, C, D)
     for i in range(C):
         grad_output = torch.zeros(B, C)
@@ -36,8 +37,8 @@ def forum_jacobian_retain_graph(output, x):
     return jac
 
 
-def forum_jacobian_backward(output, x, create_graph):
-    """The forum's first attempt: output.backward(..., create_graph=...) and read x.grad."""
+def handwritten_jacobian_backward(output, x, create_graph):
+    """A common first attempt: output.backward(..., create_graph=...) and read x.grad."""
     jac = torch.zeros(B, C, D)
     for i in range(C):
         grad_output = torch.zeros(B, C)
@@ -55,14 +56,14 @@ def eq10(s_jac, t_jac):
 
 def terms_for(student, teacher, x, s_jac):
     s, t = student(x), teacher(x)
-    t_jac = forum_jacobian_retain_graph(t, x)  # the teacher's needs no graph: this one is fine
+    t_jac = handwritten_jacobian_retain_graph(t, x)  # the teacher's needs no graph: this one is fine
     kd = F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True, reduction="batchmean")
     return {"kd": kd, "jacobian": eq10(s_jac, t_jac)}
 
 
 def test_retain_graph_only_jacobian_is_caught(setup):
     student, teacher, x = setup
-    s_jac = forum_jacobian_retain_graph(student(x), x)
+    s_jac = handwritten_jacobian_retain_graph(student(x), x)
     assert not s_jac.requires_grad
     terms = terms_for(student, teacher, x, s_jac)
     with pytest.raises(DetachedLossError, match=r"jacobian: it has no graph.*create_graph=True") as info:
@@ -72,8 +73,8 @@ def test_retain_graph_only_jacobian_is_caught(setup):
 
 def test_requires_grad_true_on_computed_jacobian_is_caught(setup):
     student, teacher, x = setup
-    s_jac = forum_jacobian_retain_graph(student(x), x)
-    s_jac.requires_grad = True  # the forum's "fix": a new leaf, no path to the student
+    s_jac = handwritten_jacobian_retain_graph(student(x), x)
+    s_jac.requires_grad = True  # the usual "fix": a new leaf, no path to the student
     s_jac.retain_grad()
     terms = terms_for(student, teacher, x, s_jac)
     assert terms["jacobian"].requires_grad  # looks trainable ...
@@ -91,7 +92,7 @@ def test_correct_variants_pass(setup, how):
     elif how == "backward-create-graph":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the reference-cycle warning; see docs
-            s_jac = forum_jacobian_backward(s, x, create_graph=True)
+            s_jac = handwritten_jacobian_backward(s, x, create_graph=True)
         student.zero_grad(set_to_none=True)  # backward() also accumulated into the parameters
     else:
         rows = [torch.autograd.grad(s[:, i].sum(), x, create_graph=True)[0] for i in range(C)]

@@ -95,7 +95,7 @@ def test_eq10_on_convnets_with_batchnorm_and_inplace_relu(convnet):
 
 
 def test_eq10_gradient_matches_double_backprop_reference(nets):
-    """Parameter gradients equal those of the forum-style loss written with autograd.grad."""
+    """Parameter gradients equal those of the loss hand-written with autograd.grad."""
     student, teacher, x = nets
     JacobianLoss()(make_batch(student, teacher, x)).backward()
     assert weights_trained(student)

@@ -68,14 +68,19 @@ def test_checkpoint_errors_are_one_line_user_errors(tmp_path):
         load_model(good, model(num_classes=3))
 
 
-def test_resume_file_restores_optimizer_scheduler_and_rng(tmp_path):
+def loss_module() -> torch.nn.Module:
+    """A stand-in for a loss with state of its own (FitNet adapters): parameters and BatchNorm buffers."""
+    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+
+
+def test_resume_file_restores_optimizer_scheduler_rng_and_loss_state(tmp_path):
     torch.manual_seed(0)
-    net, loss = model(), torch.nn.Linear(2, 2)
+    net, loss = model(), loss_module()
     params = list(net.parameters()) + list(loss.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scheduler = cosine_schedule(optimizer, 10)
     for _ in range(2):
-        net(torch.randn(4, 1, 8, 8)).sum().backward()
+        (net(torch.randn(4, 1, 8, 8)).sum() + loss(torch.randn(4, 2)).sum()).backward()
         optimizer.step()
         scheduler.step()
     save_resume(tmp_path / "r.safetensors", student=net, loss=loss, optimizer=optimizer, scheduler=scheduler,
@@ -83,7 +88,7 @@ def test_resume_file_restores_optimizer_scheduler_and_rng(tmp_path):
     expected_draw = torch.rand(3)
 
     torch.manual_seed(99)
-    net2, loss2 = model(), torch.nn.Linear(2, 2)
+    net2, loss2 = model(), loss_module()
     optimizer2 = torch.optim.AdamW(list(net2.parameters()) + list(loss2.parameters()), lr=1e-2)
     scheduler2 = cosine_schedule(optimizer2, 10)
     position = load_resume(tmp_path / "r.safetensors", student=net2, loss=loss2, optimizer=optimizer2,
@@ -97,3 +102,6 @@ def test_resume_file_restores_optimizer_scheduler_and_rng(tmp_path):
         assert all(torch.equal(torch.as_tensor(value), torch.as_tensor(after[pid][k])) for k, value in entry.items())
     for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
         assert torch.equal(a, b)
+    trained, restored = loss.state_dict(), loss2.state_dict()
+    assert trained["1.num_batches_tracked"] == 2 and sorted(trained) == sorted(restored)
+    assert all(torch.equal(trained[k], restored[k]) for k in trained)

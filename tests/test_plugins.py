@@ -90,17 +90,20 @@ def test_out_of_tree_plugin_is_discovered_listed_and_usable(example_dist, host):
     assert isinstance(jacplug.create_loss("cosine-logits"), jacplug.losses.LossTerm)
 
 
-def test_cli_lists_the_out_of_tree_plugin(example_dist, tmp_path):
+def test_cli_lists_the_out_of_tree_plugin_with_descriptions(example_dist, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(example_dist)}
     out = subprocess.run([sys.executable, "-m", "jacplug", "plugins", "--json"], env=env, capture_output=True,
                          text=True, check=True).stdout
     plugins = {p["name"]: p for p in json.loads(out)["plugins"]}
     assert plugins["example"]["distribution"] == "jacplug-example"
     assert plugins["example"]["registered"]["jacobian_backends"] == ["func-jacrev"]
+    assert plugins["example"]["descriptions"]["losses"] == {"cosine-logits": "1 - cosine(student, teacher logits)"}
     assert plugins["jacplug.models"]["distribution"] == "jacplug"
     text = subprocess.run([sys.executable, "-m", "jacplug", "plugins"], env=env, capture_output=True, text=True,
                           check=True).stdout
-    assert "example  (jacplug-example 0.1.0" in text and "losses: cosine-logits" in text
+    assert "example  (jacplug-example 0.1.0" in text
+    assert "\n  losses:\n    cosine-logits  1 - cosine(student, teacher logits)\n" in text, text
+    assert re.search(r"\n    kd +T\^2 \* KL", text), text  # the built-ins' descriptions too
 
 
 BROKEN = "raise ImportError('needs a library that is not installed')\n"
@@ -224,3 +227,125 @@ def test_cli_help_version_and_lazy_imports():
     probe = ("import sys; from jacplug.cli.main import main; main(['plugins']); "
              "assert 'timm' not in sys.modules, 'jacplug plugins imported timm'")
     subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True)
+
+
+# -- the contract is pluggy's own: wrappers, partial signatures, unknown hooks, full removal ----------------
+
+
+class _Wrapping:
+    """A new-style wrapper on a registration hook and an old-style one on a lifecycle hook."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl(wrapper=True)
+    def register_losses(self, register):
+        self.calls.append("register_losses before")
+        register("wrapped-loss", lambda: None)
+        result = yield
+        self.calls.append("register_losses after")
+        return result
+
+    @hookimpl(hookwrapper=True)
+    def on_epoch_end(self, epoch):
+        self.calls.append(f"epoch {epoch} before")
+        yield
+        self.calls.append(f"epoch {epoch} after")
+
+
+def test_wrapper_implementations_run(host, recwarn):
+    plugin = _Wrapping()
+    host.register(plugin, name="wrapping")
+    assert host.registry("losses").get("wrapped-loss").plugin == "wrapping"
+    host.notify("on_epoch_end", run=None, epoch=2, metrics={})
+    assert plugin.calls == ["register_losses before", "register_losses after", "epoch 2 before", "epoch 2 after"]
+    assert not [w for w in recwarn if issubclass(w.category, PluginWarning)]
+
+
+def test_implementations_may_take_fewer_arguments_than_the_spec(host, recwarn):
+    seen = []
+    plugin = types.SimpleNamespace(
+        register_losses=hookimpl(lambda: seen.append("losses looked up")),  # takes none of the spec's arguments
+        register_models=hookimpl(lambda register: register("tiny-net", lambda **kw: nn.Identity())),
+        on_train_end=hookimpl(lambda: seen.append("ended")),
+    )
+    host.register(plugin, name="partial")
+    assert host.registry("models").get("tiny-net").plugin == "partial"
+    host.notify("on_train_end", run=None, summary={})
+    assert seen == ["losses looked up", "ended"]
+    assert "partial" in host.plugins and not host.failed
+    assert not [w for w in recwarn if issubclass(w.category, PluginWarning)]
+
+
+MISSPELLED = textwrap.dedent(
+    """
+    from jacplug import hookimpl
+
+    @hookimpl
+    def register_loss(register):
+        register("never-seen", object)
+    """
+)
+
+
+def test_misspelled_hook_is_reported_with_the_close_match(site, host, monkeypatch):
+    monkeypatch.delenv("JACPLUG_STRICT_PLUGINS", raising=False)
+    install_fake_distribution(site, "typo-dist", "0.2", {"typo_plugin": MISSPELLED}, {"typo": "typo_plugin"})
+    with pytest.warns(PluginWarning, match=r"plugin 'typo' \(distribution typo-dist 0.2\) failed to load: .*"
+                                           r"unknown hook 'register_loss'; did you mean 'register_losses'\?"):
+        host.registry("losses")
+    assert "typo" in host.failed and "typo" not in host.plugins and host.pm.get_plugin("typo") is None
+    del sys.modules["typo_plugin"]
+
+
+def test_misspelled_hook_is_fatal_in_strict_mode_and_in_process(site, host, monkeypatch):
+    monkeypatch.setenv("JACPLUG_STRICT_PLUGINS", "1")
+    install_fake_distribution(site, "typo-dist", "0.2", {"typo_plugin": MISSPELLED}, {"typo": "typo_plugin"})
+    with pytest.raises(PluginError, match="unknown hook 'register_loss'; did you mean 'register_losses'"):
+        host.registry("losses")
+    typo = sys.modules.pop("typo_plugin")
+    import pluggy
+
+    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'register_loss'"):
+        host.register(typo, name="typo-in-process")
+    assert host.pm.get_plugin("typo-in-process") is None and "typo-in-process" not in host.plugins
+
+
+def test_plugin_failing_in_registration_is_fully_removed(host, monkeypatch):
+    monkeypatch.delenv("JACPLUG_STRICT_PLUGINS", raising=False)
+    steps = []
+
+    def register_losses(register):
+        register("half-registered", lambda: None)
+        raise RuntimeError("bug after the first name")
+
+    plugin = types.SimpleNamespace(register_losses=hookimpl(register_losses),
+                                   on_step_end=hookimpl(lambda step: steps.append(step)))
+    host.register(plugin, name="half")
+    with pytest.warns(PluginWarning, match="plugin 'half' failed in a registration hook: RuntimeError"):
+        losses = host.registry("losses")
+    assert "half-registered" not in losses.names() and "kd" in losses.names()
+    host.notify("on_step_end", run=None, step=1, metrics={})
+    assert steps == [] and host.pm.get_plugin("half") is None and "half" in host.failed
+
+
+class _Shadow:
+    def __init__(self, override: bool) -> None:
+        self.override = override
+
+    @hookimpl
+    def register_models(self, register):
+        register("resnet18", lambda **kw: nn.Sequential(), override=self.override)
+
+
+def test_exact_model_name_timm_serves_needs_override(host, monkeypatch):
+    monkeypatch.delenv("JACPLUG_STRICT_PLUGINS", raising=False)
+    host.register(_Shadow(override=False), name="shadow")
+    with pytest.warns(PluginWarning, match=r"model 'resnet18' is served by plugin 'jacplug.models' \(pattern '\*'\) "
+                                           r"and registered again by plugin 'shadow'; pass override=True"):
+        entry = host.registry("models").get("resnet18")
+    assert entry.plugin == "jacplug.models" and "shadow" in host.failed
+    host.unregister("shadow")
+    host.register(_Shadow(override=True), name="shadow")
+    assert host.registry("models").get("resnet18").plugin == "shadow"
+    assert isinstance(jacplug.create_model("resnet18"), nn.Sequential)

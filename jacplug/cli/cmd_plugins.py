@@ -28,7 +28,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{info['name']}  ({origin}; module {info['module']})")
         print(f"  hooks: {', '.join(info['hooks']) or '-'}")
         for kind, names in sorted(info["registered"].items()):
-            print(f"  {kind}: {', '.join(names)}")
+            print(f"  {kind}:")
+            described = info["descriptions"].get(kind, {})
+            width = max(map(len, names))
+            for name in names:
+                print(f"    {name:<{width}}  {described.get(name, '')}".rstrip())
     for info in failed:
         origin = f"{info['distribution']} {info['version']}" if info["distribution"] else "in-process"
         print(f"{info['name']}  ({origin}) FAILED: {info['error']}")

@@ -1,7 +1,8 @@
 """Argument checks shared by the Jacobian entry points.
 
-Why a module of its own: every backend must refuse the same mistakes with the same words (the forum
-user's code failed silently; ours must say what is wrong and what would be right).
+Why a module of its own: every backend must refuse the same mistakes with the same words (hand-written
+Jacobian losses fail silently, see docs/autograd-explained.md; ours must say what is wrong and what
+would be right).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The few-sample distillation experiment (issue 7): does Jacobian matching help a data-starved student?
+"""The few-sample distillation experiment: does Jacobian matching help a data-starved student?
 
 ``run_experiment(ExperimentConfig(...))`` trains the teacher once, selects loss weights on the
 validation split, runs every method x samples-per-class x seed, and writes ``results.json``,

@@ -1,6 +1,6 @@
 """The few-sample experiment: one teacher, many short student runs, weights chosen on validation.
 
-Protocol (issue 7, after Srinivas & Fleuret 2018):
+Protocol (after Srinivas & Fleuret 2018):
 
 1. The teacher is trained once with cross-entropy on the whole training split (or loaded).
 2. Selection: for each method with a weight to tune, every weight of its grid is trained at each

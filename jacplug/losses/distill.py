@@ -1,4 +1,4 @@
-"""Output-distillation terms: the forum code's three choices plus cross-entropy on labels.
+"""Output-distillation terms: KL, MSE of softened probabilities, CE on the teacher's class, and CE on labels.
 
 All read ``student_logits`` ``[B, C]`` (on the student's graph) and, except ``ce``, the teacher's
 logits ``[B, C]``, always through ``.detach()``: the teacher may carry a graph to the inputs for the
@@ -52,7 +52,7 @@ class KDLoss(_SoftenedTerm):
 
 class SoftMSELoss(_SoftenedTerm):
     """Mean squared error between ``softmax(s / T)`` and ``softmax(t / T)``, mean over all ``B * C``
-    entries (``nn.MSELoss`` as in the forum code). Its values are small (probabilities), so it needs
+    entries (``nn.MSELoss``'s default reduction). Its values are small (probabilities), so it needs
     a much larger weight than ``kd`` to have the same pull."""
 
     name = "mse-soft"
@@ -87,7 +87,7 @@ class CrossEntropyLoss(LossTerm):
 
 class TeacherCELoss(_SoftenedTerm):
     """Cross-entropy of ``s / T`` on the teacher's argmax class (hard pseudo-labels), mean over the
-    batch; the forum code's ``CrossEntropyLoss`` branch. ``T`` only rescales the student's logits
+    batch (``CrossEntropyLoss`` on pseudo-labels). ``T`` only rescales the student's logits
     (the argmax does not depend on it)."""
 
     name = "ce-teacher"

@@ -65,10 +65,11 @@ class JacobianLoss(LossTerm):
     ``classes``: ``"top1"`` (default) the teacher's argmax; ``"label"`` the ground truth ``targets``;
     ``"topk"`` the teacher's ``k`` largest logits; ``"all"`` every class (C backward passes).
 
-    ``squared=True`` is the default: DESIGN section 7 measured the squared distance of normalised rows
-    in an additive mix (``kd + 10 * jacobian``) as the best setting; it is the paper's own form (from
-    its Gaussian-noise argument), lies in ``[0, 4]`` whatever the input size, and is smooth, while the
-    plain norm's gradient keeps unit size even when the rows nearly agree.
+    ``squared=True`` is the default: the measurement behind :func:`jacplug.losses.jacobian_distillation`
+    found the squared distance of normalised rows in an additive mix (``kd + 10 * jacobian``) best;
+    it is the paper's own form (from its Gaussian-noise argument), lies in ``[0, 4]`` whatever the
+    input size, and is smooth, while the plain norm's gradient keeps unit size even when the rows
+    nearly agree.
 
     Teacher rows come without a graph from :mod:`jacplug.losses.teacher` (cached); student rows
     from ``jacobian(..., create_graph=True)`` so the term trains the student's parameters.

@@ -1,7 +1,7 @@
 """Teacher-side Jacobian quantities for loss terms: computed once, without a graph, then cached.
 
 Why a module of its own: the teacher is frozen, so its Jacobian rows need no graph; computing them
-with ``create_graph=False`` frees the teacher's graph at once (DESIGN section 4). After that the
+with ``create_graph=False`` frees the teacher's graph at once (docs/autograd-explained.md, section 5). After that the
 graph cannot be used again, so every term goes through these helpers, which reuse what an earlier
 term (or the pipeline's teacher cache) already computed and otherwise recompute the teacher from
 ``batch.teacher_fn``.

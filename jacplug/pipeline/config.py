@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, close_matches
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, published as the tomli distribution
+    import tomli as tomllib
 
 
 @dataclass

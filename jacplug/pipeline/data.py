@@ -11,7 +11,8 @@ Built-ins:
 - ``digits`` (embedded, no download): the UCI optical-recognition handwritten digits as shipped by
   scikit-learn (1,797 8x8 images, 16 grey levels; CC BY 4.0, Alpaydin & Kaynak, UCI ML repository),
   upsampled bilinearly to ``image_size`` (default 16x16, one channel: timm's ResNet stem reduces
-  16x16 to 4x4, cheap enough for a CPU demo, and the size DESIGN section 7 measured at). The split is
+  16x16 to 4x4, cheap enough for a CPU demo, and the size the default loss weights were measured at,
+  see :func:`jacplug.losses.jacobian_distillation`). The split is
   stratified and fixed (seed 0, independent of ``--seed``): 1,258 train / 179 val / 360 test.
 - ``cifar10`` / ``cifar100`` through torchvision (``root``, ``download``); 5,000 training images
   (fixed, seed 0) form the validation split, the official test set is the test split.

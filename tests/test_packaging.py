@@ -1,0 +1,48 @@
+"""What pyproject.toml promises about the interpreter holds: Python 3.10 has no tomllib."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_toml_config_files_load_without_tomllib(tmp_path):
+    """As on Python 3.10: ``import tomllib`` fails and tomli (the same parser, installed there by the
+    ``python_version < '3.11'`` dependency) takes its place, for reading and for parse errors."""
+    (tmp_path / "good.toml").write_text('epochs = 7\nloss = ["kd=1"]\n')
+    (tmp_path / "bad.toml").write_text("epochs = \n")
+    probe = textwrap.dedent(
+        f"""
+        import sys
+        if sys.version_info >= (3, 11):  # simulate 3.10: tomllib missing, tomli installed
+            import tomllib
+            sys.modules["tomli"], sys.modules["tomllib"] = tomllib, None
+        from jacplug.errors import UserError
+        from jacplug.pipeline.config import read_config_file
+        assert read_config_file({str(tmp_path / "good.toml")!r}) == {{"epochs": 7, "loss": ["kd=1"]}}
+        try:
+            read_config_file({str(tmp_path / "bad.toml")!r})
+        except UserError as exc:
+            assert "could not be parsed" in str(exc), exc
+        else:
+            raise AssertionError("a broken TOML file was accepted")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_requires_python_and_the_tomli_dependency_agree():
+    from jacplug.pipeline.config import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floor = tuple(int(part) for part in project["requires-python"].removeprefix(">=").split("."))
+    tomli = [d for d in project["dependencies"] if d.startswith("tomli")]
+    if floor < (3, 11):  # then the interpreter may lack tomllib, and tomli must be installed exactly there
+        assert [d.replace('"', "'").split(";")[1].strip() for d in tomli] == ["python_version < '3.11'"]
+    else:
+        assert tomli == []
