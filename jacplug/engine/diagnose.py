@@ -53,10 +53,15 @@ def module_calling(model: nn.Module, run: Callable[[], object], op: str) -> str 
     forward_op = op[: -len("_backward")] if op.endswith("_backward") else op
     stack: list[str] = []
     handles = []
+    def enter(label: str) -> Callable[..., None]:
+        return lambda *_: stack.append(label)  # None: the module's inputs stay as they are
+
+    def leave(*_: object) -> None:
+        stack.pop()
+
     for name, module in model.named_modules():
-        label = f"{name or '<root>'} ({type(module).__name__})"
-        handles.append(module.register_forward_pre_hook(lambda *_, label=label: stack.append(label)))
-        handles.append(module.register_forward_hook(lambda *_: stack.pop()))
+        handles.append(module.register_forward_pre_hook(enter(f"{name or '<root>'} ({type(module).__name__})")))
+        handles.append(module.register_forward_hook(leave))
     recorder = _OpRecorder(stack)
     try:
         with recorder:
