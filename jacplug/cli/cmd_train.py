@@ -99,7 +99,7 @@ def format_summary(summary: dict) -> str:
     ]
     rows += [(f"final loss: {k}", f"{v:.4g}") for k, v in summary["final_losses"].items()]
     if summary.get("student_images_per_s"):
-        rows.append(("student training speed", f"{summary['student_images_per_s']:.0f} images/s "
+        rows.append(("student training speed", f"{summary['student_images_per_s']:.0f} images/s after warm-up "
                                                f"({summary['student_steps_run']})"))
     minutes, seconds = divmod(summary["time_s"], 60)
     rows.append(("time", f"{int(minutes)}m {seconds:.1f}s"))

@@ -109,6 +109,11 @@ def startup_probe(config: TrainConfig, loss: WeightedLoss, student: nn.Module, s
         raise_for_detached(report)
 
 
+#: steps of a process left out of its images/s figure: CapturedStep's three eager warm-up steps
+#: (where cuDNN autotunes) and the capture
+WARMUP_STEPS = 4
+
+
 def use_cuda_graphs(config: TrainConfig, runtime: Runtime) -> bool:
     """``--cuda-graphs``: ``auto`` captures on a single CUDA device; ``on`` insists (one line if it cannot)."""
     if config.cuda_graphs == "off":
@@ -263,7 +268,7 @@ class Loop:
     position: dict[str, Any]
     show: bool
     steps_per_epoch: int
-    captured: CapturedStep | None = None
+    captured: CapturedStep | None = None  # set right after construction
     fallback_reported: bool = False
     throughput: dict[str, float] = field(default_factory=lambda: {"seconds": 0.0, "images": 0})
 
@@ -319,8 +324,9 @@ class Loop:
         self.optimizer.step()
         self.scheduler.step()
         self.position["step"] += 1
-        self.throughput["seconds"] += time.perf_counter() - started  # values were read: the GPU is done
-        self.throughput["images"] += len(targets)
+        if self.captured.calls > WARMUP_STEPS:  # steady state: after cuDNN's autotuning and the capture
+            self.throughput["seconds"] += time.perf_counter() - started  # values were read: the GPU is done
+            self.throughput["images"] += len(targets)
         if self.captured.fallback not in (None, "disabled") and not self.fallback_reported:
             self.fallback_reported = True
             if self.run.runtime.is_main:
