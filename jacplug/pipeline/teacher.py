@@ -31,6 +31,7 @@ from .data import DatasetSplits
 from .device import Runtime, barrier
 from .evaluate import accuracy
 from .metrics import MetricsLog
+from .optim import create_adamw
 from .progress import progress
 
 TEACHER_FILE = "teacher.safetensors"
@@ -67,7 +68,7 @@ def train_teacher(
     generator = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(splits.train, batch_size=config.batch_size, shuffle=True, generator=generator,
                         drop_last=len(splits.train) > config.batch_size, num_workers=config.workers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.teacher_lr, weight_decay=config.weight_decay)
+    optimizer = create_adamw({"teacher": model}, lr=config.teacher_lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, config.teacher_epochs * len(loader))
     start = time.perf_counter()
     for epoch in range(1, config.teacher_epochs + 1):
