@@ -97,6 +97,9 @@ def format_summary(summary: dict) -> str:
         (f"student test accuracy (best on {summary['best_chosen_on']}, epoch {summary['student_best_epoch']})",
          pct(summary["student_best_test_acc"])),
     ]
+    if summary["best_chosen_on"] == "test":
+        rows.append(("note", "no validation split: the best epoch was chosen on the test split, so its accuracy "
+                             "is optimistic; the last epoch's is the unbiased one"))
     rows += [(f"final loss: {k}", f"{v:.4g}") for k, v in summary["final_losses"].items()]
     if summary.get("student_images_per_s"):
         rows.append(("student training speed", f"{summary['student_images_per_s']:.0f} images/s after warm-up "

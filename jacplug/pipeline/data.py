@@ -16,8 +16,10 @@ Built-ins:
   stratified and fixed (seed 0, independent of ``--seed``): 1,258 train / 179 val / 360 test.
 - ``cifar10`` / ``cifar100`` through torchvision (``root``, ``download``); 5,000 training images
   (fixed, seed 0) form the validation split, the official test set is the test split.
-- ``imagefolder:PATH``: class sub-folders under ``PATH/train`` (and ``PATH/val``, ``PATH/test`` when
-  present), or directly under ``PATH`` (then split 80/10/10, stratified, seed 0).
+- ``imagefolder:PATH``: class sub-folders under ``PATH/train`` and ``PATH/test`` (plus ``PATH/val``
+  for choosing the best epoch), or directly under ``PATH`` (then split 80/10/10, stratified, seed 0).
+  Every split must have exactly train's classes. With ``train`` and ``val`` only, ``val`` is the test
+  split and there is no validation split (the best epoch is then chosen on it, and the summary says so).
 """
 
 from __future__ import annotations
@@ -279,11 +281,31 @@ def cifar(
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def _same_classes(split, train):
+    """``split`` (an ``ImageFolder``), checked to hold exactly ``train``'s classes.
+
+    Why: each ``ImageFolder`` numbers the class folders it finds itself (in sorted order), so a split
+    that lacks a class, or has one more, would shift every later label and score the model against
+    wrong labels. With the same class names both number them alike.
+    """
+    missing = sorted(set(train.classes) - set(split.classes))
+    extra = sorted(set(split.classes) - set(train.classes))
+    if missing or extra:
+        problems = ([f"lacks class(es) {', '.join(map(repr, missing))} that train/ has"] if missing else []) + (
+            [f"has class(es) {', '.join(map(repr, extra))} that train/ lacks"] if extra else [])
+        raise UserError(f"image folder {split.root!r} {' and '.join(problems)}; every split needs the same "
+                        "class sub-folders")
+    return split
+
+
 def imagefolder(
     name: str, *, image_size: int | None = None, augment: bool | None = None, **_: object
 ) -> DatasetSplits:
     """``imagefolder:PATH``: class sub-folders (torchvision ``ImageFolder``), resized and centre-cropped
-    to ``image_size`` (default 64), ImageNet normalisation, augmentation on unless ``augment=False``."""
+    to ``image_size`` (default 64), ImageNet normalisation, augmentation on unless ``augment=False``.
+
+    Splits come from ``PATH/train``, ``PATH/val`` and ``PATH/test`` (each with train's classes; see
+    the module docstring for a missing one), or from a stratified 80/10/10 split of ``PATH``."""
     from torchvision import datasets
 
     raw = name.split(":", 1)[1]
@@ -303,11 +325,14 @@ def imagefolder(
 
     if (path / "train").is_dir():
         train = folder(path / "train", train_tf)
-        val = folder(path / "val", eval_tf) if (path / "val").is_dir() else None
-        test_dir = path / "test" if (path / "test").is_dir() else path / "val"
-        if not test_dir.is_dir():
+        if not (path / "test").is_dir() and not (path / "val").is_dir():
             raise UserError(f"image folder {str(path)!r} has train/ but neither test/ nor val/ to evaluate on")
-        test = folder(test_dir, eval_tf)
+        # with train/ and val/ only, val/ is the test split and there is no validation split: the best
+        # epoch is then chosen on the test split, which the summary says
+        val_dir = path / "val" if (path / "test").is_dir() and (path / "val").is_dir() else None
+        test_dir = path / "test" if (path / "test").is_dir() else path / "val"
+        val = _same_classes(folder(val_dir, eval_tf), train) if val_dir else None
+        test = _same_classes(folder(test_dir, eval_tf), train)
         targets, classes = list(train.targets), train.classes
     else:
         full, plain = folder(path, train_tf), folder(path, eval_tf)
