@@ -36,21 +36,42 @@ MODEL_FORMAT = "jacplug-model/1"
 RESUME_FORMAT = "jacplug-resume/1"
 
 
+TEMP_SUFFIX = ".jacplug-tmp"  # names no other tool picks, so stale ones can be removed safely
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` (same directory, so the rename is atomic)."""
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (same directory, so the rename is atomic).
+
+    The file gets the mode a plain ``open`` would give it (``0666`` less the umask). The mode is
+    set after ``write``, because writers such as safetensors' ``save_file`` replace the file
+    rather than write into it, which would undo an earlier ``chmod``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the user's usual mode
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_write` left in ``directory`` when its process was
+    killed mid-write (a checkpoint's can be as large as the model); returns what was removed.
+
+    Call it only while holding the directory's run lock (:mod:`.lock`), so no live writer owns them.
+    """
+    removed = []
+    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

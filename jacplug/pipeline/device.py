@@ -7,8 +7,10 @@ autocast because the pipeline evaluates the loss terms outside the autocast regi
 to float32 (see :func:`jacplug.pipeline.step.compute_terms`); the double backward through the bf16
 forward still runs in the precision autocast chose for each op.
 
-Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_distributed` joins the process
-group (NCCL on CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``.
+Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_runtime` joins the process
+group (NCCL on CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``. DDP keeps the student's
+replicas in sync; the loss terms' own parameters (FitNet adapters) live outside the DDP module, so
+:func:`broadcast_from_main` and :func:`average_gradients` do for them what DDP does for the student.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..errors import UserError
 
@@ -93,3 +97,49 @@ def shutdown(runtime: Runtime) -> None:
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
+
+
+def broadcast_from_main(module: nn.Module, runtime: Runtime) -> None:
+    """Copy rank 0's parameters and buffers of ``module`` to every rank (what DDP does for its module
+    at construction), so replicas start identical whatever each rank's random state was."""
+    if runtime.distributed:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def average_gradients(parameters: Iterable[torch.Tensor], runtime: Runtime) -> None:
+    """Replace each trainable parameter's gradient by its mean over the ranks, in one all-reduce.
+
+    For parameters outside the DDP module (the loss terms' adapters): without it every rank would
+    step its own copy with its own shard's gradient, and the replicas would drift apart. A missing
+    gradient counts as zero, so every rank reduces a vector of the same length.
+    """
+    if not runtime.distributed:
+        return
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= runtime.world_size
+    offset = 0
+    for p in params:
+        mean = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = mean.clone()
+        else:
+            p.grad.copy_(mean)
+        offset += p.numel()
+
+
+def any_rank(flag: bool, runtime: Runtime) -> bool:
+    """Whether ``flag`` is true on at least one rank; every rank must call it at the same point.
+
+    Lets all ranks stop together: a rank that raised alone would leave the others waiting in the
+    next collective (the gradient all-reduce) until the process group times out.
+    """
+    if not runtime.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=runtime.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -40,11 +40,13 @@ class MetricsLog:
         self.path = run_dir / METRICS
         self.enabled = enabled
 
-    def truncate_after(self, step: int) -> None:
-        """Keep only records up to global ``step`` (used by ``--resume``)."""
+    def truncate_after(self, step: int, keep_teacher: bool = True) -> None:
+        """Keep only the student records up to global ``step``, and the teacher's records unless
+        ``keep_teacher`` is false (used by ``--resume``, which runs everything after them again)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step or r.get("kind") == "teacher_epoch"]
+        kept = [r for r in read_metrics(self.path.parent)
+                if (keep_teacher if r.get("kind") == "teacher_epoch" else r.get("step", 0) <= step)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -35,10 +35,14 @@ class _Trained(nn.Module):
         return names
 
 
-def create_adamw(modules: Mapping[str, nn.Module], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def create_adamw(
+    modules: Mapping[str, nn.Module], lr: float, weight_decay: float, fused: bool = False
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters of ``modules`` (e.g. ``{"student": ..., "loss": ...}``):
     a group with ``weight_decay`` for weight matrices and kernels, and a group with none for norm
-    parameters, biases and the models' ``no_weight_decay()`` names."""
+    parameters, biases and the models' ``no_weight_decay()`` names. ``fused``: torch's one-kernel
+    CUDA implementation (parameters on CUDA only)."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(_Trained(modules), opt="adamw", lr=lr, weight_decay=weight_decay)
+    extra = {"fused": True} if fused else {}
+    return create_optimizer_v2(_Trained(modules), opt="adamw", lr=lr, weight_decay=weight_decay, **extra)

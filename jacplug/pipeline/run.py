@@ -1,7 +1,8 @@
 """``jacplug train``: data, teacher, the distillation loop, evaluation, checkpoints, hooks, summary.
 
 Optimizer: AdamW (``--lr`` 2e-3, ``--weight-decay`` 0.05) with a cosine decay to zero over all
-steps, for the student and the loss terms' learnable adapters alike. Why AdamW rather than SGD: the
+steps, for the student and the loss terms' learnable adapters alike; norm and bias parameters get
+no weight decay (timm's optimizer factory, see :mod:`.optim`). Why AdamW rather than SGD: the
 demo trains from scratch for a few epochs on small data, where AdamW converges fast without a tuned
 warm-up, and its per-parameter scaling absorbs the different gradient scales of the KD and
 Jacobian terms.
@@ -20,6 +21,7 @@ and continues with exactly the batches and random draws the interrupted run woul
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -39,16 +41,18 @@ from ..graphcheck import gradient_flow, raise_for_detached
 from ..losses.composite import WeightedLoss
 from ..registry import create_dataset, get_host, model_pair, registry
 from . import cache as teacher_cache
-from .checkpoint import atomic_write_text, load_resume, save_model, save_resume
+from .checkpoint import atomic_write_text, load_resume, remove_stale_temp_files, save_model, save_resume
 from .config import TrainConfig
 from .data import DatasetSplits, Indexed, few_sample_subset
-from .device import Runtime, barrier, init_runtime, shutdown
+from .device import Runtime, any_rank, average_gradients, barrier, broadcast_from_main, init_runtime, shutdown
 from .evaluate import accuracy
+from .lock import RunDirLock
 from .metrics import MetricsLog, plot, read_metrics
+from .optim import create_adamw
 from .probe import probe_batch, probe_terms
 from .progress import progress, want_progress
 from .step import compute_terms, weighted_total, with_every_parameter
-from .teacher import build_model, cosine_schedule, prepare_teacher
+from .teacher import TEACHER_FILE, build_model, cosine_schedule, prepare_teacher
 
 RESUME_FILE = "resume.safetensors"
 BEST_FILE = "student_best.safetensors"
@@ -136,27 +140,45 @@ def epoch_batches(n: int, batch_size: int, epoch: int, runtime: Runtime, seed: i
     return [b for b in batches if len(b) > 1]
 
 
-def _finite(values: dict[str, float], step: int) -> None:
+def _finite(values: dict[str, float], step: int, runtime: Runtime) -> None:
+    """Raise on a non-finite loss, on every rank at once when any rank has one (see :func:`.device.any_rank`)."""
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
+        any_rank(True, runtime)
         raise UserError(f"loss became non-finite at step {step} ({bad}); lower --lr or the weights of those terms")
+    if any_rank(False, runtime):
+        raise UserError(f"loss became non-finite at step {step} on another process; lower --lr or the weights "
+                        "of the loss terms")
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the whole pipeline described by ``config``; returns the summary (see :func:`_summary`)."""
     runtime = init_runtime(config.device)
     try:
-        return _train(config, runtime)
+        with contextlib.ExitStack() as held:
+            return _train(config, runtime, held)
     finally:
         shutdown(runtime)
 
 
-def _run_dir(config: TrainConfig, runtime: Runtime) -> Path:
+def _run_dir(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) -> Path:
+    """The run directory, locked by rank 0 for as long as ``held`` is open (see :mod:`.lock`); a
+    directory another run holds is refused on every rank."""
     out = Path(config.out) if config.out else default_out(config)
-    if runtime.distributed:  # every rank must use rank 0's timestamp
-        holder = [str(out)]
+    refusal = None
+    if runtime.is_main:
+        try:
+            held.enter_context(RunDirLock(out))
+        except UserError as exc:
+            refusal = str(exc)
+    if runtime.distributed:  # every rank must use rank 0's timestamp, and fail when rank 0 could not lock
+        holder = [str(out), refusal]
         torch.distributed.broadcast_object_list(holder, src=0)
-        out = Path(holder[0])
+        out, refusal = Path(holder[0]), holder[1]
+    if refusal:
+        raise UserError(refusal)
+    if runtime.is_main:
+        remove_stale_temp_files(out)  # left by a run killed mid-write; we hold the lock, so no writer owns them
     if config.resume:
         if not (out / CONFIG_FILE).is_file():
             raise UserError(f"--resume: {str(out)!r} holds no run (no {CONFIG_FILE}); pass the run's directory as --out")
@@ -165,11 +187,11 @@ def _run_dir(config: TrainConfig, runtime: Runtime) -> Path:
     return out
 
 
-def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
+def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     show = want_progress(config.progress, runtime.is_main)
-    run_dir = _run_dir(config, runtime)
+    run_dir = _run_dir(config, runtime, held)
     graphs = use_cuda_graphs(config, runtime)
     # everything a user can get wrong is checked before any training starts
     full = load_data(config)
@@ -185,6 +207,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_json())
     log = MetricsLog(run_dir, enabled=runtime.is_main)
+    if config.resume and not config.teacher_checkpoint and not (run_dir / TEACHER_FILE).is_file():
+        log.truncate_after(0, keep_teacher=False)  # the teacher's training was interrupted: it starts again
 
     teacher, teacher_source = prepare_teacher(config, full, runtime, run_dir, log, show)
     teacher_acc = accuracy(teacher, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
@@ -194,8 +218,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     if runtime.channels_last:
         student = student.to(memory_format=torch.channels_last)
     trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=runtime.device.type == "cuda")
+    optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay,
+                             fused=runtime.device.type == "cuda")
     batches_per_epoch = len(epoch_batches(len(splits.train), config.batch_size, 0, runtime, config.seed))
     if batches_per_epoch == 0:
         raise UserError(f"the training split has {len(splits.train)} sample(s); at least 2 are needed per batch")
@@ -205,6 +229,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
     if config.resume and (run_dir / RESUME_FILE).is_file():
         position = load_resume(run_dir / RESUME_FILE, student=student, loss=loss, optimizer=optimizer,
                                scheduler=scheduler)
+    if config.resume:  # steps past the saved position (all of them when none was saved) run again
         log.truncate_after(position["step"])
 
     model = student
@@ -214,6 +239,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+        broadcast_from_main(loss, runtime)  # DDP did the same for the student
 
     lookup = None
     if config.cache_teacher:
@@ -320,7 +346,9 @@ class Loop:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         cached = self.cache.lookup(indices) if self.cache is not None else {}
         values = {k: float(v) for k, v in self.captured(inputs, targets, *cached.values()).items()}
-        _finite(values, self.position["step"] + 1)  # before the update: a non-finite step changes nothing
+        # before the update: a non-finite step changes nothing; every rank stops at the same step
+        _finite(values, self.position["step"] + 1, runtime)
+        average_gradients(self.run.loss.parameters(), runtime)  # DDP averages only the student's gradients
         self.optimizer.step()
         self.scheduler.step()
         self.position["step"] += 1
