@@ -24,6 +24,7 @@ from jacplug.pipeline.checkpoint import save_model
 from jacplug.pipeline.metrics import read_metrics
 from jacplug.registry import create_dataset, get_host
 from detached_loss import DetachedPlugin
+from image_tree import image_tree
 
 TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8",
         "--seed", "0", "--device", "cpu", "--no-progress"]
@@ -117,6 +118,13 @@ def test_end_to_end_run_writes_everything_and_best_checkpoint_reproduces_accurac
     assert acc == pytest.approx(summary["student_best_test_acc"], abs=1e-9)
     assert summary["teacher_test_acc"] > 0.3  # one epoch of a tiny ResNet: well above chance
 
+    # AdamW decays weights, not norm parameters or biases (the default loss has no parameters)
+    with safe_open(str(out / "resume.safetensors"), framework="pt") as fh:
+        groups = json.loads(fh.metadata()["optimizer"])["param_groups"]
+    undecayed = [g for g in groups if g["weight_decay"] == 0.0]
+    assert len(undecayed) == 1 and {g["weight_decay"] for g in groups} == {0.0, 0.05}
+    assert len(undecayed[0]["params"]) == sum(p.ndim <= 1 for p in student.parameters()) > 0
+
     (out / "curves.png").unlink()
     rc, stdout, _ = cli(capsys, "plot", str(out))
     assert rc == 0 and (out / "curves.png").stat().st_size > 1000
@@ -153,6 +161,79 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, capsys
     assert [r["step"] for r in read_metrics(tmp_path / "resumed") if r["kind"] == "step"] == list(range(1, 11))
     # the resumed process continued from the save at step 6: it redid step 7 and nothing before
     assert [call[1][0] for call in recorder.calls if call[0] == "step"] == [7, 8, 9, 10]
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from jacplug.pipeline.checkpoint import atomic_write
+
+def write(tmp):
+    open(tmp, "wb").write(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+def _without_times(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
+
+
+def test_resume_before_the_first_save_logs_every_step_once_and_removes_stale_temp_files(tmp_path, capsys, teacher_file,
+                                                                                       plugin):
+    common = ["--teacher-checkpoint", teacher_file, "--samples-per-class", "2", "--epochs", "2", "--save-every", "0",
+              "--loss", "kd=1"]
+    rc, _, err = cli(capsys, *common, "--out", str(tmp_path / "straight"))
+    assert rc == 0, err
+
+    resumed = tmp_path / "resumed"
+    plugin(Interrupt(at=1), "interrupt")  # before the first resume save (save-every 0: at epoch ends only)
+    rc, _, err = cli(capsys, *common, "--out", str(resumed))
+    assert rc == 130 and not (resumed / "resume.safetensors").exists()
+    get_host().unregister("interrupt")
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(resumed / "resume.safetensors")], timeout=120)
+    assert killed.returncode == -9 and any(p.name.startswith(".resume.safetensors.") for p in resumed.iterdir())
+
+    rc, _, err = cli(capsys, "--out", str(resumed), "--resume")
+    assert rc == 0, err
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())
+    assert _without_times(read_metrics(resumed)) == _without_times(read_metrics(tmp_path / "straight"))
+    assert not any(p.name.startswith(".resume.safetensors.") for p in resumed.iterdir())
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """Two colours, three 10x10 images each, in train/ and val/ only."""
+    return image_tree(tmp_path / "images", {"train": ["blue", "red"], "val": ["blue", "red"]})
+
+
+def test_resume_after_an_interrupted_teacher_logs_each_teacher_epoch_once(tmp_path, capsys, monkeypatch, tiny_folder):
+    from jacplug.pipeline.metrics import MetricsLog
+
+    common = ["--dataset", f"imagefolder:{tiny_folder}", "--teacher-epochs", "2", "--epochs", "1", "--loss", "kd=1"]
+    write = MetricsLog.write
+
+    def interrupt_after_first_teacher_epoch(self, record):
+        write(self, record)
+        if record.get("kind") == "teacher_epoch":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLog, "write", interrupt_after_first_teacher_epoch)
+    rc, _, _ = cli(capsys, *common, "--out", str(tmp_path / "run"))
+    assert rc == 130 and not (tmp_path / "run" / "teacher.safetensors").exists()
+    monkeypatch.setattr(MetricsLog, "write", write)
+    rc, _, err = cli(capsys, "--out", str(tmp_path / "run"), "--resume")
+    assert rc == 0, err
+    teacher = [r["epoch"] for r in read_metrics(tmp_path / "run") if r["kind"] == "teacher_epoch"]
+    assert teacher == [1, 2]
+
+
+def test_image_folder_without_a_validation_split_says_the_best_epoch_was_chosen_on_test(tmp_path, capsys, tiny_folder):
+    rc, stdout, err = cli(capsys, "--dataset", f"imagefolder:{tiny_folder}", "--teacher-epochs", "1", "--epochs", "1",
+                          "--loss", "kd=1", "--out", str(tmp_path / "run"))
+    assert rc == 0, err
+    assert "best on test" in stdout and "no validation split: the best epoch was chosen on the test split" in stdout
 
 
 def test_resume_refuses_changed_identity_options(tmp_path, capsys, teacher_file):

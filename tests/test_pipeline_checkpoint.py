@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -10,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from jacplug.errors import UserError
-from jacplug.pipeline.checkpoint import atomic_write, load_model, load_resume, save_model, save_resume
+from jacplug.pipeline.checkpoint import (
+    atomic_write, load_model, load_resume, remove_stale_temp_files, save_model, save_resume,
+)
 from jacplug.pipeline.teacher import cosine_schedule
 
 META = dict(name="test_resnet", num_classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.3,), config={"seed": 0})
@@ -105,3 +112,36 @@ def test_resume_file_restores_optimizer_scheduler_rng_and_loss_state(tmp_path):
     trained, restored = loss.state_dict(), loss2.state_dict()
     assert trained["1.num_batches_tracked"] == 2 and sorted(trained) == sorted(restored)
     assert all(torch.equal(trained[k], restored[k]) for k in trained)
+
+
+def test_checkpoints_get_the_mode_of_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_model(tmp_path / "m.safetensors", model(), role="teacher", **META)
+        atomic_write(tmp_path / "t.txt", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "t.txt").stat().st_mode) == 0o644
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from jacplug.pipeline.checkpoint import atomic_write
+
+def write(tmp):
+    open(tmp, "wb").write(b"half a checkpoint")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(sys.argv[1], write)
+"""
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "resume.safetensors")], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    (tmp_path / "notes.tmp").write_text("the user's own file")
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".resume.safetensors.")]
+    assert len(stale) == 1 and stale[0].read_bytes() == b"half a checkpoint"
+    assert remove_stale_temp_files(tmp_path) == stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp"]

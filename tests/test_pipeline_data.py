@@ -12,6 +12,7 @@ from jacplug.errors import UnknownNameError, UserError
 from jacplug.pipeline.config import TrainConfig, read_config_file, resolve
 from jacplug.pipeline.data import few_sample_subset
 from jacplug.registry import create_dataset
+from image_tree import image_tree
 
 
 def test_digits_splits_are_fixed_normalised_and_upsampled():
@@ -96,3 +97,32 @@ def test_bad_config_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(UserError, match=message):
         resolve(read_config_file(path), {})
+
+
+def test_image_folder_splits_share_train_class_indices(tmp_path):
+    root = image_tree(tmp_path, {"train": ["ant", "bee", "cat"], "val": ["ant", "bee", "cat"], "test": ["ant", "bee", "cat"]})
+    splits = create_dataset(f"imagefolder:{root}", image_size=8)
+    assert splits.num_classes == 3 and splits.val is not None
+    for split in (splits.val, splits.test):
+        assert split.class_to_idx == splits.train.class_to_idx
+        assert sorted(set(split.targets)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("split, classes, message", [
+    ("val", ["ant", "cat"], r"image folder '.*val' lacks class\(es\) 'bee' that train/ has"),
+    ("test", ["ant", "bee", "cat", "dog"], r"image folder '.*test' has class\(es\) 'dog' that train/ lacks"),
+    ("test", ["bee", "cat", "dog"], r"lacks class\(es\) 'ant' that train/ has and has class\(es\) 'dog'"),
+])
+def test_image_folder_split_with_other_classes_is_a_one_line_error(tmp_path, split, classes, message):
+    layout = {"train": ["ant", "bee", "cat"], "val": ["ant", "bee", "cat"], "test": ["ant", "bee", "cat"]}
+    root = image_tree(tmp_path, {**layout, split: classes})
+    with pytest.raises(UserError, match=message) as info:
+        create_dataset(f"imagefolder:{root}", image_size=8)
+    assert "\n" not in str(info.value)
+
+
+def test_image_folder_with_train_and_val_only_has_no_validation_split(tmp_path):
+    """val/ is the only held-out folder: it is the test split, and nothing pretends to validate on it."""
+    root = image_tree(tmp_path, {"train": ["ant", "bee"], "val": ["ant", "bee"]})
+    splits = create_dataset(f"imagefolder:{root}", image_size=8)
+    assert splits.val is None and splits.test.root == str(tmp_path / "val")

@@ -1,25 +1,36 @@
 """DDP over gloo with 2 CPU processes: the real Eq. 10 Jacobian term (student rows from a
 ``create_graph=True`` double backward) gives parameter gradients equal to one process on the same
 global batch (float64). The net has no BatchNorm: train-mode BatchNorm would
-normalise each rank's half with its own statistics, a different computation from the global batch."""
+normalise each rank's half with its own statistics, a different computation from the global batch.
+The training loop's own step keeps the loss terms' adapters in sync and stops every rank together."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from jacplug.losses import JacobianLoss, WeightedLoss
-from jacplug.pipeline.device import Runtime
+from jacplug.losses import FitNetLoss, JacobianLoss, KDLoss, WeightedLoss
+from jacplug.pipeline.config import TrainConfig
+from jacplug.pipeline.device import Runtime, distribute
+from jacplug.pipeline.lock import RunDirLock
+from jacplug.pipeline.metrics import MetricsLog
+from jacplug.pipeline.optim import create_adamw
+from jacplug.pipeline.run import Loop, RunContext, _run_dir
 from jacplug.pipeline.step import compute_terms, weighted_total, with_every_parameter
+from jacplug.pipeline.teacher import cosine_schedule
 
 WORLD = 2
 
@@ -103,3 +114,111 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "step"] == [1, 2, 3]  # 20 images per rank, batch 8
     assert (out / "student_last.safetensors").is_file() and (out / "teacher.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the training loop's own step under DDP: loss-module parameters, non-finite losses, the run lock
+
+
+def fitnet_loss() -> WeightedLoss:
+    """KD plus a FitNet hint on the first conv's output, whose 1x1 adapter is a loss-module parameter."""
+    return WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (FitNetLoss({"1": "1"}, {"1": (4, 4)}), 1.0)}).double()
+
+
+def loop(student: nn.Module, loss: WeightedLoss, teacher: nn.Module, runtime: Runtime) -> Loop:
+    """A :class:`Loop` set up as ``jacplug train`` sets it up: DDP, optimizer, schedule."""
+    config = TrainConfig(check_gradients=False)
+    model = distribute(student, loss, runtime)
+    optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
+    run = RunContext(config=config, out_dir=Path("."), device=runtime.device, teacher=teacher, student=student,
+                     loss=loss, splits=None, runtime=runtime)
+    trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
+    position = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
+    step = Loop(run, model, optimizer, cosine_schedule(optimizer, 10), trainable, None,
+                MetricsLog(Path("."), enabled=False), position, False, 1)
+    step.captured = CapturedStep(step.forward_backward, enabled=False)
+    return step
+
+
+def adapter_gradients(loss: WeightedLoss) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in loss.named_parameters()}
+
+
+def pipeline_worker(rank: int, port: int, out: str, held_dir: str) -> None:
+    """The pipeline's own DDP code on this rank, writing what happened to files ``OUT.WHAT.RANK``:
+    claiming a run directory another process holds (``lock``); one ``Loop.step`` on this rank's half of
+    the global batch (``grads``: the adapter gradients); a second step with a NaN input on rank 1 only
+    (``nonfinite``)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+
+    def record(what: str, action) -> None:
+        try:
+            action()
+            Path(f"{out}.{what}.{rank}").write_text("no error")
+        except Exception as exc:  # a rank that fails differently (or times out in a collective) shows up here
+            Path(f"{out}.{what}.{rank}").write_text(f"{type(exc).__name__}: {exc}")
+
+    try:
+        runtime = Runtime(device=torch.device("cpu"), rank=rank, world_size=WORLD)
+        with contextlib.ExitStack() as held:
+            record("lock", lambda: _run_dir(TrainConfig(out=held_dir), runtime, held))
+
+        student, teacher = models()
+        torch.manual_seed(rank)  # each rank draws other adapter weights: they must start as rank 0's
+        loss = fitnet_loss()
+        step = loop(student, loss, teacher, runtime)
+        x, y = global_batch()
+        shard = slice(rank * 4, (rank + 1) * 4)
+        step.step(x[shard], y[shard], torch.arange(4))
+        save_file(adapter_gradients(loss), f"{out}.grads.{rank}")
+
+        x = x[shard].clone()
+        if rank == 1:
+            x[0, 0, 0, 0] = float("nan")
+        record("nonfinite", lambda: step.step(x, y[shard], torch.arange(4)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> str:
+    """Runs :func:`pipeline_worker` on 2 gloo processes once for the tests below (while this process
+    holds the lock of ``held_dir``); returns the prefix of its result files."""
+    tmp = tmp_path_factory.mktemp("ddp-pipeline")
+    with RunDirLock(tmp / "held"):
+        mp.spawn(pipeline_worker, args=(free_port(), str(tmp / "out"), str(tmp / "held")), nprocs=WORLD, join=True)
+    return str(tmp / "out")
+
+
+def single_process_adapter_gradients() -> dict[str, torch.Tensor]:
+    student, teacher = models()
+    torch.manual_seed(0)
+    loss = fitnet_loss()
+    x, y = global_batch()
+    loop(student, loss, teacher, Runtime(device=torch.device("cpu"))).step(x, y, torch.arange(8))
+    return adapter_gradients(loss)
+
+
+def test_ddp_loss_module_gradients_equal_single_process(ddp_results):
+    single = single_process_adapter_gradients()
+    assert list(single) == ["terms.fitnet.adapters.0.weight"] and float(single[list(single)[0]].abs().sum()) > 0
+    for rank in range(WORLD):
+        ddp = load_file(f"{ddp_results}.grads.{rank}")
+        assert set(ddp) == set(single)
+        for name in single:
+            torch.testing.assert_close(ddp[name], single[name], rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {name}")
+
+
+def test_ddp_non_finite_loss_on_one_rank_stops_every_rank(ddp_results):
+    results = [Path(f"{ddp_results}.nonfinite.{rank}").read_text() for rank in range(WORLD)]
+    assert results[1].startswith("UserError: loss became non-finite at step 2 ("), results[1]
+    assert results[0].startswith("UserError: loss became non-finite at step 2 on another process"), results[0]
+
+
+def test_ddp_run_directory_held_elsewhere_is_refused_on_every_rank(ddp_results):
+    for rank in range(WORLD):
+        result = Path(f"{ddp_results}.lock.{rank}").read_text()
+        assert result.startswith("UserError: run directory ") and "is in use by another jacplug run" in result, result
+        assert f"pid {os.getpid()} on host" in result

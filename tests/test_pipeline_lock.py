@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
+from jacplug.cli.main import main
 from jacplug.errors import UserError
 from jacplug.pipeline.lock import LOCK_FILE, RunDirBusy, RunDirLock
+from image_tree import image_tree
 
 HOLDER = """
 import sys, time
-from jacplug.errors import UserError
 from jacplug.pipeline.lock import RunDirLock
 RunDirLock(sys.argv[1]).__enter__()
 print("locked", flush=True)
@@ -89,3 +90,15 @@ def test_an_unusable_directory_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot use .* as the run directory") as info:
         RunDirLock(tmp_path / "file").__enter__()
     assert not isinstance(info.value, RunDirBusy)
+
+
+def test_train_takes_over_the_directory_of_a_run_killed_with_sigkill(holder, capsys):
+    run, proc = holder
+    proc.kill()
+    proc.wait(timeout=30)
+    images = image_tree(run.parent / "images", {"train": ["blue", "red"], "test": ["blue", "red"]})
+    rc = main(["train", "--dataset", f"imagefolder:{images}", "--teacher", "test_resnet", "--student", "test_resnet",
+               "--image-size", "8", "--teacher-epochs", "1", "--epochs", "1", "--loss", "kd=1", "--device", "cpu",
+               "--no-progress", "--out", str(run)])
+    assert rc == 0, capsys.readouterr().err
+    assert (run / "student_last.safetensors").is_file()

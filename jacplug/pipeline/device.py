@@ -10,13 +10,14 @@ forward still runs in the precision autocast chose for each op.
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_runtime` joins the process
 group (NCCL on CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``. DDP keeps the student's
 replicas in sync; the loss terms' own parameters (FitNet adapters) live outside the DDP module, so
-:func:`broadcast_from_main` and :func:`average_gradients` do for them what DDP does for the student.
+:func:`distribute` and :func:`average_gradients` do for them what DDP does for the student.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -99,12 +100,20 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def broadcast_from_main(module: nn.Module, runtime: Runtime) -> None:
-    """Copy rank 0's parameters and buffers of ``module`` to every rank (what DDP does for its module
-    at construction), so replicas start identical whatever each rank's random state was."""
-    if runtime.distributed:
-        for tensor in module.state_dict().values():
-            dist.broadcast(tensor, src=0)
+def distribute(student: nn.Module, loss: nn.Module, runtime: Runtime) -> nn.Module:
+    """The model the training step calls: ``student`` itself, or under torchrun ``student`` wrapped in
+    ``DistributedDataParallel``; then the loss terms' parameters and buffers are also copied from rank 0
+    (what DDP does for its own module), so every replica starts identical whatever its random state."""
+    if not runtime.distributed:
+        return student
+    # a conv weight with one input channel gets gradients whose (irrelevant) stride of the size-1
+    # dimension differs from DDP's bucket view; the reducer copies them correctly and only warns
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+    for tensor in loss.state_dict().values():
+        dist.broadcast(tensor, src=0)
+    return model
 
 
 def average_gradients(parameters: Iterable[torch.Tensor], runtime: Runtime) -> None:

@@ -25,7 +25,6 @@ import contextlib
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +43,7 @@ from . import cache as teacher_cache
 from .checkpoint import atomic_write_text, load_resume, remove_stale_temp_files, save_model, save_resume
 from .config import TrainConfig
 from .data import DatasetSplits, Indexed, few_sample_subset
-from .device import Runtime, any_rank, average_gradients, barrier, broadcast_from_main, init_runtime, shutdown
+from .device import Runtime, any_rank, average_gradients, barrier, distribute, init_runtime, shutdown
 from .evaluate import accuracy
 from .lock import RunDirLock
 from .metrics import MetricsLog, plot, read_metrics
@@ -232,14 +231,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     if config.resume:  # steps past the saved position (all of them when none was saved) run again
         log.truncate_after(position["step"])
 
-    model = student
-    if runtime.distributed:
-        # a conv weight with one input channel gets gradients whose (irrelevant) stride of the size-1
-        # dimension differs from DDP's bucket view; the reducer copies them correctly and only warns
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
-        broadcast_from_main(loss, runtime)  # DDP did the same for the student
+    model = distribute(student, loss, runtime)
 
     lookup = None
     if config.cache_teacher:
