@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from jacplug.capture import CapturedStep
 from jacplug.losses import FitNetLoss, JacobianLoss, KDLoss, WeightedLoss
 from jacplug.pipeline.config import TrainConfig
 from jacplug.pipeline.device import Runtime, distribute
