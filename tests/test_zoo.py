@@ -3,7 +3,7 @@ and `jacplug check` run: for every family the double backward of the exact terms
 (checked against reverse mode), each reaching the student's parameters; every term, finite
 differences and noise included, on three of them.
 
-Small members of each family at 32 px (depths and widths cut where timm's constructors allow it), so
+Small members of each family at 16 px (depths and widths cut where timm's constructors allow it), so
 the whole zoo stays within the suite's budget; marked ``slow``.
 """
 
@@ -24,7 +24,8 @@ from jacplug.losses import (
 from jacplug.pipeline.device import Runtime
 from jacplug.pipeline.probe import probe_terms
 
-VIT = dict(img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=2)
+SIZE = 16  # the embedded digits' size; stride-32 networks end in 1x1 maps, as at 32 px
+VIT = dict(img_size=SIZE, patch_size=8, depth=1, embed_dim=48, num_heads=2)
 
 #: family -> (timm name, constructor keyword arguments)
 ZOO = {
@@ -52,14 +53,14 @@ ZOO = {
     "vit": ("vit_tiny_patch16_224", VIT),
     "deit": ("deit_tiny_patch16_224", VIT),
     "cait": ("cait_xxs24_224", VIT),
-    "pit": ("pit_ti_224", dict(img_size=32)),
-    "levit": ("levit_128s", dict(img_size=32)),
-    "mixer": ("mixer_s16_224", dict(img_size=32)),
-    "resmlp": ("resmlp_12_224", dict(img_size=32)),
+    "pit": ("pit_ti_224", dict(img_size=SIZE)),
+    "levit": ("levit_128s", dict(img_size=SIZE)),
+    "mixer": ("mixer_s16_224", dict(img_size=SIZE)),
+    "resmlp": ("resmlp_12_224", dict(img_size=SIZE)),
     "poolformer": ("poolformer_s12", {}),
-    "coat": ("coat_lite_tiny", dict(img_size=32)),
+    "coat": ("coat_lite_tiny", dict(img_size=SIZE)),
     "tinyvit": ("tiny_vit_5m_224", {}),
-    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, depths=(1, 1, 1, 1))),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=SIZE, window_size=2, depths=(1, 1, 1, 1))),
 }
 
 def every_term() -> WeightedLoss:
@@ -97,7 +98,7 @@ def probe(family: str, loss: WeightedLoss, teacher: torch.nn.Module) -> None:
     torch.manual_seed(0)
     student = timm.create_model(name, num_classes=10, **kwargs).train()
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    x, y = torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (4,), generator=g)
     report = probe_terms(loss, student, teacher, x, y, Runtime(device=torch.device("cpu")), name)
     assert {r.name: r.status for r in report} == dict.fromkeys(loss.terms, "ok"), report
 
