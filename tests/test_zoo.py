@@ -25,6 +25,8 @@ from jacplug.pipeline.device import Runtime
 from jacplug.pipeline.probe import probe_terms
 
 SIZE = 16  # the embedded digits' size; stride-32 networks end in 1x1 maps, as at 32 px
+#: families whose pooling or stage layout needs a larger input
+LARGER = {"densenet": 32, "dla": 32, "convnext": 32, "convnextv2": 32, "edgenext": 32, "coat": 32, "swin": 32}
 VIT = dict(img_size=SIZE, patch_size=8, depth=1, embed_dim=48, num_heads=2)
 
 #: family -> (timm name, constructor keyword arguments)
@@ -58,9 +60,9 @@ ZOO = {
     "mixer": ("mixer_s16_224", dict(img_size=SIZE)),
     "resmlp": ("resmlp_12_224", dict(img_size=SIZE)),
     "poolformer": ("poolformer_s12", {}),
-    "coat": ("coat_lite_tiny", dict(img_size=SIZE)),
+    "coat": ("coat_lite_tiny", dict(img_size=32)),
     "tinyvit": ("tiny_vit_5m_224", {}),
-    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=SIZE, window_size=2, depths=(1, 1, 1, 1))),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, depths=(1, 1, 1, 1))),
 }
 
 def every_term() -> WeightedLoss:
@@ -98,7 +100,8 @@ def probe(family: str, loss: WeightedLoss, teacher: torch.nn.Module) -> None:
     torch.manual_seed(0)
     student = timm.create_model(name, num_classes=10, **kwargs).train()
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(4, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (4,), generator=g)
+    size = LARGER.get(family, SIZE)
+    x, y = torch.randn(4, 3, size, size, generator=g), torch.randint(0, 10, (4,), generator=g)
     report = probe_terms(loss, student, teacher, x, y, Runtime(device=torch.device("cpu")), name)
     assert {r.name: r.status for r in report} == dict.fromkeys(loss.terms, "ok"), report
 
