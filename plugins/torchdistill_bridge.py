@@ -11,10 +11,15 @@ Keys (see docs/torchdistill.md):
 
 - mid-level losses: ``JacobianMatchingLoss`` (Eq. 10), ``JacobianProjectedLoss``,
   ``JacobianDirectionalLoss`` and ``JacplugLoss`` (any jacplug term by name);
+- high-level loss: ``JacplugWeightedSumLoss`` (torchdistill's ``WeightedSumLoss`` that also keeps
+  each sub-term's value for the log);
 - forward procedures: ``jacplug_student_input_grad`` and ``jacplug_teacher_input_grad``. torchdistill
-  runs a frozen teacher under ``torch.no_grad()``, which leaves nothing to differentiate; these
-  make the shared input batch require grad and run the teacher with grad enabled w.r.t. the inputs
-  only (its parameters must be frozen, so no parameter gradient or graph is built for them);
+  runs a frozen teacher under ``torch.no_grad()``, which leaves nothing to differentiate; these run
+  both models on one detached alias of the batch that requires grad (the batch itself is not
+  changed), and the teacher with grad re-enabled w.r.t. the inputs only (its parameters must be
+  frozen, so no parameter gradient or graph is built for them);
+- post-epoch process: ``jacplug_post_epoch_process`` (logs each term's epoch mean and gives
+  ``ReduceLROnPlateau`` its metric);
 - model: ``jacplug_model`` (any model in jacplug's registry, e.g. every timm model);
 - dataset: :func:`digits_dataset`, called from a config with ``!import_call``.
 """
@@ -26,9 +31,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .torchdistill_losses import JacobianDirectionalLoss, JacobianMatchingLoss, JacobianProjectedLoss, JacplugLoss
-from .torchdistill_step import STUDENT_PROC, TEACHER_PROC, StepRecord, attach
-
 try:
     import torchdistill  # noqa: F401  (only to fail early with an install hint)
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -36,23 +38,23 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "jacplug_plugins.torchdistill_bridge needs torchdistill; install it with: pip install 'jacplug[torchdistill]'"
     ) from exc
 
+from .torchdistill_epoch import JacplugWeightedSumLoss, post_epoch_process
+from .torchdistill_losses import JacobianDirectionalLoss, JacobianMatchingLoss, JacobianProjectedLoss, JacplugLoss
+from .torchdistill_step import STUDENT_PROC, TEACHER_PROC, BridgeConfigError, StepRecord, attach, input_leaf
 
-class TorchdistillNameCollision(ValueError):
+
+class TorchdistillNameCollision(BridgeConfigError):
     """A bridge key is already registered in torchdistill for a different object."""
 
 
 def _input_batch(sample_batch: Any) -> Tensor:
-    """The batch as a leaf float tensor requiring grad (set in place, so teacher and student share it)."""
+    """The step's shared input leaf ``[B, *S]`` (requires grad); ``sample_batch`` itself is left as it is."""
     if not isinstance(sample_batch, Tensor) or not sample_batch.is_floating_point():
-        raise TypeError(
+        raise BridgeConfigError(
             f"jacplug's forward procedures need the sample batch as a floating-point tensor [B, *S], got "
             f"{type(sample_batch).__name__}{'' if not isinstance(sample_batch, Tensor) else ' ' + str(sample_batch.dtype)}"
         )
-    if not sample_batch.requires_grad:
-        if not sample_batch.is_leaf:
-            raise ValueError("the sample batch is the output of a differentiable operation; pass a plain tensor batch")
-        sample_batch.requires_grad_(True)
-    return sample_batch
+    return input_leaf(sample_batch)
 
 
 def student_forward_input_grad(model: nn.Module, sample_batch: Tensor, targets: Any = None, supp_dict: Any = None, **_: Any) -> Tensor:
@@ -66,7 +68,10 @@ def student_forward_input_grad(model: nn.Module, sample_batch: Tensor, targets: 
 def teacher_forward_input_grad(model: nn.Module, sample_batch: Tensor, targets: Any = None, supp_dict: Any = None, **_: Any) -> Tensor:
     """Teacher forward procedure: the frozen teacher in eval mode, with grad enabled w.r.t. the inputs.
 
-    Returns the logits ``[B, C]`` detached (torchdistill's own losses see what they always see) with
+    torchdistill calls this inside ``torch.no_grad()``; grad is switched back on here on purpose:
+    the Jacobian terms need ``d teacher / d inputs``, and taking it from this forward pass saves
+    running the teacher a second time. The parameters are frozen (checked), so the graph reaches
+    the inputs only and holds no parameter gradient. Returns the logits ``[B, C]`` detached (torchdistill's own losses see what they always see) with
     the on-graph logits on the attached record for jacplug's Jacobian terms, which take the teacher
     rows with ``create_graph=False`` and so free the teacher's graph. When torchdistill hooks
     teacher modules (``forward_hook``), their outputs would carry that graph into torchdistill's
@@ -75,7 +80,7 @@ def teacher_forward_input_grad(model: nn.Module, sample_batch: Tensor, targets: 
     """
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if trainable:
-        raise ValueError(
+        raise BridgeConfigError(
             f"{TEACHER_PROC!r} needs a frozen teacher, but {len(trainable)} teacher parameter(s) require grad "
             f"(e.g. {trainable[0]!r}); set `requires_grad: False` under train.teacher in the config"
         )
@@ -107,10 +112,10 @@ def digits_dataset(split: str = "train", image_size: int = 16, samples_per_class
 
     splits = create_dataset("digits", image_size=image_size)
     if split not in ("train", "val", "test"):
-        raise ValueError(f"digits split must be 'train', 'val' or 'test', got {split!r}")
+        raise BridgeConfigError(f"digits split must be 'train', 'val' or 'test', got {split!r}")
     if samples_per_class is not None:
         if split != "train":
-            raise ValueError(f"samples_per_class applies to the train split only, got split={split!r}")
+            raise BridgeConfigError(f"samples_per_class applies to the train split only, got split={split!r}")
         splits = few_sample_subset(splits, samples_per_class, seed)
     return getattr(splits, split)
 
@@ -134,12 +139,14 @@ def _registries() -> list[tuple[str, dict, dict[str, Any], tuple[dict, ...]]]:
             # get_mid_level_loss falls back to these, so a mid-level key would hide one of them
             (losses.LOW_LEVEL_LOSS_DICT, losses.LOSS_DICT),
         ),
+        ("high-level loss", losses.HIGH_LEVEL_LOSS_DICT, {"JacplugWeightedSumLoss": JacplugWeightedSumLoss}, ()),
         (
             "forward procedure",
             procs.FORWARD_PROC_FUNC_DICT,
             {STUDENT_PROC: student_forward_input_grad, TEACHER_PROC: teacher_forward_input_grad},
             (),
         ),
+        ("post-epoch process", procs.POST_EPOCH_PROC_FUNC_DICT, {"jacplug_post_epoch_process": post_epoch_process}, ()),
         ("model", models.MODEL_DICT, {"jacplug_model": create_model}, ()),
     ]
 

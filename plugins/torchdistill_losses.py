@@ -13,17 +13,24 @@ loss registry (so terms from third-party jacplug plugins work too), and turns to
 
 Teacher logits are handed over detached unless the term needs ``input_grad``: a term that does not
 differentiate through the teacher must not reach its graph, which a Jacobian term frees.
+
+Two refusals come early, so a run does not fail (or silently not learn) later: a term with learnable
+parts (the adapters of ``fitnet``) is refused when torchdistill builds the criterion, since
+torchdistill's optimizer never sees them; and a term trained through the student's input gradient
+checks on its first step, before torchdistill's ``loss.backward()``, that the student has a double
+backward (fused attention and hard-sigmoid have none).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from jacplug.losses.base import DistillBatch, LossTerm, as_scalar
 
-from .torchdistill_step import STUDENT_PROC, TEACHER_PROC, StepRecord, record_of
+from .torchdistill_step import STUDENT_PROC, TEACHER_PROC, BridgeConfigError, StepRecord, record_of
 
 SELF = "."  # torchdistill's path of the model itself in an io_dict
 NEEDS_RECORD = frozenset({"input_grad", "student_fn", "teacher_fn"})
@@ -39,17 +46,23 @@ class JacplugLoss(nn.Module):
     def __init__(self, term: str, options: Mapping[str, Any] | None = None, **unexpected: Any) -> None:
         super().__init__()
         if unexpected:
-            raise TypeError(
+            raise BridgeConfigError(
                 f"{type(self).__name__} got unknown argument(s) {sorted(unexpected)}; put the jacplug term's own "
                 f"options under 'options:', e.g. kwargs: {{term: {term!r}, options: {{...}}}}"
             )
         from jacplug.registry import create_loss
 
         self.term: LossTerm = create_loss(term, **dict(options or {}))
+        _refuse_learnable(self.term)
+        self._double_backward_checked = "input_grad" not in self.term.needs
 
     def forward(self, student_io_dict: dict, teacher_io_dict: dict, targets: Tensor | None = None, *_: Any, **__: Any) -> Tensor:
         batch = self._batch(student_io_dict, teacher_io_dict, targets)
-        return as_scalar(self.term(batch), self.term)
+        value = as_scalar(self.term(batch), self.term)
+        if not self._double_backward_checked:
+            _check_double_backward(value, batch.inputs, self.term, batch.student_fn)
+            self._double_backward_checked = True
+        return value
 
     def _batch(self, student_io_dict: dict, teacher_io_dict: dict, targets: Tensor | None) -> DistillBatch:
         student = _logits(student_io_dict, "student")
@@ -60,7 +73,7 @@ class JacplugLoss(nn.Module):
             student_record = _record(student, "student", STUDENT_PROC, self.term)
             teacher_record = _record(teacher, "teacher", TEACHER_PROC, self.term)
             if teacher_record.inputs is not student_record.inputs:
-                raise ValueError(
+                raise BridgeConfigError(
                     f"loss term {self.term.name!r}: teacher and student ran on different input tensors; both forward "
                     f"procedures must receive the same sample batch (use {TEACHER_PROC!r} and {STUDENT_PROC!r})"
                 )
@@ -107,17 +120,52 @@ class JacobianDirectionalLoss(JacobianMatchingLoss):
     term_name = "jacobian-direction"
 
 
+def _refuse_learnable(term: LossTerm) -> None:
+    """torchdistill's optimizer holds the student's (and ``module_wise_configs``') parameters only,
+    so a term's own parameters would never be trained: refuse the term while the config is built."""
+    learnable = sum(p.numel() for p in term.parameters())
+    if learnable:
+        raise BridgeConfigError(
+            f"jacplug loss term {term.name!r} has {learnable} learnable parameters (its adapters), but torchdistill's "
+            f"optimizer only trains the student's modules, so they would keep their random initialisation; in "
+            f"torchdistill, put the adapter into the student (`adaptations:` under train.student, as torchdistill's "
+            f"FitNet configs do) and match its hooked output with an MSE loss, or train with `jacplug train`"
+        )
+
+
+def _check_double_backward(value: Tensor, inputs: Tensor, term: LossTerm, student: Any) -> None:
+    """Differentiate ``value`` w.r.t. the inputs once, keeping the graph, so that an operation
+    without a double backward fails here, with advice, instead of in torchdistill's
+    ``loss.backward()``. The path to the inputs runs through every node of the student's
+    first-order backward graph, and no parameter's ``.grad`` (nor DDP's reducer) is touched."""
+    if not value.requires_grad:
+        return
+    try:
+        torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+    except RuntimeError as exc:
+        if "is not implemented" not in str(exc):
+            raise
+        model = type(getattr(student, "module", student)).__name__
+        raise BridgeConfigError(
+            f"loss term {term.name!r} trains the student through its input gradient (a double backward), but the "
+            f"student ({model}) uses an operation without one: {' '.join(str(exc).split())}. Fused attention and "
+            f"hard-sigmoid are the usual causes (timm: set TIMM_FUSED_ATTN=0 for attention); or use "
+            f"JacobianDirectionalLoss with method: 'finite-difference', which needs no double backward "
+            f"(docs/autograd-explained.md, 'Fused kernels')"
+        ) from exc
+
+
 def _logits(io_dict: dict, who: str) -> Tensor:
     try:
         return io_dict[SELF]["output"]
     except KeyError:
-        raise ValueError(f"torchdistill's {who} io_dict has no '.'/'output' entry (the model's output)") from None
+        raise BridgeConfigError(f"torchdistill's {who} io_dict has no '.'/'output' entry (the model's output)") from None
 
 
 def _record(output: Tensor, who: str, proc: str, term: LossTerm) -> StepRecord:
     record = record_of(output)
     if record is None:
-        raise ValueError(
+        raise BridgeConfigError(
             f"loss term {term.name!r} needs {sorted(term.needs & NEEDS_RECORD)}, but the {who}'s forward procedure did "
             f"not provide them; set `forward_proc: {proc!r}` under train.{who} in the torchdistill config "
             f"(and `import jacplug_plugins.torchdistill_bridge` or list it under `dependencies:`)"
@@ -131,7 +179,7 @@ def _features(io_dict: dict, layers: Any, who: str) -> dict[str, Tensor]:
         try:
             features[layer] = io_dict[layer]["output"]
         except KeyError:
-            raise ValueError(
+            raise BridgeConfigError(
                 f"feature map of {who} layer {layer!r} is missing from torchdistill's io_dict; add it under "
                 f"train.{who}.forward_hook.output in the config"
             ) from None

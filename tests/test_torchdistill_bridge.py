@@ -7,8 +7,11 @@ a missing torchdistill is an install error here, not a skip.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,8 +20,14 @@ from torchdistill.core.distillation import get_distillation_box
 from torchdistill.core.interfaces import registry as proc_registry
 from torchdistill.losses import registry as loss_registry
 
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
 from jacplug_plugins.torchdistill_bridge import TorchdistillNameCollision, register_with_torchdistill
+from jacplug_plugins.torchdistill_epoch import TermMeter, plateau_metric
 from jacplug_plugins.torchdistill_run import build_model, load_config, run
+from jacplug_plugins.torchdistill_step import BridgeConfigError
 
 CONFIG = Path(__file__).resolve().parents[1] / "docs" / "examples" / "torchdistill_digits.yaml"
 CPU = torch.device("cpu")
@@ -39,13 +48,19 @@ def sample_config() -> dict:
     return load_config(CONFIG)
 
 
-def _config(sample_config: dict) -> dict:
+def _config(sample_config: dict, train_images: int | None = None) -> dict:
     """A private copy (torchdistill edits configs in place) of the sample config, unchanged but for
-    size: batches of 8 and a 32-image test split keep each test to seconds on two CPU cores."""
+    size: batches of 8, 16 validation and 32 test images (and ``train_images`` training images) keep
+    each test to seconds on two CPU cores."""
     config = copy.deepcopy({k: v for k, v in sample_config.items() if k != "datasets"})
     for section in ("teacher_train", "train"):
         config[section]["train_data_loader"]["kwargs"]["batch_size"] = 8
     datasets = dict(sample_config["datasets"])
+    sizes = {"val_data_loader": 16, "train_data_loader": train_images}
+    for loader, size in sizes.items():
+        if size is not None:
+            dataset_id = config["train"][loader]["dataset_id"]
+            datasets[dataset_id] = Subset(datasets[dataset_id], range(size))
     test_id = config["test"]["test_data_loader"]["dataset_id"]
     datasets[test_id] = Subset(datasets[test_id], range(32))
     config["datasets"] = datasets
@@ -66,6 +81,126 @@ def _distillation_box(config: dict, sub_terms: list[str] | None = None):
 def _first_batch(box):
     box.pre_epoch_process(epoch=0)
     return next(iter(box.train_data_loader))
+
+
+def _example_script_epoch(box, epoch: int) -> list[float]:
+    """One epoch as torchdistill's own example script (examples/torchvision/image_classification.py)
+    drives a box: its train_one_epoch, then post_epoch_process() with no metric. Returns the losses."""
+    box.pre_epoch_process(epoch=epoch)
+    losses = []
+    for sample_batch, targets, supp_dict in box.train_data_loader:
+        loss = box.forward_process(sample_batch, targets, supp_dict)
+        box.post_forward_process(loss=loss)
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def _val_accuracy(model, loader) -> float:
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        correct += int((model(images).argmax(1) == labels).sum())
+        total += labels.numel()
+    return 100.0 * correct / total
+
+
+def test_torchdistills_own_loop_steps_reduce_on_plateau_and_logs_each_term(sample_config, caplog):
+    """The sample config (ReduceLROnPlateau on validation accuracy, a val_data_loader,
+    JacplugWeightedSumLoss, jacplug_post_epoch_process) in torchdistill's DistillationBox, driven as
+    torchdistill's example script drives it; torchdistill's default post-epoch process would call
+    ReduceLROnPlateau.step(None) here and fail."""
+    config = _config(sample_config, train_images=16)
+    assert config["train"]["scheduler"]["key"] == "ReduceLROnPlateau"
+    box = _distillation_box(config)
+    assert isinstance(box.lr_scheduler, ReduceLROnPlateau) and box.lr_scheduler.mode == "max"
+    caplog.set_level(logging.INFO, logger="jacplug_plugins.torchdistill_epoch")
+    epoch_losses, val_accs = [], []
+    for epoch in range(2):
+        epoch_losses.append(_example_script_epoch(box, epoch))
+        val_accs.append(_val_accuracy(box.student_model, box.val_data_loader))  # the script's evaluate()
+        box.post_epoch_process()
+    assert box.lr_scheduler.last_epoch == 2
+    assert box.lr_scheduler.best == max(val_accs), "the scheduler must have been stepped with validation top-1"
+
+    lines = [r.getMessage() for r in caplog.records if "loss terms" in r.getMessage()]
+    assert [line.split(" loss terms")[0] for line in lines] == ["epoch 0", "epoch 1"]
+    for line, losses in zip(lines, epoch_losses):
+        values = {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.]+)", line)}
+        assert set(values) == {"kd", "jacobian", "total"}
+        assert values["jacobian"] > 0
+        assert values["total"] == pytest.approx(sum(losses) / len(losses), abs=2e-4)
+        assert values["kd"] + values["jacobian"] == pytest.approx(values["total"], abs=2e-4)
+        assert "jacobian=" in line and "(x1)" in line
+
+
+def test_plateau_metric_follows_the_scheduler_mode():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    meter = TermMeter()
+    for value in (3.0, 5.0):
+        meter.add("total", torch.tensor(value))
+    minimise = SimpleNamespace(lr_scheduler=ReduceLROnPlateau(optimizer, mode="min"), scheduling_step=0,
+                               criterion=SimpleNamespace(meter=meter))
+    assert plateau_metric(minimise) == pytest.approx(4.0)  # the epoch's mean training loss
+    maximise = SimpleNamespace(lr_scheduler=ReduceLROnPlateau(optimizer, mode="max"), scheduling_step=0,
+                               val_data_loader=None, criterion=None)
+    assert plateau_metric(maximise, val_accuracy=87.5) == 87.5
+    with pytest.raises(BridgeConfigError, match="val_data_loader"):
+        plateau_metric(maximise)
+    minimise.criterion = SimpleNamespace()  # torchdistill's own WeightedSumLoss records nothing
+    with pytest.raises(BridgeConfigError, match="JacplugWeightedSumLoss"):
+        plateau_metric(minimise)
+    other = SimpleNamespace(lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), scheduling_step=0)
+    assert plateau_metric(other) is None
+
+
+def test_runner_keeps_and_tests_the_best_student(sample_config, tmp_path):
+    config = _config(sample_config, train_images=16)
+    config["teacher_train"]["num_epochs"] = 1
+    config["train"]["num_epochs"] = 2
+    config["models"]["student_model"]["dst_ckpt"] = str(tmp_path / "student.safetensors")
+    torch.manual_seed(0)
+    summary = run(config, "cpu")
+    assert summary["steps"] == 4
+    with safe_open(summary["student_weights"], framework="pt") as fh:
+        meta = fh.metadata()
+    assert float(meta["val_top1"]) == pytest.approx(summary["best_val_acc"], abs=1e-4)
+    assert int(meta["epoch"]) == summary["best_epoch"]
+    best = load_file(summary["student_weights"])
+    student = build_model(config["models"]["student_model"], CPU)
+    student.load_state_dict(best)
+    test_id = config["test"]["test_data_loader"]["dataset_id"]
+    loader = torch.utils.data.DataLoader(config["datasets"][test_id], batch_size=32)
+    assert summary["student_acc"] == pytest.approx(_val_accuracy(student, loader)), "the best student is tested"
+
+
+def test_forward_procs_leave_the_batch_alone(sample_config):
+    box = _distillation_box(_config(sample_config), sub_terms=["jacobian"])
+    images, targets, supp = _first_batch(box)
+    loss = box.forward_process(images, targets, supp)
+    loss.backward()
+    assert not images.requires_grad and images.grad is None and images.is_leaf
+
+
+def test_learnable_term_is_refused_when_the_config_is_built(sample_config):
+    config = _config(sample_config)
+    fitnet = {"term": "fitnet", "options": {"layers": {"layer1": "layer1"}, "channels": {"layer1": [64, 64]}}}
+    config["train"]["criterion"]["kwargs"]["sub_terms"]["fitnet"] = {
+        "criterion": {"key": "JacplugLoss", "kwargs": fitnet}, "weight": 1.0,
+    }
+    with pytest.raises(BridgeConfigError, match="learnable parameters.*optimizer"):
+        _distillation_box(config)
+
+
+def test_student_without_double_backward_fails_before_backward(sample_config):
+    """mobilenetv3's squeeze-excitation gate is a hard-sigmoid, which has no double backward: the
+    Jacobian term says so in torchdistill's forward_process, not later in loss.backward()."""
+    config = _config(sample_config)
+    config["models"]["student_model"]["kwargs"]["name"] = "mobilenetv3_small_050"
+    box = _distillation_box(config, sub_terms=["jacobian"])
+    images, targets, supp = _first_batch(box)
+    with pytest.raises(BridgeConfigError, match="double backward.*hardsigmoid_backward"):
+        box.forward_process(images, targets, supp)
 
 
 def test_sample_config_runs_in_torchdistills_loop(sample_config, tmp_path):
@@ -125,6 +260,8 @@ def test_registration_is_idempotent():
     assert register_with_torchdistill() == keys
     assert {"JacobianMatchingLoss", "JacobianProjectedLoss", "JacplugLoss"} <= set(keys["mid-level loss"])
     assert {"jacplug_student_input_grad", "jacplug_teacher_input_grad"} <= set(keys["forward procedure"])
+    assert keys["high-level loss"] == ["JacplugWeightedSumLoss"]
+    assert keys["post-epoch process"] == ["jacplug_post_epoch_process"]
 
 
 @pytest.mark.parametrize(
@@ -133,6 +270,8 @@ def test_registration_is_idempotent():
         (loss_registry.MIDDLE_LEVEL_LOSS_DICT, "JacobianMatchingLoss"),
         (loss_registry.LOW_LEVEL_LOSS_DICT, "JacplugLoss"),  # a mid-level key would hide it
         (proc_registry.FORWARD_PROC_FUNC_DICT, "jacplug_teacher_input_grad"),
+        (proc_registry.POST_EPOCH_PROC_FUNC_DICT, "jacplug_post_epoch_process"),
+        (loss_registry.HIGH_LEVEL_LOSS_DICT, "JacplugWeightedSumLoss"),
     ],
 )
 def test_name_collision_is_refused(monkeypatch, registry, key):
