@@ -29,6 +29,7 @@ _LAZY = {
     "create_model": "jacplug.registry",
     "create_loss": "jacplug.registry",
     "create_dataset": "jacplug.registry",
+    "load_model": "jacplug.pipeline.pretrained",
 }
 
 __all__ = ["__version__", "hookimpl", "UserError", "UnknownNameError", "DetachedLossError", *_LAZY]

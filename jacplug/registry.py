@@ -164,7 +164,8 @@ class Registry:
             catalog = candidate.metadata.get("catalog")
             if catalog is not None:
                 known = known + list(catalog())
-        hint = f"list them with `jacplug plugins`" if known else "no plugin registered any; see `jacplug plugins`"
+        listing = "jacplug models [PATTERN]" if self.kind == "models" else "jacplug plugins"
+        hint = f"list them with `{listing}`" if known else "no plugin registered any; see `jacplug plugins`"
         raise UnknownNameError(self.label, name, known, hint=hint)
 
     def create(self, name: str, *args: Any, **kwargs: Any) -> Any:

@@ -17,6 +17,7 @@ from ..errors import UserError
 #: command name -> module under jacplug.cli
 COMMANDS = {
     "plugins": "jacplug.cli.cmd_plugins",
+    "models": "jacplug.cli.cmd_models",
     "train": "jacplug.cli.cmd_train",
     "check": "jacplug.cli.cmd_check",
     "plot": "jacplug.cli.cmd_plot",

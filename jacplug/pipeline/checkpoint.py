@@ -4,8 +4,11 @@ Model files (``teacher.safetensors``, ``student_best.safetensors``, ``student_la
 hold the plain timm ``state_dict`` (no ``module.`` prefix, contiguous tensors) and string metadata:
 ``format`` (``jacplug-model/1``), ``role``, ``model``, ``num_classes``, ``in_chans``,
 ``input_size`` (JSON ``[C, H, W]``), ``mean``/``std`` (JSON lists), ``config`` (JSON), ``metrics``
-(JSON, e.g. accuracies), ``jacplug_version``. Loading needs only ``safetensors`` and
-``timm.create_model(model, num_classes=..., in_chans=...)``.
+(JSON, e.g. accuracies), ``jacplug_version``, and ``pretrained_cfg`` (JSON): timm's data keys
+(``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``num_classes``),
+so that ``timm.data.resolve_data_config(model=...)`` on a model built from the file gives this run's
+preprocessing instead of ImageNet's. Loading needs only ``safetensors`` and ``timm.create_model(model,
+num_classes=..., in_chans=..., pretrained_cfg_overlay=...)``; :func:`jacplug.load_model` does it.
 
 The resume file (``resume.safetensors``) is one file, so it is always self-consistent: the student,
 the loss module (adapters), the optimizer's tensors and the RNG states as tensors, and as JSON
@@ -33,6 +36,9 @@ from .._version import __version__
 from ..errors import UserError
 
 MODEL_FORMAT = "jacplug-model/1"
+#: every built-in dataset resizes bilinearly (torchvision's ``Resize`` default, the digits' upsampling)
+#: and centre-crops nothing away
+INTERPOLATION, CROP_PCT = "bilinear", 1.0
 RESUME_FORMAT = "jacplug-resume/1"
 
 
@@ -116,9 +122,26 @@ def save_model(
         "config": json.dumps(config, sort_keys=True),
         "metrics": json.dumps(metrics or {}, sort_keys=True),
         "jacplug_version": __version__,
+        "pretrained_cfg": json.dumps(pretrained_cfg(num_classes, input_shape, mean, std)),
     }
     state = _plain_state(model)
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def pretrained_cfg(
+    num_classes: int, input_shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]
+) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` data keys for a model trained on ``input_shape`` ``(C, H, W)`` images
+    normalised with ``mean``/``std``: what ``timm.data.resolve_data_config`` reads."""
+    return {
+        "input_size": list(input_shape),
+        "mean": list(mean),
+        "std": list(std),
+        "interpolation": INTERPOLATION,
+        "crop_pct": CROP_PCT,
+        "crop_mode": "center",
+        "num_classes": num_classes,
+    }
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
