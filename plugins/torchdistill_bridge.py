@@ -31,6 +31,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from jacplug.engine.substitutions import double_differentiable
+from jacplug.losses.evaluation import extra_evaluation
+
 try:
     import torchdistill  # noqa: F401  (only to fail early with an install hint)
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -59,10 +62,17 @@ def _input_batch(sample_batch: Any) -> Tensor:
 
 def student_forward_input_grad(model: nn.Module, sample_batch: Tensor, targets: Any = None, supp_dict: Any = None, **_: Any) -> Tensor:
     """Student forward procedure: logits ``[B, C]`` computed from inputs that require grad, so the
-    loss can differentiate them w.r.t. the inputs (``create_graph=True``) and train the student."""
+    loss can differentiate them w.r.t. the inputs (``create_graph=True``) and train the student.
+
+    The forward runs inside :func:`jacplug.double_differentiable`: the Jacobian terms back-propagate
+    through the student's backward pass, which fused attention and hard-sigmoid cannot take part in;
+    their registered substitutions compute the same values and first derivatives (the procedure
+    cannot see which terms follow, and models without those ops run unchanged).
+    """
     inputs = _input_batch(sample_batch)
-    logits = model(inputs)
-    return attach(logits, StepRecord(inputs=inputs, fn=model))
+    with double_differentiable():
+        logits = model(inputs)
+    return attach(logits, StepRecord(inputs=inputs, fn=extra_evaluation(model), model=model))
 
 
 def teacher_forward_input_grad(model: nn.Module, sample_batch: Tensor, targets: Any = None, supp_dict: Any = None, **_: Any) -> Tensor:
@@ -71,7 +81,9 @@ def teacher_forward_input_grad(model: nn.Module, sample_batch: Tensor, targets: 
     torchdistill calls this inside ``torch.no_grad()``; grad is switched back on here on purpose:
     the Jacobian terms need ``d teacher / d inputs``, and taking it from this forward pass saves
     running the teacher a second time. The parameters are frozen (checked), so the graph reaches
-    the inputs only and holds no parameter gradient. Returns the logits ``[B, C]`` detached (torchdistill's own losses see what they always see) with
+    the inputs only and holds no parameter gradient.
+
+    Returns the logits ``[B, C]`` detached (torchdistill's own losses see what they always see) with
     the on-graph logits on the attached record for jacplug's Jacobian terms, which take the teacher
     rows with ``create_graph=False`` and so free the teacher's graph. When torchdistill hooks
     teacher modules (``forward_hook``), their outputs would carry that graph into torchdistill's
@@ -90,7 +102,7 @@ def teacher_forward_input_grad(model: nn.Module, sample_batch: Tensor, targets: 
     hooked = any(module._forward_hooks for module in model.modules())
     with torch.set_grad_enabled(not hooked):
         logits = model(inputs)
-    record = StepRecord(inputs=inputs, fn=model, graph_logits=None if hooked else logits)
+    record = StepRecord(inputs=inputs, fn=extra_evaluation(model), model=model, graph_logits=None if hooked else logits)
     return attach(logits.detach(), record)
 
 

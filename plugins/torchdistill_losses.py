@@ -18,7 +18,8 @@ Two refusals come early, so a run does not fail (or silently not learn) later: a
 parts (the adapters of ``fitnet``) is refused when torchdistill builds the criterion, since
 torchdistill's optimizer never sees them; and a term trained through the student's input gradient
 checks on its first step, before torchdistill's ``loss.backward()``, that the student has a double
-backward (fused attention and hard-sigmoid have none).
+backward (the student's forward procedure already swaps fused attention and hard-sigmoid for
+double-differentiable formulations; this catches ops no substitution covers).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from jacplug.engine.diagnose import missing_derivative, module_calling
+from jacplug.engine.substitutions import DOUBLE_BACKWARD, double_differentiable
 from jacplug.losses.base import DistillBatch, LossTerm, as_scalar
+from jacplug.losses.evaluation import isolated_running_stats
 
 from .torchdistill_step import STUDENT_PROC, TEACHER_PROC, BridgeConfigError, StepRecord, record_of
 
@@ -54,13 +58,13 @@ class JacplugLoss(nn.Module):
 
         self.term: LossTerm = create_loss(term, **dict(options or {}))
         _refuse_learnable(self.term)
-        self._double_backward_checked = "input_grad" not in self.term.needs
+        self._double_backward_checked = DOUBLE_BACKWARD not in self.term.higher_order
 
     def forward(self, student_io_dict: dict, teacher_io_dict: dict, targets: Tensor | None = None, *_: Any, **__: Any) -> Tensor:
         batch = self._batch(student_io_dict, teacher_io_dict, targets)
         value = as_scalar(self.term(batch), self.term)
         if not self._double_backward_checked:
-            _check_double_backward(value, batch.inputs, self.term, batch.student_fn)
+            _check_double_backward(value, self.term, record_of(batch.student_logits))
             self._double_backward_checked = True
         return value
 
@@ -133,26 +137,43 @@ def _refuse_learnable(term: LossTerm) -> None:
         )
 
 
-def _check_double_backward(value: Tensor, inputs: Tensor, term: LossTerm, student: Any) -> None:
-    """Differentiate ``value`` w.r.t. the inputs once, keeping the graph, so that an operation
-    without a double backward fails here, with advice, instead of in torchdistill's
-    ``loss.backward()``. The path to the inputs runs through every node of the student's
-    first-order backward graph, and no parameter's ``.grad`` (nor DDP's reducer) is touched."""
+def _check_double_backward(value: Tensor, term: LossTerm, student: StepRecord) -> None:
+    """Differentiate ``value`` w.r.t. the inputs once, keeping the graph, so that an op without a
+    double backward fails here, named, instead of in torchdistill's ``loss.backward()``.
+
+    The student ran inside :func:`jacplug.double_differentiable`, so this fires only for ops no
+    registered substitution covers. The path to the inputs runs through every node of the student's
+    first-order backward graph, and no parameter's ``.grad`` (nor DDP's reducer) is touched.
+    """
     if not value.requires_grad:
         return
     try:
-        torch.autograd.grad(value, inputs, retain_graph=True, allow_unused=True)
+        torch.autograd.grad(value, student.inputs, retain_graph=True, allow_unused=True)
     except RuntimeError as exc:
-        if "is not implemented" not in str(exc):
+        op = missing_derivative(exc)
+        if op is None:
             raise
-        model = type(getattr(student, "module", student)).__name__
         raise BridgeConfigError(
-            f"loss term {term.name!r} trains the student through its input gradient (a double backward), but the "
-            f"student ({model}) uses an operation without one: {' '.join(str(exc).split())}. Fused attention and "
-            f"hard-sigmoid are the usual causes (timm: set TIMM_FUSED_ATTN=0 for attention); or use "
-            f"JacobianDirectionalLoss with method: 'finite-difference', which needs no double backward "
-            f"(docs/autograd-explained.md, 'Fused kernels')"
+            f"loss term {term.name!r} trains the student through its input gradient (a double backward), but {op} "
+            f"has no derivative{_where(student, op)} and no op substitution covers it; use JacobianDirectionalLoss "
+            f"with method: 'finite-difference' (no double backward) instead, or register an op substitution "
+            f"(docs/jacobian.md)"
         ) from exc
+
+
+def _where(student: StepRecord, op: str) -> str:
+    """`` in module NAME (Class)``: the student module that dispatches ``op``, found by re-running it."""
+    model = student.model
+    if model is None:
+        return ""
+
+    def forward() -> None:
+        with torch.no_grad(), double_differentiable():
+            model(student.inputs.detach())
+
+    with isolated_running_stats(model):
+        module = module_calling(model, forward, op)
+    return f" in the student's module {module}" if module else ""
 
 
 def _logits(io_dict: dict, who: str) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from jacplug.errors import UserError
 
@@ -40,15 +40,18 @@ class StepRecord:
 
     ``inputs``: the batch ``[B, *S]`` as a leaf that requires grad (see :func:`input_leaf`), shared
     by teacher and student (the Jacobian terms differentiate both models' logits w.r.t. this one
-    tensor). ``fn``: the model as a callable,
-    for terms that re-run it (forward mode, finite differences, noisy copies). ``graph_logits``
-    (teacher only): the teacher's logits ``[B, C]`` with a graph to ``inputs`` (``None`` when the
-    teacher ran without grad). ``cache`` (teacher only): shared by every jacplug term of the step,
-    so teacher Jacobian rows are computed once and the teacher's graph is consumed at most once.
+    tensor). ``fn``: the model as a callable for terms that re-run it (forward mode, finite
+    differences, noisy copies), in full precision and without moving BatchNorm's running statistics
+    (:func:`jacplug.losses.evaluation.extra_evaluation`). ``model``: the model itself, for messages.
+    ``graph_logits`` (teacher only): the teacher's logits ``[B, C]`` with a graph to ``inputs``
+    (``None`` when the teacher ran without grad). ``cache`` (teacher only): shared by every jacplug
+    term of the step, so teacher Jacobian rows are computed once and the teacher's graph is consumed
+    at most once.
     """
 
     inputs: Tensor
     fn: Callable[[Tensor], Tensor]
+    model: nn.Module | None = None
     graph_logits: Tensor | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 

@@ -192,14 +192,35 @@ def test_learnable_term_is_refused_when_the_config_is_built(sample_config):
         _distillation_box(config)
 
 
-def test_student_without_double_backward_fails_before_backward(sample_config):
-    """mobilenetv3's squeeze-excitation gate is a hard-sigmoid, which has no double backward: the
-    Jacobian term says so in torchdistill's forward_process, not later in loss.backward()."""
+def _hard_sigmoid_student_box(sample_config):
+    """mobilenetv3's squeeze-excitation gate is a hard-sigmoid, whose backward has no derivative."""
     config = _config(sample_config)
     config["models"]["student_model"]["kwargs"]["name"] = "mobilenetv3_small_050"
     box = _distillation_box(config, sub_terms=["jacobian"])
-    images, targets, supp = _first_batch(box)
-    with pytest.raises(BridgeConfigError, match="double backward.*hardsigmoid_backward"):
+    return box, _first_batch(box)
+
+
+def test_student_with_hard_sigmoid_trains_through_the_substitution(sample_config):
+    box, (images, targets, supp) = _hard_sigmoid_student_box(sample_config)
+    loss = box.forward_process(images, targets, supp)
+    loss.backward()  # hardsigmoid_backward has no derivative; the student ran double-differentiable
+    gate = box.student_model.blocks[0][0].se.conv_reduce.weight  # feeds the hard-sigmoid gate
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_op_without_double_backward_fails_before_backward_and_is_named(sample_config, monkeypatch):
+    """An op no substitution covers (here: hard-sigmoid with substitutions switched off) is named in
+    torchdistill's forward_process, not left to fail in loss.backward()."""
+    import contextlib
+
+    import jacplug_plugins.torchdistill_bridge as bridge
+    import jacplug_plugins.torchdistill_losses as losses
+
+    monkeypatch.setattr(bridge, "double_differentiable", contextlib.nullcontext)
+    monkeypatch.setattr(losses, "double_differentiable", contextlib.nullcontext)
+    box, (images, targets, supp) = _hard_sigmoid_student_box(sample_config)
+    with pytest.raises(BridgeConfigError, match=r"aten::hardsigmoid_backward has no derivative in the student's "
+                                                r"module blocks\.0\.0\.se\.gate \(Hardsigmoid\)"):
         box.forward_process(images, targets, supp)
 
 
