@@ -39,10 +39,10 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory) -> str:
-    """A test_resnet teacher trained once (1 epoch on all 1,258 training digits) for the module."""
+    """A test_resnet teacher trained once (3 epochs on all 1,258 training digits) for the module."""
     out = tmp_path_factory.mktemp("teacher-run")
-    rc = main(["train", *TINY, "--batch-size", "64", "--teacher-epochs", "3", "--teacher-lr", "5e-3", "--epochs", "1", "--samples-per-class", "2",
-               "--max-steps-per-epoch", "1", "--out", str(out), "--loss", "kd=1"])
+    rc = main(["train", *TINY, "--batch-size", "64", "--teacher-epochs", "3", "--teacher-lr", "5e-3", "--steps", "1",
+               "--samples-per-class", "2", "--out", str(out), "--loss", "kd=1"])
     assert rc == 0
     return str(out / "teacher.safetensors")
 

@@ -41,7 +41,7 @@ def test_cached_teacher_gives_the_same_terms_and_gradients(tmp_path, classes):
     loss = WeightedLoss({"kd": (KDLoss(), 1.0), "jacobian": (JacobianLoss(classes=classes), 10.0)})
     data = Images()
     path = tmp_path / "cache.safetensors"
-    teacher_cache.build(path, teacher, loss, data, CPU.device, batch_size=5, key="k", show=False)
+    teacher_cache.build(path, teacher, loss, data, CPU, batch_size=5, key="k", show=False)
     assert teacher_cache.TeacherCache.matches(path, "k") and not teacher_cache.TeacherCache.matches(path, "other")
     cache = teacher_cache.TeacherCache(path, CPU.device)
 
