@@ -16,8 +16,9 @@ almost no updates (10 images per class, batch 64: 2 steps per epoch, 8 in 4 epoc
 Batches (:func:`batch_stream`): consecutive seeded permutations of the training indices, cut into
 batches of ``min(batch_size * world_size, samples)``. Every step sees a full batch, even when the data
 is smaller than one batch or not a multiple of it (a trailing batch of 4 images would be a noisy step,
-one of a single image cannot be normalised by train-mode BatchNorm). Step ``k``'s batch depends only
-on the seed and ``k``, so a resumed run regenerates it. Under DDP each process takes every
+one of a single image cannot be normalised by train-mode BatchNorm); over a run every image is seen
+equally often (within one), though a batch that straddles two permutations may hold an image twice.
+Step ``k``'s batch depends only on the seed and ``k``, so a resumed run regenerates it. Under DDP each process takes every
 ``world_size``-th index of the step's batch, so ``--batch-size`` stays per process.
 """
 
