@@ -132,3 +132,14 @@ def test_resolved_config_spells_out_the_defaults():
     spelled, preset = build_loss(config), jacobian_distillation()  # config.loss: the preset as specs
     assert spelled.weights == preset.weights
     assert {k: (type(t), vars(t)) for k, t in spelled.terms.items()} == {k: (type(t), vars(t)) for k, t in preset.terms.items()}
+
+
+def test_help_and_docs_state_the_default_budget_the_code_uses():
+    from pathlib import Path
+
+    from jacplug.cli.main import build_parser
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if "--epochs" in a.option_strings)
+    assert f"{FEW_SAMPLE_STEPS} steps" in train.help
+    page = (Path(__file__).parent.parent / "docs" / "pipeline.md").read_text()
+    assert f"**{FEW_SAMPLE_STEPS} steps**" in page and f"fewer than {FEW_STEPS} optimizer steps" in page
