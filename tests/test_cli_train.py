@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from jacplug import hookimpl
 from jacplug.cli.main import main
 from jacplug.pipeline.checkpoint import save_model
-from jacplug.pipeline.metrics import read_metrics
+from jacplug.pipeline.metrics import loss_keys, read_metrics
 from jacplug.registry import create_dataset, get_host
 from detached_loss import DetachedPlugin
 from image_tree import image_tree
@@ -103,6 +103,7 @@ def test_end_to_end_run_writes_everything_and_best_checkpoint_reproduces_accurac
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6, 7, 8]  # 30 images / batch 8 = 4 steps per epoch
     assert all({"loss", "kd", "jacobian", "lr"} <= set(r) for r in steps)
+    assert loss_keys(steps) == ["jacobian", "kd", "loss"]  # the plotted curves: positions such as images are not
     assert [r["epoch"] for r in epochs] == [1, 2] and all({"kd", "jacobian", "val_acc", "test_acc"} <= set(r) for r in epochs)
     assert set(summary["final_losses"]) == {"train_loss", "kd", "jacobian"}
     kinds = [c[0] for c in recorder.calls]
