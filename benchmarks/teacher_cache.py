@@ -45,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache.safetensors"
         start = time.perf_counter()
-        teacher_cache.build(path, teacher, loss, splits.train, runtime.device, 64, key="bench", show=False)
+        teacher_cache.build(path, teacher, loss, splits.train, runtime, 64, key="bench", show=False)
         build_s = time.perf_counter() - start
         cache = teacher_cache.TeacherCache(path, runtime.device)
         data = [splits.train[i] for i in range(len(splits.train))]

@@ -80,8 +80,10 @@ def on_step_end(run, step, metrics):
 
 @hookspec
 def on_epoch_end(run, epoch, metrics):
-    """After each epoch's evaluation. ``epoch``: int from 1; ``metrics``: dict of floats
-    (``train_loss``, per-term means, ``val_acc``/``test_acc`` where evaluated)."""
+    """After each evaluation: every epoch end, or with a step budget (``--steps``) at most 10 epoch
+    ends and the last step. ``epoch``: int from 1, the epoch of the evaluated step; ``metrics``: dict
+    of floats (``train_loss``, per-term means since the previous evaluation, ``val_acc``/``test_acc``
+    where evaluated)."""
 
 
 @hookspec

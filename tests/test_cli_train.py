@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from jacplug import hookimpl
 from jacplug.cli.main import main
 from jacplug.pipeline.checkpoint import save_model
-from jacplug.pipeline.metrics import read_metrics
+from jacplug.pipeline.metrics import loss_keys, read_metrics
 from jacplug.registry import create_dataset, get_host
 from detached_loss import DetachedPlugin
 from image_tree import image_tree
@@ -39,10 +39,10 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory) -> str:
-    """A test_resnet teacher trained once (1 epoch on all 1,258 training digits) for the module."""
+    """A test_resnet teacher trained once (3 epochs on all 1,258 training digits) for the module."""
     out = tmp_path_factory.mktemp("teacher-run")
-    rc = main(["train", *TINY, "--batch-size", "64", "--teacher-epochs", "3", "--teacher-lr", "5e-3", "--epochs", "1", "--samples-per-class", "2",
-               "--max-steps-per-epoch", "1", "--out", str(out), "--loss", "kd=1"])
+    rc = main(["train", *TINY, "--batch-size", "64", "--teacher-epochs", "3", "--teacher-lr", "5e-3", "--steps", "1",
+               "--samples-per-class", "2", "--out", str(out), "--loss", "kd=1"])
     assert rc == 0
     return str(out / "teacher.safetensors")
 
@@ -92,12 +92,18 @@ def test_end_to_end_run_writes_everything_and_best_checkpoint_reproduces_accurac
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "metrics.jsonl", "curves.png", "student_best.safetensors", "student_last.safetensors",
             "resume.safetensors"} <= names
-    assert json.loads((out / "config.json").read_text())["samples_per_class"] == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["samples_per_class"] == 3 and (config["epochs"], config["steps"]) == (2, None)
+    assert config["loss"] == ["kd=0.5:temperature=4", "jacobian=5"] and config["augment"] is False  # resolved
+    assert (summary["optimizer_steps"], summary["batch"], summary["images_seen"]) == (8, 8, 64)
+    assert summary["checkpoints"]["teacher"] == teacher_file  # the run trained no teacher of its own
+    assert "student test_resnet: step 8/8 (epoch 2/2), 64 images, loss" in err  # progress lines without bars
     records = read_metrics(out)
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6, 7, 8]  # 30 images / batch 8 = 4 steps per epoch
     assert all({"loss", "kd", "jacobian", "lr"} <= set(r) for r in steps)
+    assert loss_keys(steps) == ["jacobian", "kd", "loss"]  # the plotted curves: positions such as images are not
     assert [r["epoch"] for r in epochs] == [1, 2] and all({"kd", "jacobian", "val_acc", "test_acc"} <= set(r) for r in epochs)
     assert set(summary["final_losses"]) == {"train_loss", "kd", "jacobian"}
     kinds = [c[0] for c in recorder.calls]
@@ -245,6 +251,82 @@ def test_resume_refuses_changed_identity_options(tmp_path, capsys, teacher_file)
     assert rc == 2 and "--loss" in err and "saved" in err and len(err.strip().splitlines()) == 1
     rc, _, err = cli(capsys, "--teacher-checkpoint", teacher_file, "--out", out)
     assert rc == 2 and "already holds a run; pass --resume" in err
+    rc, _, err = cli(capsys, "--out", out, "--resume", "--epochs", "2")  # would move the cosine's end mid-run
+    assert rc == 2 and "cannot change the training length" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_under_a_step_budget_matches_an_uninterrupted_run(tmp_path, capsys, teacher_file, plugin):
+    common = ["--teacher-checkpoint", teacher_file, "--samples-per-class", "3", "--steps", "7", "--save-every", "2"]
+    rc, stdout, err = cli(capsys, *common, "--out", str(tmp_path / "straight"), "--json")
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    assert (summary["optimizer_steps"], summary["images_seen"], summary["epochs"]) == (7, 56, 2)
+    records = read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [4, 7]  # each epoch end, and the last step
+    assert records[-1]["images"] == 56
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert (config["epochs"], config["steps"]) == (None, 7)
+
+    plugin(Interrupt(at=5), "interrupt")  # last save at step 4 (an evaluation), so steps 5.. rerun
+    rc, _, err = cli(capsys, *common, "--out", str(tmp_path / "resumed"))
+    assert rc == 130
+    get_host().unregister("interrupt")
+    rc, _, err = cli(capsys, "--out", str(tmp_path / "resumed"), "--resume", "--steps", "7")
+    assert rc == 0, err
+    straight = load_file(tmp_path / "straight" / "student_last.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "student_last.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed") if r["kind"] == "step"] == list(range(1, 8))
+    rc, _, err = cli(capsys, "--out", str(tmp_path / "resumed"), "--resume", "--steps", "9")
+    assert rc == 2 and "cannot change the training length" in err and "saved: --steps 7" in err
+
+
+def test_teacher_phase_obeys_the_step_cap_and_records_its_accuracy(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, err = cli(capsys, "--teacher-epochs", "2", "--max-steps-per-epoch", "2", "--steps", "1",
+                          "--samples-per-class", "2", "--loss", "kd=1", "--out", str(out), "--json")
+    assert rc == 0, err
+    teacher = [r for r in read_metrics(out) if r["kind"] == "teacher_epoch"]
+    assert [(r["epoch"], r["step"], r["images"]) for r in teacher] == [(1, 2, 16), (2, 4, 32)]
+    with safe_open(str(out / "teacher.safetensors"), framework="pt") as fh:
+        metrics = json.loads(fh.metadata()["metrics"])
+    assert metrics["test_acc"] == pytest.approx(json.loads(stdout)["teacher_test_acc"]) and 0 <= metrics["val_acc"] <= 1
+    assert "teacher test_resnet: step 4/4 (epoch 2/2), 32 images" in err
+
+
+def test_warnings_for_few_steps_and_another_input_size(tmp_path, capsys, teacher_file):
+    from jacplug.pipeline.steps import FewStepsWarning
+    from jacplug.pipeline.teacher import InputSizeWarning
+
+    with pytest.warns(InputSizeWarning, match=r"trained on 8x8 inputs, but this run feeds it 10x10.*--image-size 8"):
+        with pytest.warns(FewStepsWarning, match=r"the student will make only 1 optimizer step .*pass --steps N"):
+            rc, _, err = cli(capsys, "--teacher-checkpoint", teacher_file, "--image-size", "10", "--steps", "1",
+                             "--samples-per-class", "2", "--loss", "kd=1", "--out", str(tmp_path / "run"))
+    assert rc == 0, err
+
+
+def test_train_steps_reproduces_an_experiment_cell(tmp_path, teacher_file):
+    """One implementation of the step logic: the experiment's run and ``jacplug train --steps`` with the
+    cell's options train the same student."""
+    from jacplug.experiment import ExperimentConfig, RunSpec, run_one
+    from jacplug.experiment.runs import load_teacher
+    from jacplug.pipeline import TrainConfig, train
+    from jacplug.pipeline.device import init_runtime
+
+    config = ExperimentConfig(teacher="test_resnet", student="test_resnet", image_size=8, steps=5, batch_size=8,
+                              device="cpu", eval_batch_size=256)
+    runtime = init_runtime("cpu")
+    full = create_dataset("digits", image_size=8)
+    spec = RunSpec("kd+jacobian", 2, seed=1, weights=(("jacobian", 1.0),))
+    cell = run_one(spec, config, full, load_teacher(config, full, teacher_file, runtime), runtime)
+
+    out = tmp_path / "run"
+    summary = train(TrainConfig(teacher="test_resnet", student="test_resnet", image_size=8, samples_per_class=2,
+                                seed=1, steps=5, batch_size=8, loss=cell["loss"], teacher_checkpoint=teacher_file,
+                                device="cpu", out=str(out), progress=False))
+    last_step = [r for r in read_metrics(out) if r["kind"] == "step"][-1]
+    assert {k: last_step[k] for k in cell["final_terms"]} == cell["final_terms"]
+    assert (summary["student_last_test_acc"], summary["optimizer_steps"]) == (cell["test_acc"], 5)
 
 
 def _wrong_classes(tmp_path) -> str:
@@ -272,6 +354,10 @@ BAD = [
     (["--epochs", "0"], "--epochs must be a positive integer"),
     (["--teacher-epochs", "-1"], "--teacher-epochs must be >= 0"),
     (["--samples-per-class", "0"], "--samples-per-class must be a positive integer"),
+    (["--samples-per-class", "500"], "--samples-per-class 500 is more than class"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--epochs", "2", "--steps", "5"], "--epochs and --steps both set the training length; pass one"),
+    (["--teacher-steps", "0"], "--teacher-steps must be a positive integer"),
     (["--resume"], "holds no run (no config.json)"),
     (["--cache-teacher", "--augment"], "--cache-teacher needs un-augmented training data"),
     (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),

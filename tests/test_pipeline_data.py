@@ -31,6 +31,11 @@ def test_few_sample_subset_is_seeded_and_balanced():
     assert len(one.train) == 30 and sorted(one.train_targets) == sorted(list(range(10)) * 3)
     assert one.train.indices == again.train.indices != other.train.indices
     assert len(full.train) == 1258  # the full splits are untouched (the teacher trains on them)
+    smallest = min(sorted(set(full.train_targets)), key=full.train_targets.count)
+    fewest = full.train_targets.count(smallest)
+    assert len(few_sample_subset(full, fewest, 0).train) == 10 * fewest
+    with pytest.raises(UserError, match=f"more than class {smallest} of 'digits' has \\({fewest} training images\\)"):
+        few_sample_subset(full, fewest + 1, 0)  # silently keeping fewer would unbalance the classes
 
 
 def test_imagefolder_reads_class_folders(tmp_path):

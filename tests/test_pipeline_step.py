@@ -41,7 +41,7 @@ def test_cached_teacher_gives_the_same_terms_and_gradients(tmp_path, classes):
     loss = WeightedLoss({"kd": (KDLoss(), 1.0), "jacobian": (JacobianLoss(classes=classes), 10.0)})
     data = Images()
     path = tmp_path / "cache.safetensors"
-    teacher_cache.build(path, teacher, loss, data, CPU.device, batch_size=5, key="k", show=False)
+    teacher_cache.build(path, teacher, loss, data, CPU, batch_size=5, key="k", show=False)
     assert teacher_cache.TeacherCache.matches(path, "k") and not teacher_cache.TeacherCache.matches(path, "other")
     cache = teacher_cache.TeacherCache(path, CPU.device)
 
@@ -88,3 +88,33 @@ def test_jacobian_term_under_bf16_autocast_stays_float32_and_close():
     assert out["bf16"][0] == pytest.approx(out["fp32"][0], rel=0.05, abs=0.02)
     cosine = torch.nn.functional.cosine_similarity(out["bf16"][1], out["fp32"][1], dim=0)
     assert cosine > 0.95
+
+
+def test_cache_key_follows_the_data_content_the_precision_and_the_version(monkeypatch):
+    torch.manual_seed(0)
+    teacher = convnet().eval().requires_grad_(False)
+    key = teacher_cache.cache_key(teacher, Images(), ["kd=1"], CPU)
+    assert key == teacher_cache.cache_key(teacher, Images(), ["kd=1"], CPU)
+    edited = Images()
+    edited.x[3, 0, 2, 2] += 0.5  # same number of samples, one pixel changed
+    assert teacher_cache.cache_key(teacher, edited, ["kd=1"], CPU) != key
+    bf16 = Runtime(device=torch.device("cpu"), amp_dtype=torch.bfloat16)
+    assert teacher_cache.cache_key(teacher, Images(), ["kd=1"], bf16) != key
+    assert teacher_cache.cache_key(teacher, Images(), ["kd=2"], CPU) != key
+    monkeypatch.setattr(teacher_cache, "__version__", "0.0.0+other")
+    assert teacher_cache.cache_key(teacher, Images(), ["kd=1"], CPU) != key
+
+
+def test_cache_is_built_in_the_precision_the_live_teacher_runs_in(tmp_path):
+    torch.manual_seed(0)
+    teacher = convnet().eval().requires_grad_(False)
+    data = Images()
+    bf16 = Runtime(device=torch.device("cpu"), amp_dtype=torch.bfloat16)
+    loss = WeightedLoss({"kd": (KDLoss(), 1.0), "jacobian": (JacobianLoss(), 1.0)})
+    path = tmp_path / "cache.safetensors"
+    teacher_cache.build(path, teacher, loss, data, bf16, batch_size=len(data), key="k", show=False)
+    cached = teacher_cache.TeacherCache(path, CPU.device).lookup(torch.arange(len(data)))
+    with bf16.autocast():
+        live = teacher(data.x).float()
+    assert torch.equal(cached["teacher_logits"], live)
+    assert not torch.allclose(cached["teacher_logits"], teacher(data.x), atol=1e-3)  # float32 differs

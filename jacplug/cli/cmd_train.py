@@ -32,7 +32,9 @@ def add_parser(sub) -> None:
         help="random crop/flip on the training split (default: on for CIFAR and image folders, off for digits)")
     add("--loss", action="append", metavar="NAME=WEIGHT[:OPT=VAL,...]",
         help="a loss term and its weight, repeatable (default: kd=0.5 + jacobian=5, the documented preset)")
-    add("--epochs", type=int, help="student epochs (default 4)")
+    add("--epochs", type=int, help="student epochs (default 4; with --samples-per-class, 150 steps when 4 epochs "
+        "would make fewer)")
+    add("--steps", type=int, metavar="N", help="total student optimizer steps, instead of --epochs")
     add("--batch-size", type=int, help="batch size (default 64)")
     add("--lr", type=float, help="student learning rate, AdamW with cosine decay (default 2e-3)")
     add("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
@@ -44,19 +46,21 @@ def add_parser(sub) -> None:
     add("--pretrained", action="store_true", default=None,
         help="start the teacher from timm's pretrained weights (needs internet), then fine-tune it")
     add("--teacher-epochs", type=int, metavar="N", help="epochs to train the teacher when no checkpoint is given (default 4)")
+    add("--teacher-steps", type=int, metavar="N", help="total teacher optimizer steps, instead of --teacher-epochs")
     add("--teacher-lr", type=float, help="teacher learning rate (default 2e-3)")
     add("--config", metavar="FILE", help="YAML or TOML file with any of these options")
     add("--cache-teacher", action="store_true", default=None,
         help="compute the teacher's logits and Jacobian rows once (un-augmented data only)")
     add("--no-check-gradients", dest="check_gradients", action="store_false", default=None,
         help="skip the gradient-flow check of every loss term on the first batch")
-    add("--save-every", type=int, metavar="STEPS", help="also save resume state every STEPS steps (default 50; 0: epochs only)")
-    add("--max-steps-per-epoch", type=int, metavar="N", help="cap the steps per epoch (smoke tests)")
+    add("--save-every", type=int, metavar="STEPS", help="also save resume state every STEPS steps (default 50; 0: only at evaluations)")
+    add("--max-steps-per-epoch", type=int, metavar="N", help="cap the steps per epoch, teacher's and student's (smoke tests)")
     add("--cuda-graphs", choices=("auto", "on", "off"),
         help="capture the training step in a CUDA graph (auto, the default: on for one CUDA device)")
     add("--workers", type=int, help="data-loader worker processes (default 0)")
     add("--progress", action=argparse.BooleanOptionalAction, default=None,
-        help="progress bars (default: only when stderr is a terminal)")
+        help="progress bars (default: only when stderr is a terminal; without them a line every 50 steps and "
+        "one per evaluation)")
     add("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.set_defaults(run=run)
 
@@ -89,13 +93,16 @@ def format_summary(summary: dict) -> str:
     def pct(value) -> str:
         return "-" if value is None else f"{100 * value:.2f}%"
 
+    passes = summary["images_seen"] / summary["train_samples"]
     rows = [
         ("teacher", f"{summary['teacher']} ({summary['teacher_source']})"),
-        ("student", f"{summary['student']} on {summary['dataset']}, {summary['train_samples']} training images"),
+        ("student", f"{summary['student']} on {summary['dataset']}, {summary['train_samples']:,} training images"),
+        ("student training", f"{summary['optimizer_steps']:,} optimizer steps x {summary['batch']} images = "
+                             f"{summary['images_seen']:,} images seen ({passes:.1f} passes, {summary['epochs']} epochs)"),
         ("teacher test accuracy", pct(summary["teacher_test_acc"])),
         ("student test accuracy (last)", pct(summary["student_last_test_acc"])),
-        (f"student test accuracy (best on {summary['best_chosen_on']}, epoch {summary['student_best_epoch']})",
-         pct(summary["student_best_test_acc"])),
+        (f"student test accuracy (best on {summary['best_chosen_on']}, step {summary['student_best_step']}, "
+         f"epoch {summary['student_best_epoch']})", pct(summary["student_best_test_acc"])),
     ]
     if summary["best_chosen_on"] == "test":
         rows.append(("note", "no validation split: the best epoch was chosen on the test split, so its accuracy "

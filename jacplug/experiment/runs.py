@@ -13,7 +13,9 @@ Protocol (after Srinivas & Fleuret 2018):
 
 Why a fixed number of optimisation steps rather than epochs: one image per class is 10 images, a
 single batch; an epoch budget would give that run almost no updates. Every run takes ``steps``
-AdamW steps on batches of ``min(batch_size, n_train)`` drawn from seeded permutations.
+AdamW steps on batches of ``min(batch_size, n_train)`` drawn from seeded permutations, with the
+step arithmetic and batch order of :mod:`jacplug.pipeline.steps`, the same code ``jacplug train``
+runs: a cell of the table is ``jacplug train --steps`` with the cell's options.
 
 Determinism: each run seeds torch's global RNG with its seed before building the student, so its
 result does not depend on which worker process runs it or in which order; the few-sample subset of
@@ -34,7 +36,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -48,6 +50,7 @@ from ..pipeline.device import Runtime, init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.metrics import MetricsLog
 from ..pipeline.step import compute_terms, weighted_total
+from ..pipeline.steps import batch_stream, stream_plan
 from ..pipeline.teacher import build_model, cosine_schedule, train_teacher
 from ..registry import create_dataset
 from .methods import METHODS, get_method
@@ -130,18 +133,6 @@ def load_splits(config: ExperimentConfig) -> DatasetSplits:
                           image_size=config.image_size)
 
 
-def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless batches of ``min(batch_size, n)`` indices from consecutive seeded permutations of ``n``."""
-    generator = torch.Generator().manual_seed(seed)
-    size = min(batch_size, n)
-    pending: list[int] = []
-    while True:
-        while len(pending) < size:
-            pending.extend(torch.randperm(n, generator=generator).tolist())
-        yield pending[:size]
-        pending = pending[size:]
-
-
 def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teacher: nn.Module,
             runtime: Runtime) -> dict[str, Any]:
     """Train a student for ``config.steps`` steps and return the run's record (accuracies, losses, time).
@@ -159,11 +150,12 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     loss = build_loss(specs).to(runtime.device)
     trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = cosine_schedule(optimizer, config.steps)
-    batches = batch_indices(len(splits.train), config.batch_size, spec.seed)
+    plan = stream_plan(len(splits.train), config.batch_size, steps=config.steps)
+    scheduler = cosine_schedule(optimizer, plan.total)
+    batches = batch_stream(len(splits.train), config.batch_size, spec.seed)
     diverged_at = None
     values: dict[str, torch.Tensor] = {}
-    for step in range(config.steps):
+    for step in range(plan.total):
         items = [splits.train[i] for i in next(batches)]
         inputs = torch.stack([x for x, _ in items]).to(runtime.device)
         targets = torch.tensor([int(y) for _, y in items], device=runtime.device)

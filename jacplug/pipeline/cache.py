@@ -14,9 +14,14 @@ teacher's forward and backward. Terms that draw fresh random projections each st
 (``jacobian-projected``, ``jacobian-direction``, ``noisy-distill``) still call the teacher; feature
 terms need the teacher's feature maps every step and are refused.
 
+The cache is computed exactly as the live teacher would be: under the run's autocast (bf16 on CUDA)
+and memory format, with the logits cast to float32 and the Jacobian rows taken outside autocast (see
+:func:`jacplug.pipeline.step.compute_terms`).
+
 The file (``teacher_cache.safetensors`` in the run directory) is read through ``safe_open``, which
 memory-maps it: a batch reads only its own samples' rows. Its metadata holds a fingerprint of
-what it depends on (teacher weights, data, loss); a mismatch rebuilds it.
+everything it depends on (:func:`cache_key`: the teacher's weights, the training tensors themselves,
+the loss, the precision and the jacplug version); any change rebuilds it.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._version import __version__
 from ..errors import UserError
 from ..engine import jacobian
 from ..losses.base import DistillBatch
@@ -38,6 +44,7 @@ from ..losses.composite import WeightedLoss
 from ..losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
 from .checkpoint import atomic_write
 from .data import Indexed
+from .device import Runtime
 from .progress import progress
 
 LOGITS = "teacher_logits"
@@ -69,24 +76,51 @@ def fingerprint(teacher: nn.Module, parts: dict) -> str:
     return digest.hexdigest()
 
 
+def data_digest(train: Dataset, batch_size: int = 256) -> str:
+    """SHA-256 of every training sample's tensor and label, in order: the data's content, so an
+    image folder edited in place (same file count, other pixels) or another subset gives another key."""
+    digest = hashlib.sha256()
+    for inputs, targets in DataLoader(train, batch_size=batch_size, shuffle=False):
+        digest.update(inputs.contiguous().numpy().tobytes())
+        digest.update(torch.as_tensor(targets).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(teacher: nn.Module, train: Dataset, loss_specs: list[str], runtime: Runtime, batch_size: int = 256) -> str:
+    """The fingerprint a cache file must carry to be reused: teacher weights, data content, loss,
+    precision (the autocast dtype the teacher runs in) and the jacplug version."""
+    return fingerprint(teacher, {
+        "data": data_digest(train, batch_size),
+        "loss": list(loss_specs),
+        "precision": str(runtime.amp_dtype or torch.float32),
+        "channels_last": runtime.channels_last,
+        "jacplug": __version__,
+    })
+
+
 def _row_terms(loss: WeightedLoss) -> list:
     return [term for term in loss.terms.values() if callable(getattr(term, "rows", None)) and "input_grad" in term.needs]
 
 
 def build(
-    path: Path, teacher: nn.Module, loss: WeightedLoss, train: Dataset, device: torch.device, batch_size: int,
+    path: Path, teacher: nn.Module, loss: WeightedLoss, train: Dataset, runtime: Runtime, batch_size: int,
     key: str, show: bool,
 ) -> None:
-    """Run the teacher once over ``train`` (in order) and write the cache file atomically."""
+    """Run the teacher once over ``train`` (in order), as the live step runs it (``runtime``'s
+    autocast and memory format), and write the cache file atomically."""
+    device = runtime.device
     row_terms = _row_terms(loss)
     logits_parts: list[Tensor] = []
     rows_parts: list[Tensor] = []
     jac_parts: list[Tensor] = []
     loader = DataLoader(Indexed(train), batch_size=batch_size, shuffle=False)
     for inputs, targets, _ in progress(loader, desc="teacher cache", show=show):
-        x = inputs.to(device).requires_grad_(bool(row_terms))
+        x = inputs.to(device)
+        if runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.requires_grad_(bool(row_terms))
         targets = targets.to(device)
-        with torch.enable_grad() if row_terms else torch.no_grad():
+        with torch.enable_grad() if row_terms else torch.no_grad(), runtime.autocast():
             logits = teacher(x).float()
         logits_parts.append(logits.detach().cpu())
         if not row_terms:

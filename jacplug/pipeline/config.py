@@ -35,7 +35,8 @@ class TrainConfig:
     image_size: int | None = None  # None: the dataset's default (digits 16, CIFAR 32, imagefolder 64)
     augment: bool | None = None  # None: the dataset's default (off for digits, on for CIFAR/imagefolder)
     loss: list[str] = field(default_factory=list)  # empty: the default preset
-    epochs: int = 4
+    epochs: int | None = None  # epochs or steps; neither: see jacplug.pipeline.steps.default_length
+    steps: int | None = None  # total optimizer steps of the student
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -45,7 +46,8 @@ class TrainConfig:
     resume: bool = False
     teacher_checkpoint: str | None = None
     pretrained: bool = False
-    teacher_epochs: int = 4
+    teacher_epochs: int | None = None  # teacher_epochs or teacher_steps; neither: 4 epochs
+    teacher_steps: int | None = None
     teacher_lr: float = 2e-3
     cache_teacher: bool = False
     check_gradients: bool = True
@@ -58,11 +60,17 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Reject values no run could use, with the option name in the message."""
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if int(getattr(self, name)) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.teacher_epochs < 0:
+        for name in ("epochs", "steps", "teacher_steps", "batch_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.teacher_epochs is not None and self.teacher_epochs < 0:
             raise UserError(f"--teacher-epochs must be >= 0, got {self.teacher_epochs}")
+        for epochs, steps in LENGTHS:
+            if getattr(self, epochs) is not None and getattr(self, steps) is not None:
+                raise UserError(f"--{_flag(epochs)} and --{_flag(steps)} both set the training length; pass one")
+        if self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
         for name in ("lr", "teacher_lr"):
             value = float(getattr(self, name))
             if not (value > 0 and value < float("inf")):
@@ -93,6 +101,13 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+#: the two ways to give a phase's length; a flag for one replaces the file's value of the other
+LENGTHS = (("epochs", "steps"), ("teacher_epochs", "teacher_steps"))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -154,7 +169,9 @@ def _check_type(name: str, value: Any) -> None:
 
 def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainConfig:
     """Defaults, then the file, then every CLI option the user actually gave (not ``None``)."""
-    merged = dict(file_options)
+    given = {k for k, v in cli_options.items() if v is not None}
+    replaced = {other for pair in LENGTHS for name, other in (pair, pair[::-1]) if name in given}
+    merged = {k: v for k, v in file_options.items() if k not in replaced}
     merged.update({k: v for k, v in cli_options.items() if v is not None and k in FIELDS})
     for name, value in merged.items():
         _check_type(name, value)
@@ -163,17 +180,35 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
 
 #: options that define what a run computes; ``--resume`` refuses to change them
 IDENTITY = ("teacher", "student", "dataset", "samples_per_class", "image_size", "augment", "loss", "batch_size",
-            "lr", "weight_decay", "seed", "teacher_checkpoint", "pretrained", "teacher_epochs", "cache_teacher")
+            "lr", "weight_decay", "seed", "teacher_checkpoint", "pretrained", "teacher_epochs", "teacher_steps",
+            "cache_teacher")
+#: options that set the length of the student's cosine schedule; ``--resume`` refuses to change them too
+HORIZON = ("epochs", "steps", "max_steps_per_epoch")
+
+
+def _saved_length(saved: dict[str, Any]) -> str:
+    given = [f"--{_flag(k)} {saved[k]}" for k in HORIZON if saved.get(k) is not None]
+    return " ".join(given) or "the default length"
 
 
 def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str) -> TrainConfig:
     """The saved config of ``run_dir`` with ``overrides`` (options given again on the command line).
 
     Options in :data:`IDENTITY` must keep their saved values (a different loss or seed would not
-    continue the same run); others (``epochs``, ``device``, ``save_every``, progress) may change.
+    continue the same run), and so must the length (:data:`HORIZON`): the learning rate follows a
+    cosine that reaches zero at the saved last step, so another length would make it jump mid-run.
+    Others (``device``, ``save_every``, ``workers``, progress) may change.
     """
+    length = [k for k in HORIZON if overrides.get(k) is not None and overrides[k] != saved.get(k)]
+    if length:
+        given = " ".join(f"--{_flag(k)} {overrides[k]}" for k in length)
+        raise UserError(
+            f"--resume cannot change the training length of the run in {run_dir!r} ({given}; saved: "
+            f"{_saved_length(saved)}): its learning rate decays to zero over the saved length; drop {given}, "
+            "or start a new run with another --out (--teacher-checkpoint reuses its teacher)"
+        )
     changed = [
-        f"--{k.replace('_', '-')} {overrides[k]!r} (saved: {saved.get(k)!r})"
+        f"--{_flag(k)} {overrides[k]!r} (saved: {saved.get(k)!r})"
         for k in IDENTITY
         if overrides.get(k) is not None and overrides[k] != saved.get(k)
     ]

@@ -121,7 +121,8 @@ def few_sample_subset(splits: DatasetSplits, samples_per_class: int, seed: int) 
     """Keep ``samples_per_class`` training images of each class, chosen by ``seed`` (deterministic).
 
     Returns new splits (the given ones are unchanged, so the teacher can still train on all of
-    them). Classes with fewer images keep all of them. The val/test splits are the same.
+    them). The val/test splits are the same. Asking for more images than a class has is an error
+    naming that class: silently keeping fewer would make "N per class" untrue and the classes unbalanced.
     """
     if samples_per_class <= 0:
         raise UserError(f"--samples-per-class must be a positive integer, got {samples_per_class}")
@@ -129,6 +130,13 @@ def few_sample_subset(splits: DatasetSplits, samples_per_class: int, seed: int) 
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
+    smallest = min(by_class, key=lambda y: (len(by_class[y]), y))
+    if samples_per_class > len(by_class[smallest]):
+        raise UserError(
+            f"--samples-per-class {samples_per_class} is more than class {smallest} of {splits.name!r} has "
+            f"({len(by_class[smallest])} training images); pass at most {len(by_class[smallest])}, or leave "
+            "--samples-per-class out to train on every image"
+        )
     generator = torch.Generator().manual_seed(seed)
     keep: list[int] = []
     for y in sorted(by_class):

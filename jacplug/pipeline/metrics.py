@@ -1,9 +1,9 @@
 """``metrics.jsonl`` (one JSON object per line, per step and per epoch) and the PNG plot of its curves.
 
-Step records: ``{"kind": "step", "epoch", "step", "loss", <term>..., "lr"}``; epoch records:
-``{"kind": "epoch", "epoch", "step", "train_loss", <term>..., "val_acc", "test_acc", "time_s"}``;
-teacher records use ``"kind": "teacher_epoch"``. Lines are appended and flushed one at a time; a
-reader skips a torn last line (a run killed mid-write), and ``--resume`` drops records past the
+Step records: ``{"kind": "step", "step", "epoch", "images", "loss", <term>..., "lr"}``; evaluation
+records: ``{"kind": "epoch", "epoch", "step", "images", "train_loss", <term>..., "val_acc", "test_acc",
+"time_s"}``; teacher records use ``"kind": "teacher_epoch"``. Lines are appended and flushed one at
+a time; a reader skips a torn last line (a run killed mid-write), and ``--resume`` drops records past the
 resumed step so no step is counted twice.
 """
 
@@ -57,6 +57,15 @@ class MetricsLog:
             fh.flush()
 
 
+#: record fields that are positions or settings, not loss values
+NOT_LOSSES = {"kind", "epoch", "step", "images", "lr", "time_s"}
+
+
+def loss_keys(steps: list[dict[str, Any]]) -> list[str]:
+    """The loss curves of step records: the weighted total and every term."""
+    return sorted({k for r in steps for k in r if k not in NOT_LOSSES})
+
+
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the per-step loss terms and the per-epoch accuracies of a run into a PNG; returns its path."""
     import matplotlib
@@ -73,10 +82,9 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     teacher = [r for r in records if r.get("kind") == "teacher_epoch"]
     if not steps and not teacher:
         raise UserError(f"{str(run_dir)!r} has no {METRICS} with training records; is it a jacplug run directory?")
-    skip = {"kind", "epoch", "step", "lr", "time_s"}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     if steps:
-        keys = sorted({k for r in steps for k in r if k not in skip})
+        keys = loss_keys(steps)
         for key in keys:
             xs = [r["step"] for r in steps if key in r]
             ax_loss.plot(xs, [r[key] for r in steps if key in r], label=key, linewidth=1)

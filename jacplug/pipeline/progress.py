@@ -1,13 +1,25 @@
-"""Progress bars (tqdm) that stay quiet when stderr is not a terminal (logs, CI) or off rank 0."""
+"""Progress output: tqdm bars on a terminal, plain lines in logs and CI, nothing off rank 0.
+
+A training phase reports in optimizer steps and images seen (:class:`PhaseProgress`). With bars (stderr
+is a terminal, or ``--progress``) each evaluation round gets a bar; without them (a log file, CI, or
+``--no-progress``) one line is printed every :data:`LINE_EVERY` steps, so a long run shows it is alive.
+Either way every evaluation prints one line with the step, the images seen, the loss and the accuracies.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import Iterable, TypeVar
+import time
+from typing import Any, Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
+from .steps import StepPlan
+
 T = TypeVar("T")
+
+#: steps between progress lines when bars are off
+LINE_EVERY = 50
 
 
 def want_progress(setting: bool | None, is_main: bool = True) -> bool:
@@ -20,3 +32,57 @@ def want_progress(setting: bool | None, is_main: bool = True) -> bool:
 def progress(iterable: Iterable[T], *, desc: str, show: bool, total: int | None = None, leave: bool = False):
     """``tqdm`` over ``iterable``, disabled (a plain pass-through) when ``show`` is false."""
     return tqdm(iterable, desc=desc, total=total, disable=not show, leave=leave, dynamic_ncols=True, file=sys.stderr)
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.1f}%"
+
+
+class PhaseProgress:
+    """What one phase (``"student resnet18"``, ``"teacher resnet50"``) prints while it trains.
+
+    ``bars``: tqdm bars instead of periodic lines; ``enabled`` false (ranks other than 0) prints nothing.
+    """
+
+    def __init__(self, name: str, plan: StepPlan, *, bars: bool, enabled: bool = True, every: int = LINE_EVERY) -> None:
+        self.name, self.plan = name, plan
+        self.bars, self.enabled, self.every = bars and enabled, enabled, every
+        self.started = time.perf_counter()
+        self._bar: Any = None
+
+    def _where(self, step: int) -> str:
+        plan = self.plan
+        return f"step {step}/{plan.total} (epoch {plan.epoch_of(step)}/{plan.epochs}), {step * plan.batch:,} images"
+
+    def _line(self, text: str) -> None:
+        if self.bars:
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def round(self, iterable: Iterable[T], first: int, last: int) -> Iterable[T]:
+        """Wrap the batches of steps ``first + 1 .. last`` (a bar when bars are on)."""
+        self._bar = progress(iterable, desc=f"{self.name} steps {first + 1}-{last}/{self.plan.total}",
+                             show=self.bars, total=last - first)
+        return self._bar
+
+    def step(self, step: int, loss: float) -> None:
+        """After optimizer step ``step`` (from 1), whose loss was ``loss``."""
+        if not self.enabled:
+            return
+        if self.bars and self._bar is not None:
+            self._bar.set_postfix(images=f"{step * self.plan.batch:,}", loss=f"{loss:.4g}")
+        elif step % self.every == 0 and not self.plan.evaluates_at(step):
+            self._line(f"{self.name}: {self._where(step)}, loss {loss:.4g}")
+
+    def evaluated(self, step: int, record: dict[str, Any]) -> None:
+        """One line after an evaluation at ``step``: mean loss over the round and the accuracies."""
+        if not self.enabled:
+            return
+        parts = [f"{self.name}: {self._where(step)}"]
+        if record.get("train_loss") is not None:
+            parts.append(f"loss {record['train_loss']:.4g}")
+        parts += [f"{k.split('_')[0]} {_percent(record[k])}" for k in ("val_acc", "test_acc") if record.get(k) is not None]
+        parts.append(f"{time.perf_counter() - self.started:.1f} s")
+        self._line(", ".join(parts))
+        self._bar = None

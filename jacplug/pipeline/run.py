@@ -12,16 +12,24 @@ student's forward; each term (:func:`.step.compute_terms`); on the run's first s
 gradient-flow check (:func:`jacplug.graphcheck.gradient_flow`, unless ``--no-check-gradients``);
 ``backward``; optimizer and scheduler step; a ``metrics.jsonl`` record and ``on_step_end``.
 
-Resume: ``resume.safetensors`` is rewritten every ``--save-every`` steps and at every epoch end.
-An epoch's sample order depends only on ``--seed`` and the epoch, so a resumed run rebuilds the
-epoch's order, skips the batches already consumed (without loading them), restores the RNG states,
-and continues with exactly the batches and random draws the interrupted run would have used
-(bit-identical on CPU with ``--workers 0``).
+Length: ``--epochs`` or ``--steps``, counted and defaulted by :mod:`.steps` (shared with
+``jacplug experiment``); the student is evaluated, its checkpoints written and an ``epoch`` record
+logged at every evaluation point of the plan (each epoch end, or with a step budget at most 10
+epoch ends and the last step). ``config.json`` holds the configuration as the run executes it:
+the length, the loss specs (the default preset spelled out), the image size and augmentation.
+
+Resume: ``resume.safetensors`` is rewritten every ``--save-every`` steps and at every evaluation.
+Step ``k``'s batch depends only on ``--seed`` and ``k``, so a resumed run regenerates the batch
+order up to its saved step (without loading samples), restores the RNG states, and continues with
+exactly the batches and random draws the interrupted run would have used (bit-identical on CPU
+with ``--workers 0``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -32,7 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..capture import CapturedStep
 from ..errors import UserError
@@ -49,15 +57,19 @@ from .lock import RunDirLock
 from .metrics import MetricsLog, plot, read_metrics
 from .optim import create_adamw
 from .probe import probe_batch, probe_terms
-from .progress import progress, want_progress
+from .progress import PhaseProgress, want_progress
 from .step import compute_terms, weighted_total, with_every_parameter
-from .teacher import TEACHER_FILE, build_model, cosine_schedule, prepare_teacher
+from .steps import StepPlan, batch_stream, default_length, stream_batch, stream_plan, warn_if_few
+from .teacher import TEACHER_FILE, build_model, cosine_schedule, prepare_teacher, teacher_length
 
 RESUME_FILE = "resume.safetensors"
 BEST_FILE = "student_best.safetensors"
 LAST_FILE = "student_last.safetensors"
 CONFIG_FILE = "config.json"
 CACHE_FILE = "teacher_cache.safetensors"
+#: the loss when no ``--loss`` is given: the preset ``jacobian_distillation()`` as specs, so that
+#: ``config.json`` records what ran (a test checks the two build the same loss)
+DEFAULT_LOSS = ("kd=0.5:temperature=4", "jacobian=5")
 
 
 @dataclass
@@ -81,15 +93,13 @@ def default_out(config: TrainConfig) -> Path:
 
 
 def build_loss(config: TrainConfig) -> WeightedLoss:
-    """The ``--loss`` specs through the registry, or the default preset; feature terms get the
+    """The ``--loss`` specs (or :data:`DEFAULT_LOSS`) through the registry; feature terms get the
     registered teacher/student pair's layers and channels."""
-    from ..losses import build_loss as from_specs, jacobian_distillation, options_from_pair
+    from ..losses import build_loss as from_specs, options_from_pair
 
-    if not config.loss:
-        return jacobian_distillation()
     pair = model_pair(config.teacher, config.student)
     overrides = {"fitnet": options_from_pair(pair)} if pair is not None else None
-    return from_specs(config.loss, overrides)
+    return from_specs(list(config.loss or DEFAULT_LOSS), overrides)
 
 
 def load_data(config: TrainConfig) -> DatasetSplits:
@@ -128,15 +138,29 @@ def use_cuda_graphs(config: TrainConfig, runtime: Runtime) -> bool:
     return why_not is None
 
 
-def epoch_batches(n: int, batch_size: int, epoch: int, runtime: Runtime, seed: int) -> list[list[int]]:
-    """This rank's batches (dataset indices) for ``epoch``: a seeded shuffle, sharded like
-    ``DistributedSampler``; a trailing batch of one sample is dropped (train-mode BatchNorm
-    cannot normalise a single sample)."""
-    sampler = DistributedSampler(range(n), num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    order = list(sampler)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return [b for b in batches if len(b) > 1]
+def resolve_run(config: TrainConfig, splits: DatasetSplits, runtime: Runtime) -> tuple[TrainConfig, StepPlan]:
+    """The configuration as this run executes it, and the student's step plan.
+
+    Fills in what the user left to defaults: the length (:func:`.steps.default_length`), the loss
+    specs, the image size and augmentation the dataset chose, the teacher's length when it is trained
+    here. Saved as ``config.json``, so ``--resume`` and a reader see exactly what ran."""
+    samples = len(splits.train)
+    epochs, steps = config.epochs, config.steps
+    if epochs is None and steps is None:
+        per_epoch = math.ceil(samples / stream_batch(samples, config.batch_size, runtime.world_size))
+        epochs, steps = default_length(per_epoch, config.samples_per_class is not None, config.max_steps_per_epoch)
+    plan = stream_plan(samples, config.batch_size, epochs=epochs, steps=steps,
+                       max_steps_per_epoch=config.max_steps_per_epoch, world_size=runtime.world_size)
+    teacher_epochs, teacher_steps = config.teacher_epochs, config.teacher_steps
+    if not config.teacher_checkpoint:
+        teacher_epochs, teacher_steps = teacher_length(config)
+    height, width = splits.input_shape[1:]
+    resolved = dataclasses.replace(
+        config, epochs=epochs, steps=steps, loss=list(config.loss or DEFAULT_LOSS), augment=splits.augment,
+        image_size=height if height == width else config.image_size, teacher_epochs=teacher_epochs,
+        teacher_steps=teacher_steps,
+    )
+    return resolved, plan
 
 
 def _finite(values: dict[str, float], step: int, runtime: Runtime) -> None:
@@ -195,6 +219,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     # everything a user can get wrong is checked before any training starts
     full = load_data(config)
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
+    config, plan = resolve_run(config, splits, runtime)
     loss = build_loss(config)
     student = build_model(config.student, splits)
     registry("models").get(config.teacher)  # an unknown teacher name fails now, not after other work
@@ -205,6 +230,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_json())
+        warn_if_few(plan, "student", "--steps")
     log = MetricsLog(run_dir, enabled=runtime.is_main)
     if config.resume and not config.teacher_checkpoint and not (run_dir / TEACHER_FILE).is_file():
         log.truncate_after(0, keep_teacher=False)  # the teacher's training was interrupted: it starts again
@@ -219,12 +245,8 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay,
                              fused=runtime.device.type == "cuda")
-    batches_per_epoch = len(epoch_batches(len(splits.train), config.batch_size, 0, runtime, config.seed))
-    if batches_per_epoch == 0:
-        raise UserError(f"the training split has {len(splits.train)} sample(s); at least 2 are needed per batch")
-    steps_per_epoch = min(batches_per_epoch, config.max_steps_per_epoch or batches_per_epoch)
-    scheduler = cosine_schedule(optimizer, config.epochs * steps_per_epoch)
-    position: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
+    scheduler = cosine_schedule(optimizer, plan.total)
+    position: dict[str, Any] = {"step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
     if config.resume and (run_dir / RESUME_FILE).is_file():
         position = load_resume(run_dir / RESUME_FILE, student=student, loss=loss, optimizer=optimizer,
                                scheduler=scheduler)
@@ -236,27 +258,23 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     lookup = None
     if config.cache_teacher:
         cache_path = run_dir / CACHE_FILE
-        key = teacher_cache.fingerprint(teacher, {"config": {k: getattr(config, k) for k in (
-            "dataset", "samples_per_class", "image_size", "seed", "loss", "data_root")}, "n": len(splits.train)})
+        key = teacher_cache.cache_key(teacher, splits.train, config.loss, runtime, config.eval_batch_size)
         if runtime.is_main and not teacher_cache.TeacherCache.matches(cache_path, key):
-            teacher_cache.build(cache_path, teacher, loss, splits.train, runtime.device, config.eval_batch_size, key, show)
+            teacher_cache.build(cache_path, teacher, loss, splits.train, runtime, config.eval_batch_size, key, show)
         barrier(runtime)
         lookup = teacher_cache.TeacherCache(cache_path, runtime.device)
 
     context = RunContext(config=config, out_dir=run_dir, device=runtime.device, teacher=teacher, student=student,
                          loss=loss, splits=splits, runtime=runtime,
-                         extra={"teacher_acc": teacher_acc, "teacher_source": teacher_source})
-    loop = Loop(context, model, optimizer, scheduler, trainable, lookup, log, position, show, steps_per_epoch)
+                         extra={"teacher_acc": teacher_acc, "teacher_source": teacher_source, "plan": plan})
+    report = PhaseProgress(f"student {config.student}", plan, bars=show, enabled=runtime.is_main)
+    loop = Loop(context, model, optimizer, scheduler, trainable, lookup, log, position, plan, report, show)
     loop.captured = CapturedStep(loop.forward_backward, enabled=graphs)
     if runtime.is_main:
         get_host().notify("on_train_start", run=context)
-    epoch_records = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"]
-    last_epoch: dict[str, Any] = epoch_records[-1] if epoch_records else {}
-    for epoch in range(position["epoch"], config.epochs):
-        loop.train_epoch(epoch)
-        last_epoch = loop.end_epoch(epoch, started)
+    last_eval = loop.train(started)
 
-    summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last_epoch, started, splits)
+    summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last_eval, started, splits, plan)
     seconds, images = loop.throughput["seconds"], loop.throughput["images"]
     summary["student_images_per_s"] = images / seconds if seconds else None
     summary["student_steps_run"] = loop.graph_status()
@@ -269,11 +287,11 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
 
 @dataclass
 class Loop:
-    """The distillation loop's state between steps: what a step, an epoch end and a resume save need.
+    """The distillation loop's state between steps: what a step, an evaluation and a resume save need.
 
-    ``position`` is what ``resume.safetensors`` stores: ``epoch`` (next to run, from 0), ``batch``
-    (batches of it already consumed), ``step`` (global), ``best_acc``/``best``, and the running
-    ``sums``/``count`` of the epoch's per-term means.
+    ``position`` is what ``resume.safetensors`` stores: ``step`` (optimizer steps done),
+    ``best_acc``/``best``, and the running ``sums``/``count`` of the per-term means since the last
+    evaluation.
     """
 
     run: RunContext
@@ -284,8 +302,9 @@ class Loop:
     cache: Any  # teacher_cache.TeacherCache or None
     log: MetricsLog
     position: dict[str, Any]
+    plan: StepPlan
+    report: PhaseProgress
     show: bool
-    steps_per_epoch: int
     captured: CapturedStep | None = None  # set right after construction
     fallback_reported: bool = False
     throughput: dict[str, float] = field(default_factory=lambda: {"seconds": 0.0, "images": 0})
@@ -296,33 +315,37 @@ class Loop:
             return "eager"
         return "CUDA graph" if self.captured.captured else f"eager (capture failed: {self.captured.fallback})"
 
-    def train_epoch(self, epoch: int) -> None:
-        """One epoch from ``position["batch"]`` on (0 unless resuming mid-epoch)."""
-        run, position = self.run, self.position
+    def train(self, started: float) -> dict[str, Any]:
+        """Run the plan from ``position["step"]`` to its end, one evaluation round at a time; returns
+        the last evaluation record (from ``metrics.jsonl`` when a resumed run had nothing left to do)."""
+        run, position, plan = self.run, self.position, self.plan
         config, runtime = run.config, run.runtime
         train_set = Indexed(run.splits.train)
-        batches = epoch_batches(len(train_set), config.batch_size, epoch, runtime, config.seed)[: self.steps_per_epoch]
-        start = position["batch"] if position["epoch"] == epoch else 0
-        if not start:
-            position.update(sums={}, count=0)
-        loader = DataLoader(train_set, batch_sampler=batches[start:], num_workers=config.workers,
-                            pin_memory=runtime.device.type == "cuda")
-        self.model.train()
-        bar = progress(loader, desc=f"student {epoch + 1}/{config.epochs}", show=self.show, total=len(batches) - start)
-        for b, (inputs, targets, indices) in enumerate(bar, start=start):
-            metrics = self.step(inputs, targets, indices)
-            for key, value in metrics.items():
-                if key != "lr":
-                    position["sums"][key] = position["sums"].get(key, 0.0) + value
-            position["count"] += 1
-            if self.show:
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-            self.log.write({"kind": "step", "epoch": epoch + 1, "step": position["step"], **metrics})
-            if runtime.is_main:
-                get_host().notify("on_step_end", run=run, step=position["step"], metrics=metrics)
-            if config.save_every and position["step"] % config.save_every == 0 and b + 1 < len(batches):
-                position.update(epoch=epoch, batch=b + 1)
-                self.save_resume()
+        stream = batch_stream(len(train_set), config.batch_size, config.seed, start=position["step"],
+                              rank=runtime.rank, world_size=runtime.world_size)
+        records = [r for r in read_metrics(run.out_dir) if r.get("kind") == "epoch"]
+        last: dict[str, Any] = records[-1] if records else {}
+        while position["step"] < plan.total:
+            first, end = position["step"], plan.next_evaluation(position["step"])
+            loader = DataLoader(train_set, batch_sampler=list(itertools.islice(stream, end - first)),
+                                num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
+            self.model.train()
+            for inputs, targets, indices in self.report.round(loader, first, end):
+                metrics = self.step(inputs, targets, indices)
+                for key, value in metrics.items():
+                    if key != "lr":
+                        position["sums"][key] = position["sums"].get(key, 0.0) + value
+                position["count"] += 1
+                step = position["step"]
+                self.report.step(step, metrics["loss"])
+                self.log.write({"kind": "step", "step": step, "epoch": plan.epoch_of(step),
+                                "images": step * plan.batch, **metrics})
+                if runtime.is_main:
+                    get_host().notify("on_step_end", run=run, step=step, metrics=metrics)
+                if config.save_every and step % config.save_every == 0 and step < end:
+                    self.save_resume()
+            last = self.evaluate(started)
+        return last
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
         """One optimisation step; returns ``loss`` (weighted total), each term (unweighted) and ``lr``.
@@ -371,10 +394,12 @@ class Loop:
         total.backward()
         return {"loss": total.detach(), **{k: v.detach() for k, v in values.items()}}
 
-    def end_epoch(self, epoch: int, started: float) -> dict[str, Any]:
+    def evaluate(self, started: float) -> dict[str, Any]:
         """Evaluate, write the student checkpoints, the epoch record and the resume state; returns the record."""
-        run, position = self.run, self.position
+        run, position, plan = self.run, self.position, self.plan
         config, runtime, splits = run.config, run.runtime, run.splits
+        step = position["step"]
+        epoch = plan.epoch_of(step)
         count = max(position["count"], 1)
         metrics: dict[str, Any] = {"train_loss": position["sums"].get("loss", 0.0) / count}
         metrics.update({k: v / count for k, v in position["sums"].items() if k != "loss"})
@@ -383,7 +408,7 @@ class Loop:
                 metrics[name] = accuracy(run.student, split, runtime, batch_size=config.eval_batch_size,
                                          show=self.show, desc=name.split("_")[0])
         score = metrics.get("val_acc", metrics["test_acc"])
-        scores = {"epoch": epoch + 1, **{k: v for k, v in metrics.items() if k.endswith("_acc")}}
+        scores = {"epoch": epoch, "step": step, **{k: v for k, v in metrics.items() if k.endswith("_acc")}}
         improved = score > position["best_acc"]
         if runtime.is_main:
             meta = dict(name=config.student, num_classes=splits.num_classes, input_shape=splits.input_shape,
@@ -393,13 +418,14 @@ class Loop:
             save_model(run.out_dir / LAST_FILE, run.student, role="student_last", **meta)
         if improved:
             position["best_acc"], position["best"] = score, scores
-        record = {"kind": "epoch", "epoch": epoch + 1, "step": position["step"], **metrics,
+        record = {"kind": "epoch", "epoch": epoch, "step": step, "images": step * plan.batch, **metrics,
                   "time_s": round(time.perf_counter() - started, 3)}
         self.log.write(record)  # before the resume save: a kill in between drops the record on resume
-        position.update(epoch=epoch + 1, batch=0, sums={}, count=0)
+        position.update(sums={}, count=0)
         self.save_resume()
+        self.report.evaluated(step, record)
         if runtime.is_main:
-            get_host().notify("on_epoch_end", run=run, epoch=epoch + 1, metrics=metrics)
+            get_host().notify("on_epoch_end", run=run, epoch=epoch, metrics=metrics)
         return record
 
     def save_resume(self) -> None:
@@ -409,24 +435,33 @@ class Loop:
                         scheduler=self.scheduler, position=self.position, config=run.config.to_dict())
 
 
-def _summary(config, run_dir, teacher_acc, teacher_source, position, last, started, splits) -> dict[str, Any]:
-    """Accuracies (test split), final per-term losses (last epoch's means), time, file locations."""
+def _summary(config, run_dir, teacher_acc, teacher_source, position, last, started, splits, plan) -> dict[str, Any]:
+    """Accuracies (test split), the training length, final per-term losses (means since the previous
+    evaluation), time, file locations."""
     best = position.get("best", {})
-    terms = {k: v for k, v in last.items() if k not in ("kind", "epoch", "step", "time_s") and not k.endswith("_acc")}
+    terms = {k: v for k, v in last.items()
+             if k not in ("kind", "epoch", "step", "images", "time_s") and not k.endswith("_acc")}
+    own_teacher = run_dir / TEACHER_FILE
+    teacher_file = str(own_teacher) if own_teacher.is_file() or not config.teacher_checkpoint else config.teacher_checkpoint
     return {
         "teacher": config.teacher,
         "student": config.student,
         "dataset": config.dataset,
         "train_samples": len(splits.train),
+        "optimizer_steps": plan.total,
+        "batch": plan.batch,
+        "images_seen": plan.images,
+        "epochs": plan.epochs,
         "teacher_test_acc": teacher_acc,
         "teacher_source": teacher_source,
         "student_last_test_acc": last.get("test_acc"),
         "student_best_test_acc": best.get("test_acc"),
         "student_best_epoch": best.get("epoch"),
+        "student_best_step": best.get("step"),
         "best_chosen_on": "val" if splits.val is not None else "test",
         "final_losses": terms,
         "time_s": time.perf_counter() - started,
         "run_dir": str(run_dir),
-        "checkpoints": {name: str(run_dir / f) for name, f in (
-            ("teacher", "teacher.safetensors"), ("student_best", BEST_FILE), ("student_last", LAST_FILE))},
+        "checkpoints": {"teacher": teacher_file, "student_best": str(run_dir / BEST_FILE),
+                        "student_last": str(run_dir / LAST_FILE)},
     }

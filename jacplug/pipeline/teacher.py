@@ -2,10 +2,15 @@
 
 Order of precedence: the run directory's own ``teacher.safetensors`` when resuming; then
 ``--teacher-checkpoint PATH`` (checked against the model name, class count and input channels);
-otherwise the teacher is trained with cross-entropy for ``--teacher-epochs`` (AdamW, cosine
-schedule, the student's batch size), starting from timm's pretrained weights with ``--pretrained``
-(the classifier is re-initialised for the dataset's classes, so it is fine-tuned, never used
-as is) or from scratch, and saved as ``teacher.safetensors``.
+otherwise the teacher is trained with cross-entropy for ``--teacher-epochs`` or ``--teacher-steps``
+(default 4 epochs; AdamW, cosine schedule, the student's batch size, ``--max-steps-per-epoch`` caps
+its epochs too; the length arithmetic is :mod:`.steps`), starting from timm's pretrained weights with
+``--pretrained`` (the classifier is re-initialised for the dataset's classes, so it is fine-tuned,
+never used as is) or from scratch, and saved as ``teacher.safetensors`` with its validation and test
+accuracy in the ``metrics`` metadata.
+
+A teacher checkpoint records the input size it was trained at; a run that feeds it another size gets
+a one-line warning (:class:`InputSizeWarning`), since its accuracy usually drops there.
 
 Under DDP rank 0 trains the teacher while the other ranks wait, then every rank loads the file;
 for long teacher training, train it once in a single process and pass ``--teacher-checkpoint``.
@@ -14,9 +19,13 @@ The returned teacher is frozen: eval mode, ``requires_grad_(False)``.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +41,14 @@ from .device import Runtime, barrier
 from .evaluate import accuracy
 from .metrics import MetricsLog
 from .optim import create_adamw
-from .progress import progress
+from .progress import PhaseProgress
+from .steps import DEFAULT_EPOCHS, plan_steps, warn_if_few
 
 TEACHER_FILE = "teacher.safetensors"
+
+
+class InputSizeWarning(UserWarning):
+    """The teacher checkpoint was trained at another input size than the run feeds it."""
 
 
 def build_model(name: str, splits: DatasetSplits, pretrained: bool = False) -> nn.Module:
@@ -59,22 +73,46 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
 
+def teacher_length(config: TrainConfig) -> tuple[int | None, int | None]:
+    """``(epochs, steps)`` of the teacher phase: the configured one, else :data:`DEFAULT_EPOCHS` epochs."""
+    if config.teacher_steps is not None:
+        return None, config.teacher_steps
+    return (DEFAULT_EPOCHS if config.teacher_epochs is None else config.teacher_epochs), None
+
+
 def train_teacher(
     model: nn.Module, splits: DatasetSplits, config: TrainConfig, runtime: Runtime, log: MetricsLog, show: bool
-) -> None:
+) -> dict[str, Any]:
     """Cross-entropy training on the full training split (the teacher is trained on all of it even
     when ``--samples-per-class`` restricts the student's data: the paper's regime is a strong teacher
-    and a data-starved student)."""
+    and a data-starved student). Returns what it did: ``steps``, ``images`` seen and the final
+    ``val_acc`` (when there is a validation split).
+
+    Batches come from a seeded, shuffling ``DataLoader`` that drops each epoch's incomplete last
+    batch; a ``teacher_epoch`` record (mean loss, validation accuracy) is written at every
+    evaluation point of the plan."""
     generator = torch.Generator().manual_seed(config.seed)
+    samples = len(splits.train)
     loader = DataLoader(splits.train, batch_size=config.batch_size, shuffle=True, generator=generator,
-                        drop_last=len(splits.train) > config.batch_size, num_workers=config.workers)
+                        drop_last=samples > config.batch_size, num_workers=config.workers)
+    epochs, steps = teacher_length(config)
+    plan = plan_steps(samples=samples, batch=min(config.batch_size, samples), steps_per_epoch=len(loader),
+                      epochs=epochs, steps=steps, max_steps_per_epoch=config.max_steps_per_epoch)
+    warn_if_few(plan, "teacher", "--teacher-steps")
     optimizer = create_adamw({"teacher": model}, lr=config.teacher_lr, weight_decay=config.weight_decay)
-    scheduler = cosine_schedule(optimizer, config.teacher_epochs * len(loader))
+    scheduler = cosine_schedule(optimizer, plan.total)
+    report = PhaseProgress(f"teacher {config.teacher}", plan, bars=show)
     start = time.perf_counter()
-    for epoch in range(1, config.teacher_epochs + 1):
+    step, total, count = 0, 0.0, 0
+    done: dict[str, Any] = {"steps": plan.total, "images": plan.images}
+    while step < plan.total:
         model.train()
-        total, count = 0.0, 0
-        for inputs, targets in progress(loader, desc=f"teacher {epoch}/{config.teacher_epochs}", show=show):
+        last = min(step + plan.steps_per_epoch, plan.total)
+        # a whole epoch runs the loader to its end through tqdm.auto, as it always has: its constructor
+        # opens one iterator of the loader, which draws a seed from the shuffling generator, so any
+        # other wrapping would change the batches (and the teacher) a seed gives; a capped epoch stops early
+        batches = loader if last - step == len(loader) else itertools.islice(loader, last - step)
+        for inputs, targets in report.round(batches, step, last):
             inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
             if runtime.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -84,13 +122,39 @@ def train_teacher(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            step += 1
             total, count = total + float(loss.detach()) * len(targets), count + len(targets)
-        record = {"kind": "teacher_epoch", "epoch": epoch, "train_loss": total / max(count, 1),
-                  "time_s": round(time.perf_counter() - start, 3)}
+            report.step(step, float(loss.detach()))
+        if not plan.evaluates_at(step):
+            continue
+        record: dict[str, Any] = {"kind": "teacher_epoch", "epoch": plan.epoch_of(step), "step": step,
+                                  "images": step * plan.batch, "train_loss": total / max(count, 1),
+                                  "time_s": round(time.perf_counter() - start, 3)}
         if splits.val is not None:
-            record["val_acc"] = accuracy(model, splits.val, runtime, batch_size=config.eval_batch_size, show=show,
-                                         desc="teacher val")
+            record["val_acc"] = done["val_acc"] = accuracy(model, splits.val, runtime, batch_size=config.eval_batch_size,
+                                                           show=show, desc="teacher val")
         log.write(record)
+        report.evaluated(step, record)
+        total, count = 0.0, 0
+    return done
+
+
+def _check_input_size(meta: dict[str, str], path: str, splits: DatasetSplits) -> None:
+    """Warn when the checkpoint's recorded input size differs from the run's."""
+    try:
+        trained = [int(v) for v in json.loads(meta["input_size"])][1:]
+    except (KeyError, ValueError, TypeError):
+        return  # a checkpoint without jacplug metadata records no size
+    fed = list(splits.input_shape[1:])
+    if trained and trained != fed:
+        size = "x".join(map(str, trained))
+        warnings.warn(
+            f"the teacher checkpoint {path!r} was trained on {size} inputs, but this run feeds it "
+            f"{'x'.join(map(str, fed))}; its accuracy usually drops at another size: pass --image-size "
+            f"{trained[-1]}",
+            InputSizeWarning,
+            stacklevel=3,
+        )
 
 
 def prepare_teacher(
@@ -111,10 +175,12 @@ def prepare_teacher(
         load_model(own, model, expected_name=config.teacher, num_classes=splits.num_classes, in_chans=splits.in_chans)
     elif config.teacher_checkpoint:
         model, source = build_model(config.teacher, splits), config.teacher_checkpoint
-        load_model(config.teacher_checkpoint, model, expected_name=config.teacher, num_classes=splits.num_classes,
-                   in_chans=splits.in_chans)
+        meta = load_model(config.teacher_checkpoint, model, expected_name=config.teacher,
+                          num_classes=splits.num_classes, in_chans=splits.in_chans)
+        if runtime.is_main:
+            _check_input_size(meta, config.teacher_checkpoint, splits)
     else:
-        if config.teacher_epochs <= 0:
+        if teacher_length(config)[0] == 0:
             raise UserError(
                 "--teacher-epochs must be positive when the teacher is trained here (no --teacher-checkpoint); "
                 "an untrained teacher would teach noise"
@@ -123,12 +189,17 @@ def prepare_teacher(
             model = build_model(config.teacher, splits, pretrained=config.pretrained).to(runtime.device)
             if runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            train_teacher(model, splits, config, runtime, log, show)
+            metrics = train_teacher(model, splits, config, runtime, log, show)
+            metrics["test_acc"] = accuracy(model, splits.test, runtime, batch_size=config.eval_batch_size, show=show,
+                                           desc="teacher test")
             save_model(own, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
-                       input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=config.to_dict())
+                       input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=config.to_dict(),
+                       metrics=metrics)
         barrier(runtime)
-        model, source = build_model(config.teacher, splits), f"{own} (trained here, {config.teacher_epochs} epochs)"
-        load_model(own, model)
+        model = build_model(config.teacher, splits)
+        meta = load_model(own, model)
+        trained = json.loads(meta.get("metrics", "{}"))
+        source = f"{own} (trained here: {trained.get('steps', '?')} optimizer steps, {trained.get('images', 0):,} images seen)"
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
