@@ -2,8 +2,9 @@
 
 Precedence: dataclass defaults < ``--config FILE`` < command-line flags. A config file uses the
 option names with dashes or underscores (``batch-size`` or ``batch_size``); ``loss`` is a list of
-``NAME=WEIGHT[:opt=val,...]`` strings, as on the command line. Unknown keys are an error (a typo
-must not silently fall back to a default).
+``NAME=WEIGHT[:opt=val,...]`` strings, as on the command line; ``student-kwargs`` and
+``teacher-kwargs`` are mappings or ``key=value,...`` text (see :mod:`.model_options`), merged key by
+key with the flags. Unknown keys are an error (a typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, close_matches
+from .model_options import merge_options, model_options
 
 try:
     import tomllib
@@ -28,6 +30,8 @@ class TrainConfig:
 
     teacher: str = "resnet50"
     student: str = "resnet18"
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # model constructor kwargs (img_size: automatic)
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset: str = "digits"
     data_root: str | None = None
     download: bool = False
@@ -140,6 +144,8 @@ def _check_type(name: str, value: Any) -> None:
     expected = str(FIELDS[name].type)
     if name == "loss":
         ok, what = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of NAME=WEIGHT strings"
+    elif expected.startswith("dict"):
+        ok, what = isinstance(value, dict), "a mapping of keyword arguments"
     elif expected.startswith("bool"):
         ok, what = isinstance(value, bool), "true or false"
     elif expected.startswith("int"):
@@ -154,15 +160,14 @@ def _check_type(name: str, value: Any) -> None:
 
 def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainConfig:
     """Defaults, then the file, then every CLI option the user actually gave (not ``None``)."""
-    merged = dict(file_options)
-    merged.update({k: v for k, v in cli_options.items() if v is not None and k in FIELDS})
+    merged = merge_options(file_options, {k: v for k, v in cli_options.items() if k in FIELDS})
     for name, value in merged.items():
         _check_type(name, value)
     return TrainConfig(**merged).validate()
 
 
 #: options that define what a run computes; ``--resume`` refuses to change them
-IDENTITY = ("teacher", "student", "dataset", "samples_per_class", "image_size", "augment", "loss", "batch_size",
+IDENTITY = ("teacher", "student", "teacher_kwargs", "student_kwargs", "dataset", "samples_per_class", "image_size", "augment", "loss", "batch_size",
             "lr", "weight_decay", "seed", "teacher_checkpoint", "pretrained", "teacher_epochs", "cache_teacher")
 
 
@@ -172,6 +177,7 @@ def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str) -
     Options in :data:`IDENTITY` must keep their saved values (a different loss or seed would not
     continue the same run); others (``epochs``, ``device``, ``save_every``, progress) may change.
     """
+    overrides = model_options({k: v for k, v in overrides.items() if v is not None})
     changed = [
         f"--{k.replace('_', '-')} {overrides[k]!r} (saved: {saved.get(k)!r})"
         for k in IDENTITY
