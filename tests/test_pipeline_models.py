@@ -107,7 +107,7 @@ def resnet_teacher(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_cli_builds_a_token_student_and_its_checkpoint_rebuilds_it(tmp_path, capsys, resnet_teacher):
+def test_cli_builds_a_token_student_and_its_checkpoints_rebuild_it(tmp_path, capsys, resnet_teacher):
     out = tmp_path / "vit"
     rc = main(["train", "--teacher", "test_resnet", "--teacher-checkpoint", resnet_teacher, "--student", "test_vit:patch_size=4",
                "--student-kwargs", "depth=1", *RUN, "--out", str(out)])
@@ -121,6 +121,9 @@ def test_cli_builds_a_token_student_and_its_checkpoint_rebuilds_it(tmp_path, cap
                                 **kwargs)
     student.load_state_dict(load_file(out / "student_last.safetensors"))
     assert len(student.blocks) == 1
+    # --resume rebuilds the same student from config.json (a wrong model would not load its weights)
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2"]) == 0, capsys.readouterr().err
+    assert json.loads(_meta(out / "student_last.safetensors")["metrics"])["epoch"] == 2
 
 
 @pytest.fixture(scope="module")
