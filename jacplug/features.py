@@ -20,9 +20,8 @@ the model says how, which is what the feature loss terms take.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
-
 import sys
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -178,9 +177,9 @@ class FeatureTap:
         each call's output is converted."""
         result = {}
         for name in self:
-            value = self[name]
-            convert = lambda output: feature_map(self._root, name, output, self._input_size)  # noqa: E731
-            result[name] = [convert(v) for v in value] if self.keep_all else convert(value)
+            outputs = self[name] if self.keep_all else [self[name]]
+            converted = [feature_map(self._root, name, output, self._input_size) for output in outputs]
+            result[name] = converted if self.keep_all else converted[0]
         return result
 
     # -- internals -------------------------------------------------------------------------------

@@ -167,8 +167,9 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
 
 
 #: options that define what a run computes; ``--resume`` refuses to change them
-IDENTITY = ("teacher", "student", "teacher_kwargs", "student_kwargs", "dataset", "samples_per_class", "image_size", "augment", "loss", "batch_size",
-            "lr", "weight_decay", "seed", "teacher_checkpoint", "pretrained", "teacher_epochs", "cache_teacher")
+IDENTITY = ("teacher", "student", "dataset", "samples_per_class", "image_size", "augment", "loss", "batch_size",
+            "lr", "weight_decay", "seed", "teacher_checkpoint", "pretrained", "teacher_epochs", "cache_teacher",
+            "teacher_kwargs", "student_kwargs")
 
 
 def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str) -> TrainConfig:

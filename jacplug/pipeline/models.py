@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 from torch import nn
@@ -103,12 +103,11 @@ def build(
     kwargs: dict[str, Any] | None = None,
     *,
     pretrained: bool = False,
-    check_input: bool = True,
 ) -> BuiltModel:
-    """Build ``name`` for ``splits`` (classes, channels, input size) with the user's ``kwargs``.
+    """Build ``name`` for ``splits`` (classes, channels, input size) with the user's ``kwargs``, and
+    check that it runs at the splits' input size (see the module docstring).
 
-    ``role`` (``"student"``/``"teacher"``) names the model and its option in messages. With
-    ``check_input`` the model must run at the splits' input size (see the module docstring).
+    ``role`` (``"student"``/``"teacher"``) names the model and its option in messages.
     """
     user = dict(kwargs or {})
     height, width = splits.input_shape[1:]
@@ -128,7 +127,7 @@ def build(
             raise
         except Exception as exc:
             _construction_failed(role, name, splits, user, auto_size, pretrained, exc)
-    if check_input and height == width:
+    if height == width:  # every built-in dataset is square; the size search assumes it
         failure = _runs_at(model, splits.in_chans, height)
         if failure is not None:
             _too_small(role, name, splits, user, auto_size, model, failure)
@@ -136,7 +135,7 @@ def build(
 
 
 def _construction_failed(role: str, name: str, splits: DatasetSplits, user: dict[str, Any], auto_size: bool,
-                         pretrained: bool, exc: Exception) -> None:
+                         pretrained: bool, exc: Exception) -> NoReturn:
     """Raise the one-line error for a constructor that failed, or ``exc`` itself when no user input caused it."""
     key = _unexpected_key(exc)
     if key is not None and key in user:
