@@ -10,12 +10,17 @@ Two ways to get a model's intermediate outputs *with their autograd graph*, so a
 The tap never detaches. It refuses, with a message saying what to do instead, the ways hook-based
 features silently lose their gradient or their values: capture under ``torch.no_grad()``, a captured
 tensor changed in place afterwards (timm's ``ReLU(inplace=True)`` right after a hooked BatchNorm), a
-module that fires twice in one forward, and ``nn.DataParallel`` (hooks on its replicas never reach
-the wrapper).
+module that fires twice in one forward, ``nn.DataParallel`` (hooks on its replicas never reach
+the wrapper) and a ``torch.compile``'d wrapper (hooks inside a compiled graph are traced, not run).
+
+Token models (ViT, DeiT, CaiT, Mixer, LeViT) produce ``[B, N, D]`` tokens and Swin ``[B, H, W, C]``
+maps; :func:`feature_map` (and :meth:`FeatureTap.maps`) turns them into ``[B, C, H, W]`` maps where
+the model says how, which is what the feature loss terms take.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -23,7 +28,7 @@ from torch import Tensor, nn
 
 from .errors import UnknownNameError, UserError
 
-__all__ = ["FeatureTap", "FeatureTapError", "disable_inplace", "forward_intermediates"]
+__all__ = ["FeatureTap", "FeatureTapError", "disable_inplace", "feature_map", "forward_intermediates"]
 
 
 class FeatureTapError(UserError):
@@ -60,8 +65,9 @@ class FeatureTap:
     and reading a tensor that was modified in place after capture (detected through its version
     counter).
 
-    Hand loss code a snapshot, ``tap.features()``, rather than the tap itself: a later forward of
-    the same model (e.g. on noise-perturbed inputs inside a loss term) resets the tap.
+    Hand loss code a snapshot, ``tap.features()`` (outputs as produced) or ``tap.maps()`` (token
+    outputs as ``[B, C, H, W]`` maps, see :func:`feature_map`), rather than the tap itself: a later
+    forward of the same model (e.g. on noise-perturbed inputs inside a loss term) resets the tap.
     """
 
     def __init__(
@@ -78,6 +84,13 @@ class FeatureTap:
                 "replicas, so hooks on the wrapped modules never see the features and the gathered "
                 "result has no tap; use DistributedDataParallel (one process per device) or tap the "
                 "model before wrapping it in DataParallel and run it unwrapped"
+            )
+        if _is_compiled(model):
+            raise FeatureTapError(
+                "FeatureTap cannot hook a torch.compile'd model (an OptimizedModule): inside a compiled graph "
+                "hooks are traced rather than run, so captures go missing or arrive twice; tap and run the "
+                "uncompiled model (compiled._orig_mod), or capture features without hooks through "
+                "jacplug.features.forward_intermediates inside the compiled function"
             )
         if isinstance(names, str):
             names = [names]
@@ -100,6 +113,7 @@ class FeatureTap:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         # name -> list of (output, version counters of its tensors at capture time)
         self._captured: dict[str, list[tuple[Any, list[int | None]]]] = {}
+        self._input_size: tuple[int, int] | None = None  # [H, W] of the latest forward's input
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> FeatureTap:
@@ -107,7 +121,7 @@ class FeatureTap:
             raise FeatureTapError("this FeatureTap is already active; nest a second FeatureTap instead of re-entering")
         self.clear()
         try:
-            self._handles.append(self._root.register_forward_pre_hook(lambda module, args: self.clear()))
+            self._handles.append(self._root.register_forward_pre_hook(self._on_forward))
             for name, module in self._modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name)))
         except BaseException:
@@ -153,10 +167,28 @@ class FeatureTap:
         return len(self._captured)
 
     def features(self) -> dict[str, Any]:
-        """``{name: tap[name]}`` for every module that fired, e.g. for ``DistillBatch.student_features``."""
+        """``{name: tap[name]}`` for every module that fired, as the modules produced them."""
         return {name: self[name] for name in self}
 
+    def maps(self) -> dict[str, Any]:
+        """Like :meth:`features`, with token and channels-last outputs turned into ``[B, C, H, W]``
+        maps by :func:`feature_map` (``[B, C]`` vectors and ``[B, C, H, W]`` maps pass through): what the
+        feature loss terms take, e.g. for ``DistillBatch.student_features``. With ``keep_all=True``,
+        each call's output is converted."""
+        result = {}
+        for name in self:
+            outputs = self[name] if self.keep_all else [self[name]]
+            converted = [feature_map(self._root, name, output, self._input_size) for output in outputs]
+            result[name] = converted if self.keep_all else converted[0]
+        return result
+
     # -- internals -------------------------------------------------------------------------------
+    def _on_forward(self, module: nn.Module, args: tuple) -> None:
+        """A new forward of the model: drop the previous captures, remember the input's height and width."""
+        self.clear()
+        first = args[0] if args else None
+        self._input_size = tuple(first.shape[-2:]) if isinstance(first, Tensor) and first.dim() >= 3 else None
+
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self.requires_grad:
@@ -238,6 +270,83 @@ def forward_intermediates(
     final, intermediates = model.forward_intermediates(x, indices=indices)
     logits = model.forward_head(final)
     return logits, {wanted[i]: feature for i, feature in zip(indices, intermediates)}
+
+
+def feature_map(model: nn.Module, name: str, output: Any, input_size: Sequence[int] | None = None) -> Tensor:
+    """The output of ``model``'s sub-module ``name`` as a ``[B, C, H, W]`` map, using what the model says
+    about its layout; on the graph (a view or reshape, never a copy that detaches).
+
+    - ``[B, C, H, W]`` and ``[B, C]`` pass through, except on models that declare channels-last
+      features (timm's ``output_fmt == "NHWC"``, e.g. Swin): there the module must be listed in
+      ``model.feature_info``, whose ``num_chs`` tells which axis holds the channels.
+    - ``[B, N, D]`` tokens (ViT, DeiT, CaiT, Mixer, LeViT): the leading ``model.num_prefix_tokens``
+      (class, distillation and register tokens; a layer without them, like CaiT's patch blocks, is
+      recognised by its token count) are dropped and the rest are laid out row by row on the patch
+      grid: ``model.patch_embed.dynamic_feat_size(input_size)`` for ``dynamic_img_size`` models,
+      else ``model.patch_embed.grid_size``, else ``input_size`` divided by the module's ``reduction``
+      in ``model.feature_info``. ``input_size`` is the ``(H, W)`` of the model's input
+      (:class:`FeatureTap` records it at every forward).
+
+    Anything else raises :class:`FeatureTapError` (timm's ``forward_intermediates`` returns maps for
+    every timm model; see :func:`forward_intermediates`).
+    """
+    if not isinstance(output, Tensor):
+        raise FeatureTapError(
+            f"module {name!r} returned a {type(output).__name__}, not a tensor, so it has no feature map; tap "
+            f"a module that returns one tensor, or use jacplug.features.forward_intermediates"
+        )
+    info = {entry["module"]: entry for entry in _feature_info(model)}
+    if output.dim() == 4 and getattr(model, "output_fmt", None) == "NHWC":
+        channels = info.get(name, {}).get("num_chs")
+        if channels is not None and output.shape[-1] == channels:
+            return output.permute(0, 3, 1, 2)
+        if channels is not None and output.shape[1] == channels:
+            return output
+        raise FeatureTapError(
+            f"{type(model).__name__} keeps its features channels-last, and module {name!r} of shape "
+            f"{tuple(output.shape)} is not in its feature_info ({sorted(info)}), so its channel axis is unknown; "
+            f"tap one of those modules, or use jacplug.features.forward_intermediates"
+        )
+    if output.dim() != 3:
+        return output
+    batch, tokens, dim = output.shape
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    grids = _token_grids(model, info.get(name), input_size)
+    for rows, columns in grids:
+        for skip in dict.fromkeys((prefix, 0)):
+            if tokens == skip + rows * columns:
+                return output[:, skip:].transpose(1, 2).reshape(batch, dim, rows, columns)
+    declared = ", ".join(f"{rows}x{columns}" for rows, columns in grids) or "none"
+    raise FeatureTapError(
+        f"module {name!r} of {type(model).__name__} gives {tokens} tokens of width {dim}, which do not fill the "
+        f"patch grid the model declares ({declared}) after its {prefix} prefix token(s); tap a layer that keeps "
+        f"all patch tokens, or use jacplug.features.forward_intermediates"
+    )
+
+
+def _feature_info(model: nn.Module) -> list[dict]:
+    info = getattr(model, "feature_info", None)
+    return [entry for entry in info if isinstance(entry, dict) and "module" in entry] if isinstance(info, list) else []
+
+
+def _token_grids(model: nn.Module, entry: dict | None, input_size: Sequence[int] | None) -> list[tuple[int, int]]:
+    """Candidate ``(rows, columns)`` patch grids, in the order the model states them."""
+    grids: list[tuple[int, int]] = []
+    patch_embed = getattr(model, "patch_embed", None)
+    if input_size is not None and getattr(model, "dynamic_img_size", False) and hasattr(patch_embed, "dynamic_feat_size"):
+        grids.append(tuple(int(n) for n in patch_embed.dynamic_feat_size(tuple(input_size))))
+    if getattr(patch_embed, "grid_size", None) is not None:
+        grids.append(tuple(int(n) for n in patch_embed.grid_size))
+    if input_size is not None and entry is not None and entry.get("reduction"):
+        r = int(entry["reduction"])
+        grids += [(input_size[0] // r, input_size[1] // r), (-(-input_size[0] // r), -(-input_size[1] // r))]
+    return list(dict.fromkeys(grids))
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper; checked without importing torch._dynamo (nothing is compiled unless it was)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, getattr(eval_frame, "OptimizedModule", ()))
 
 
 def _unwrap_ddp(model: nn.Module) -> nn.Module:

@@ -14,7 +14,9 @@ def create_timm_model(name: str, *, num_classes: int, in_chans: int = 3, pretrai
     """``timm.create_model`` with the classifier sized for ``num_classes``.
 
     ``pretrained=True`` downloads weights (needs internet); the classifier is re-initialised when the
-    class count differs from the checkpoint's, as timm does.
+    class count differs from the checkpoint's, as timm does. ``kwargs`` go to the model's constructor
+    (``--student-kwargs``; the pipeline adds ``img_size`` for models that take it): a key it does not
+    take raises ``TypeError`` before anything is built, which the pipeline turns into a one-line error.
     """
     import timm
 

@@ -16,8 +16,12 @@ import argparse
 
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="check on one batch that every loss term trains the student")
-    p.add_argument("--teacher", default="resnet50", help="teacher model name (default resnet50)")
-    p.add_argument("--student", default="resnet18", help="student model name (default resnet18)")
+    p.add_argument("--teacher", default="resnet50", metavar="NAME[:KEY=VAL,...]",
+                   help="teacher model name (default resnet50), optionally with constructor kwargs")
+    p.add_argument("--student", default="resnet18", metavar="NAME[:KEY=VAL,...]",
+                   help="student model name (default resnet18), optionally with constructor kwargs")
+    p.add_argument("--teacher-kwargs", metavar="KEY=VAL,...", help="keyword arguments for the teacher's constructor")
+    p.add_argument("--student-kwargs", metavar="KEY=VAL,...", help="keyword arguments for the student's constructor")
     p.add_argument("--loss", action="append", metavar="NAME=WEIGHT[:OPT=VAL,...]",
                    help="a loss term and its weight, repeatable (default: the KD + Jacobian preset)")
     p.add_argument("--dataset", default="digits", help="dataset for the batch (default: the embedded digits)")
@@ -35,25 +39,29 @@ def run(args: argparse.Namespace) -> int:
 
     from ..graphcheck import format_flow_table, raise_for_detached
     from ..pipeline.checkpoint import load_model
-    from ..pipeline.config import TrainConfig
+    from ..pipeline.config import resolve
     from ..pipeline.device import init_runtime
+    from ..pipeline.models import build
     from ..pipeline.run import build_loss, load_data
     from ..pipeline.probe import probe_terms
-    from ..pipeline.teacher import build_model
+    from ..pipeline.teacher import build_teacher
 
-    config = TrainConfig(teacher=args.teacher, student=args.student, loss=args.loss or [], dataset=args.dataset,
-                         data_root=args.data_root, image_size=args.image_size, batch_size=args.batch_size,
-                         seed=args.seed, device=args.device, augment=False).validate()
+    config = resolve({}, dict(
+        teacher=args.teacher, student=args.student, teacher_kwargs=args.teacher_kwargs,
+        student_kwargs=args.student_kwargs, loss=args.loss or [], dataset=args.dataset, data_root=args.data_root,
+        image_size=args.image_size, batch_size=args.batch_size, seed=args.seed, device=args.device, augment=False,
+        teacher_checkpoint=args.teacher_checkpoint,
+    ))
     torch.manual_seed(config.seed)
     runtime = init_runtime(config.device)
     splits = load_data(config)
     loss = build_loss(config).to(runtime.device)
-    student = build_model(config.student, splits).to(runtime.device).train()
-    teacher = build_model(config.teacher, splits)
+    student = build("student", config.student, splits, config.student_kwargs).module.to(runtime.device).train()
+    built = build_teacher(config, splits)
     if args.teacher_checkpoint:
-        load_model(args.teacher_checkpoint, teacher, expected_name=config.teacher, num_classes=splits.num_classes,
-                   in_chans=splits.in_chans)
-    teacher = teacher.to(runtime.device).eval().requires_grad_(False)
+        load_model(args.teacher_checkpoint, built.module, expected_name=config.teacher, num_classes=splits.num_classes,
+                   in_chans=splits.in_chans, model_kwargs=built.kwargs)
+    teacher = built.module.to(runtime.device).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)
     picks = torch.randperm(len(splits.train), generator=generator)[: config.batch_size].tolist()
     inputs = torch.stack([splits.train[i][0] for i in picks]).to(runtime.device)

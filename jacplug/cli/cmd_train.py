@@ -21,8 +21,15 @@ def add_parser(sub) -> None:
         "--config FILE (YAML or TOML, same names); flags given here override the file.",
     )
     add = p.add_argument
-    add("--teacher", help="teacher model name (any timm name; default resnet50)")
-    add("--student", help="student model name (any timm name; default resnet18)")
+    add("--teacher", metavar="NAME[:KEY=VAL,...]",
+        help="teacher model name (any timm name; default resnet50), optionally with constructor kwargs")
+    add("--student", metavar="NAME[:KEY=VAL,...]",
+        help="student model name (any timm name; default resnet18), optionally with constructor kwargs, "
+        "e.g. vit_tiny_patch16_224:patch_size=4,depth=6")
+    add("--teacher-kwargs", metavar="KEY=VAL,...",
+        help="keyword arguments for the teacher's constructor (values read as Python/YAML literals); "
+        "img_size is set from --image-size for models that take it")
+    add("--student-kwargs", metavar="KEY=VAL,...", help="keyword arguments for the student's constructor")
     add("--dataset", help="digits (embedded, default), cifar10, cifar100, imagefolder:PATH, or a plugin's dataset")
     add("--data-root", help="where torchvision datasets live (default ./data)")
     add("--download", action="store_true", default=None, help="download a torchvision dataset (needs internet)")
@@ -69,6 +76,7 @@ def resolve_config(args: argparse.Namespace):
     """The run's :class:`TrainConfig`: saved config when resuming, else defaults < file < flags."""
     from ..errors import UserError
     from ..pipeline.config import FIELDS, for_resume, read_config_file, resolve
+    from ..pipeline.model_options import merge_options
 
     given = {k: v for k, v in vars(args).items() if k in FIELDS and k != "resume"}
     file_options = read_config_file(args.config) if args.config else {}
@@ -83,7 +91,7 @@ def resolve_config(args: argparse.Namespace):
             saved_options = json.loads(saved.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{str(saved)!r} is corrupt ({exc}); the run cannot be resumed") from exc
-        return for_resume(saved_options, {**file_options, **{k: v for k, v in given.items() if v is not None}}, str(out))
+        return for_resume(saved_options, merge_options(file_options, given), str(out))
     return resolve(file_options, given)
 
 

@@ -2,7 +2,8 @@
 
 Keys are module names (as ``model.named_modules()`` spells them); each term's ``feature_layers`` maps
 student layer -> teacher layer, so the caller knows what to tap. Feature maps are ``[B, C, H, W]``
-(``fitnet`` also takes ``[B, C]``); the teacher's are read through ``.detach()`` except by
+(``fitnet`` also takes ``[B, C]``; token outputs of ViT-style models are turned into maps by
+:meth:`jacplug.FeatureTap.maps`); the teacher's are read through ``.detach()`` except by
 ``feature-jacobian``, which differentiates them w.r.t. the inputs. When the two maps' spatial sizes
 differ, both are adaptively average-pooled to the smaller height and width.
 
@@ -75,8 +76,13 @@ def _spatial(feature: Tensor, name: str, term: LossTerm, allow_vector: bool = Fa
         return feature[:, :, None, None]
     if feature.dim() != 4:
         expected = "[B, C, H, W] or [B, C]" if allow_vector else "[B, C, H, W]"
+        hint = (
+            "; token outputs [B, N, D] of ViT-style models become maps through FeatureTap(...).maps() or "
+            "jacplug.features.feature_map, or use jacplug.features.forward_intermediates"
+            if feature.dim() == 3 else ""
+        )
         raise ValueError(
-            f"loss term {term.name!r}: feature map {name!r} has shape {tuple(feature.shape)}; expected {expected}"
+            f"loss term {term.name!r}: feature map {name!r} has shape {tuple(feature.shape)}; expected {expected}{hint}"
         )
     return feature
 

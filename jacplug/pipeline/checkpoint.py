@@ -4,11 +4,12 @@ Model files (``teacher.safetensors``, ``student_best.safetensors``, ``student_la
 hold the plain timm ``state_dict`` (no ``module.`` prefix, contiguous tensors) and string metadata:
 ``format`` (``jacplug-model/1``), ``role``, ``model``, ``num_classes``, ``in_chans``,
 ``input_size`` (JSON ``[C, H, W]``), ``mean``/``std`` (JSON lists), ``config`` (JSON), ``metrics``
-(JSON, e.g. accuracies), ``jacplug_version``, and ``pretrained_cfg`` (JSON): timm's data keys
+(JSON, e.g. accuracies), ``model_kwargs`` (JSON: the other constructor kwargs, ``img_size``
+included), ``jacplug_version``, and ``pretrained_cfg`` (JSON): timm's data keys
 (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``num_classes``),
 so that ``timm.data.resolve_data_config(model=...)`` on a model built from the file gives this run's
 preprocessing instead of ImageNet's. Loading needs only ``safetensors`` and ``timm.create_model(model,
-num_classes=..., in_chans=..., pretrained_cfg_overlay=...)``; :func:`jacplug.load_model` does it.
+num_classes=..., in_chans=..., pretrained_cfg_overlay=..., **model_kwargs)``; :func:`jacplug.load_model` does it.
 
 The resume file (``resume.safetensors``) is one file, so it is always self-consistent: the student,
 the loss module (adapters), the optimizer's tensors and the RNG states as tensors, and as JSON
@@ -108,6 +109,7 @@ def save_model(
     std: tuple[float, ...],
     config: dict[str, Any],
     metrics: dict[str, float] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Write a model checkpoint that loads with plain safetensors + timm (see the module docstring)."""
     metadata = {
@@ -121,6 +123,7 @@ def save_model(
         "std": json.dumps(list(std)),
         "config": json.dumps(config, sort_keys=True),
         "metrics": json.dumps(metrics or {}, sort_keys=True),
+        "model_kwargs": json.dumps(model_kwargs or {}, sort_keys=True),
         "jacplug_version": __version__,
         "pretrained_cfg": json.dumps(pretrained_cfg(num_classes, input_shape, mean, std)),
     }
@@ -163,6 +166,19 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     return tensors, metadata
 
 
+def checkpoint_model_kwargs(path: str | Path) -> dict[str, Any] | None:
+    """The constructor kwargs a model checkpoint records, or None (none recorded, or no readable file:
+    :func:`load_model` then says what is wrong)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            recorded = (fh.metadata() or {}).get("model_kwargs")
+        return json.loads(recorded) if recorded else None
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
 def load_model(
     path: str | Path,
     model: nn.Module,
@@ -170,12 +186,13 @@ def load_model(
     expected_name: str | None = None,
     num_classes: int | None = None,
     in_chans: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Load a model checkpoint into ``model`` after checking it fits; returns the metadata.
 
     A checkpoint without jacplug metadata (a plain ``save_file(model.state_dict())``) is accepted
-    when its tensors fit ``model``. Mismatches (other architecture, class count or channels) raise a
-    one-line :class:`UserError` that names both sides.
+    when its tensors fit ``model``. Mismatches (other architecture, class count, channels or
+    constructor kwargs, e.g. a ViT's ``img_size``) raise a one-line :class:`UserError` that names both sides.
     """
     tensors, meta = read_checkpoint(path)
     where = f"checkpoint {str(path)!r}"
@@ -188,6 +205,13 @@ def load_model(
         )
     if in_chans is not None and meta.get("in_chans") and int(meta["in_chans"]) != in_chans:
         raise UserError(f"{where} expects {meta['in_chans']} input channels, but the dataset has {in_chans}")
+    if model_kwargs is not None and "model_kwargs" in meta:
+        saved, requested = json.loads(meta["model_kwargs"]), json.loads(json.dumps(model_kwargs))
+        if saved != requested:
+            raise UserError(
+                f"{where} holds a model built with kwargs {saved}, but this run builds it with {requested}; "
+                "use the kwargs and --image-size it was trained with"
+            )
     target = getattr(model, "module", model)
     expected = target.state_dict()
     missing = sorted(set(expected) - set(tensors))

@@ -2,8 +2,9 @@
 
 Precedence: dataclass defaults < ``--config FILE`` < command-line flags. A config file uses the
 option names with dashes or underscores (``batch-size`` or ``batch_size``); ``loss`` is a list of
-``NAME=WEIGHT[:opt=val,...]`` strings, as on the command line. Unknown keys are an error (a typo
-must not silently fall back to a default).
+``NAME=WEIGHT[:opt=val,...]`` strings, as on the command line; ``student-kwargs`` and
+``teacher-kwargs`` are mappings or ``key=value,...`` text (see :mod:`.model_options`), merged key by
+key with the flags. Unknown keys are an error (a typo must not silently fall back to a default).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, close_matches
+from .model_options import merge_options, model_options
 
 try:
     import tomllib
@@ -28,6 +30,8 @@ class TrainConfig:
 
     teacher: str = "resnet50"
     student: str = "resnet18"
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # model constructor kwargs (img_size: automatic)
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset: str = "digits"
     data_root: str | None = None
     download: bool = False
@@ -155,6 +159,8 @@ def _check_type(name: str, value: Any) -> None:
     expected = str(FIELDS[name].type)
     if name == "loss":
         ok, what = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of NAME=WEIGHT strings"
+    elif expected.startswith("dict"):
+        ok, what = isinstance(value, dict), "a mapping of keyword arguments"
     elif expected.startswith("bool"):
         ok, what = isinstance(value, bool), "true or false"
     elif expected.startswith("int"):
@@ -171,8 +177,8 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
     """Defaults, then the file, then every CLI option the user actually gave (not ``None``)."""
     given = {k for k, v in cli_options.items() if v is not None}
     replaced = {other for pair in LENGTHS for name, other in (pair, pair[::-1]) if name in given}
-    merged = {k: v for k, v in file_options.items() if k not in replaced}
-    merged.update({k: v for k, v in cli_options.items() if v is not None and k in FIELDS})
+    file_side = {k: v for k, v in file_options.items() if k not in replaced}
+    merged = merge_options(file_side, {k: v for k, v in cli_options.items() if k in FIELDS})
     for name, value in merged.items():
         _check_type(name, value)
     return TrainConfig(**merged).validate()
@@ -181,7 +187,7 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
 #: options that define what a run computes; ``--resume`` refuses to change them
 IDENTITY = ("teacher", "student", "dataset", "samples_per_class", "image_size", "augment", "loss", "batch_size",
             "lr", "weight_decay", "seed", "teacher_checkpoint", "pretrained", "teacher_epochs", "teacher_steps",
-            "cache_teacher")
+            "cache_teacher", "teacher_kwargs", "student_kwargs")
 #: options that set the length of the student's cosine schedule; ``--resume`` refuses to change them too
 HORIZON = ("epochs", "steps", "max_steps_per_epoch")
 
@@ -199,6 +205,7 @@ def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str) -
     cosine that reaches zero at the saved last step, so another length would make it jump mid-run.
     Others (``device``, ``save_every``, ``workers``, progress) may change.
     """
+    overrides = model_options({k: v for k, v in overrides.items() if v is not None})
     length = [k for k in HORIZON if overrides.get(k) is not None and overrides[k] != saved.get(k)]
     if length:
         given = " ".join(f"--{_flag(k)} {overrides[k]}" for k in length)

@@ -46,7 +46,7 @@ from ..capture import CapturedStep
 from ..errors import UserError
 from ..graphcheck import gradient_flow, raise_for_detached
 from ..losses.composite import WeightedLoss
-from ..registry import create_dataset, get_host, model_pair, registry
+from ..registry import create_dataset, get_host, model_pair
 from . import cache as teacher_cache
 from .checkpoint import atomic_write_text, load_resume, remove_stale_temp_files, save_model, save_resume
 from .config import TrainConfig
@@ -59,8 +59,9 @@ from .optim import create_adamw
 from .probe import probe_batch, probe_terms
 from .progress import PhaseProgress, want_progress
 from .step import compute_terms, weighted_total, with_every_parameter
+from .models import build
 from .steps import StepPlan, batch_stream, default_length, stream_batch, stream_plan, warn_if_few
-from .teacher import TEACHER_FILE, build_model, cosine_schedule, prepare_teacher, teacher_length
+from .teacher import TEACHER_FILE, build_teacher, cosine_schedule, prepare_teacher, teacher_length
 
 RESUME_FILE = "resume.safetensors"
 BEST_FILE = "student_best.safetensors"
@@ -85,6 +86,8 @@ class RunContext:
     splits: DatasetSplits
     runtime: Runtime
     extra: dict[str, Any] = field(default_factory=dict)
+    #: every kwarg the student's constructor received (``img_size`` included), recorded in its checkpoints
+    student_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def default_out(config: TrainConfig) -> Path:
@@ -109,12 +112,12 @@ def load_data(config: TrainConfig) -> DatasetSplits:
     )
 
 
-def startup_probe(config: TrainConfig, loss: WeightedLoss, student: nn.Module, splits: DatasetSplits,
-                  runtime: Runtime) -> None:
-    """Every term once, with the student and a freshly built teacher, on eight training images: an
-    unsupported op, a bad option or a shape mismatch stops the run before the teacher is trained (and
-    a term that cannot reach the student, unless ``--no-check-gradients``)."""
-    teacher = build_model(config.teacher, splits).to(runtime.device).eval().requires_grad_(False)
+def startup_probe(config: TrainConfig, loss: WeightedLoss, student: nn.Module, teacher: nn.Module,
+                  splits: DatasetSplits, runtime: Runtime) -> None:
+    """Every term once, with the student and a freshly built (untrained) teacher, on eight training
+    images: an unsupported op, a bad option or a shape mismatch stops the run before the teacher is
+    trained (and a term that cannot reach the student, unless ``--no-check-gradients``)."""
+    teacher = teacher.to(runtime.device).eval().requires_grad_(False)
     inputs, targets = probe_batch(splits, runtime.device)
     report = probe_terms(loss.to(runtime.device), student.to(runtime.device).train(), teacher, inputs, targets,
                          runtime, config.student)
@@ -221,12 +224,15 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
     config, plan = resolve_run(config, splits, runtime)
     loss = build_loss(config)
-    student = build_model(config.student, splits)
-    registry("models").get(config.teacher)  # an unknown teacher name fails now, not after other work
+    student_built = build("student", config.student, splits, config.student_kwargs)
+    student = student_built.module
+    with torch.random.fork_rng(devices=[]):  # a throwaway build must not shift the run's seeds
+        probe_teacher = build_teacher(config, full, run_dir).module  # a bad name, kwarg or input size fails now
     if config.cache_teacher:
         teacher_cache.check_cacheable(loss, splits.augment, config.dataset)
     if not config.resume:
-        startup_probe(config, loss, student, splits, runtime)
+        startup_probe(config, loss, student, probe_teacher, splits, runtime)
+    del probe_teacher
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_json())
@@ -266,7 +272,8 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
 
     context = RunContext(config=config, out_dir=run_dir, device=runtime.device, teacher=teacher, student=student,
                          loss=loss, splits=splits, runtime=runtime,
-                         extra={"teacher_acc": teacher_acc, "teacher_source": teacher_source, "plan": plan})
+                         extra={"teacher_acc": teacher_acc, "teacher_source": teacher_source, "plan": plan},
+                         student_kwargs=student_built.kwargs)
     report = PhaseProgress(f"student {config.student}", plan, bars=show, enabled=runtime.is_main)
     loop = Loop(context, model, optimizer, scheduler, trainable, lookup, log, position, plan, report, show)
     loop.captured = CapturedStep(loop.forward_backward, enabled=graphs)
@@ -412,7 +419,8 @@ class Loop:
         improved = score > position["best_acc"]
         if runtime.is_main:
             meta = dict(name=config.student, num_classes=splits.num_classes, input_shape=splits.input_shape,
-                        mean=splits.mean, std=splits.std, config=config.to_dict(), metrics=scores)
+                        mean=splits.mean, std=splits.std, config=config.to_dict(), metrics=scores,
+                        model_kwargs=run.student_kwargs)
             if improved:
                 save_model(run.out_dir / BEST_FILE, run.student, role="student_best", **meta)
             save_model(run.out_dir / LAST_FILE, run.student, role="student_last", **meta)

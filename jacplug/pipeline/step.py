@@ -7,7 +7,8 @@ Shared by the training loop, ``jacplug check`` and the DDP equivalence test, so 
   enabled w.r.t. the inputs (its parameters frozen, eval mode), so its graph reaches only the
   inputs and the Jacobian terms take the teacher rows without a graph. Otherwise the teacher runs
   under ``torch.no_grad()``.
-- feature maps are captured with :class:`jacplug.FeatureTap` when ``loss.feature_layers`` is non-empty;
+- feature maps are captured with :class:`jacplug.FeatureTap` when ``loss.feature_layers`` is non-empty
+  (token outputs of ViT-style models as ``[B, D, H, W]`` maps, :meth:`~jacplug.FeatureTap.maps`);
 - ``student_fn``/``teacher_fn`` are handed over when a term asks for them;
 - a teacher cache entry (logits ``[B, C]``, rows ``[B, R]``, Jacobian rows ``[B, R, *S]``) replaces
   the teacher's forward and backward when given.
@@ -59,7 +60,7 @@ def compute_terms(
         t_tap = stack.enter_context(FeatureTap(teacher, list(layers.values()), requires_grad=False)) if layers else None
         with runtime.autocast(), student_mode(loss):
             student_logits = student(x).float()
-        student_features = s_tap.features() if s_tap else {}
+        student_features = s_tap.maps() if s_tap else {}
         cache: dict[str, Tensor] = {}
         if cached is not None and not layers:
             teacher_logits = cached["teacher_logits"]
@@ -68,7 +69,7 @@ def compute_terms(
             grad_mode = torch.enable_grad() if input_grad else torch.no_grad()
             with grad_mode, runtime.autocast():
                 teacher_logits = teacher(x).float()
-        teacher_features = t_tap.features() if t_tap else {}
+        teacher_features = t_tap.maps() if t_tap else {}
     batch = DistillBatch(
         inputs=x,
         student_logits=student_logits,

@@ -1,13 +1,14 @@
 """The teacher: loaded from a checkpoint, or trained (from timm's pretrained weights or from scratch).
 
 Order of precedence: the run directory's own ``teacher.safetensors`` when resuming; then
-``--teacher-checkpoint PATH`` (checked against the model name, class count and input channels);
-otherwise the teacher is trained with cross-entropy for ``--teacher-epochs`` or ``--teacher-steps``
-(default 4 epochs; AdamW, cosine schedule, the student's batch size, ``--max-steps-per-epoch`` caps
-its epochs too; the length arithmetic is :mod:`.steps`), starting from timm's pretrained weights with
-``--pretrained`` (the classifier is re-initialised for the dataset's classes, so it is fine-tuned,
-never used as is) or from scratch, and saved as ``teacher.safetensors`` with its validation and test
-accuracy in the ``metrics`` metadata.
+``--teacher-checkpoint PATH`` (checked against the model name, class count, input channels and
+constructor kwargs; without ``--teacher-kwargs`` the teacher is built with the kwargs the checkpoint
+records); otherwise the teacher is trained with cross-entropy for ``--teacher-epochs`` or
+``--teacher-steps`` (default 4 epochs; AdamW, cosine schedule, the student's batch size,
+``--max-steps-per-epoch`` caps its epochs too; the length arithmetic is :mod:`.steps`), starting from
+timm's pretrained weights with ``--pretrained`` (the classifier is re-initialised for the dataset's
+classes, so it is fine-tuned, never used as is) or from scratch, and saved as ``teacher.safetensors``
+with its validation and test accuracy in the ``metrics`` metadata.
 
 A teacher checkpoint records the input size it was trained at; a run that feeds it another size gets
 a one-line warning (:class:`InputSizeWarning`), since its accuracy usually drops there.
@@ -33,13 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
-from ..registry import create_model
-from .checkpoint import load_model, save_model
+from .checkpoint import checkpoint_model_kwargs, load_model, save_model
 from .config import TrainConfig
 from .data import DatasetSplits
 from .device import Runtime, barrier
 from .evaluate import accuracy
 from .metrics import MetricsLog
+from .models import BuiltModel, build
 from .optim import create_adamw
 from .progress import PhaseProgress
 from .steps import DEFAULT_EPOCHS, plan_steps, warn_if_few
@@ -51,20 +52,25 @@ class InputSizeWarning(UserWarning):
     """The teacher checkpoint was trained at another input size than the run feeds it."""
 
 
-def build_model(name: str, splits: DatasetSplits, pretrained: bool = False) -> nn.Module:
-    """A registered model sized for ``splits``; timm download failures become a one-line error."""
-    try:
-        return create_model(name, num_classes=splits.num_classes, in_chans=splits.in_chans, pretrained=pretrained)
-    except UserError:
-        raise
-    except Exception as exc:
-        if pretrained:
-            raise UserError(
-                f"could not load pretrained weights for {name!r} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
-                "--pretrained needs internet access and a model with published weights; drop --pretrained to train "
-                "the teacher from scratch"
-            ) from exc
-        raise
+def build_model(
+    name: str, splits: DatasetSplits, pretrained: bool = False, *, kwargs: dict | None = None, role: str = "model"
+) -> nn.Module:
+    """A registered model sized for ``splits``, checked to run at their input size (see :func:`.models.build`)."""
+    return build(role, name, splits, kwargs, pretrained=pretrained).module
+
+
+def teacher_kwargs(config: TrainConfig, run_dir: Path | None = None) -> dict:
+    """The teacher's constructor kwargs: ``--teacher-kwargs``, or, when none are given and the teacher
+    comes from ``--teacher-checkpoint``, the kwargs that checkpoint records (so it rebuilds the same model)."""
+    resuming_own = config.resume and run_dir is not None and (run_dir / TEACHER_FILE).is_file()
+    if config.teacher_kwargs or not config.teacher_checkpoint or resuming_own:
+        return dict(config.teacher_kwargs)
+    return checkpoint_model_kwargs(config.teacher_checkpoint) or {}
+
+
+def build_teacher(config: TrainConfig, splits: DatasetSplits, run_dir: Path | None = None,
+                  pretrained: bool = False) -> BuiltModel:
+    return build("teacher", config.teacher, splits, teacher_kwargs(config, run_dir), pretrained=pretrained)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -169,14 +175,15 @@ def prepare_teacher(
 
     ``splits`` are the full splits (not the ``--samples-per-class`` subset)."""
     own = run_dir / TEACHER_FILE
-    model: nn.Module
+    built: BuiltModel
     if config.resume and own.is_file():
-        model, source = build_model(config.teacher, splits), f"{own} (resumed)"
-        load_model(own, model, expected_name=config.teacher, num_classes=splits.num_classes, in_chans=splits.in_chans)
+        built, source = build_teacher(config, splits, run_dir), f"{own} (resumed)"
+        load_model(own, built.module, expected_name=config.teacher, num_classes=splits.num_classes,
+                   in_chans=splits.in_chans, model_kwargs=built.kwargs)
     elif config.teacher_checkpoint:
-        model, source = build_model(config.teacher, splits), config.teacher_checkpoint
-        meta = load_model(config.teacher_checkpoint, model, expected_name=config.teacher,
-                          num_classes=splits.num_classes, in_chans=splits.in_chans)
+        built, source = build_teacher(config, splits, run_dir), config.teacher_checkpoint
+        meta = load_model(config.teacher_checkpoint, built.module, expected_name=config.teacher,
+                          num_classes=splits.num_classes, in_chans=splits.in_chans, model_kwargs=built.kwargs)
         if runtime.is_main:
             _check_input_size(meta, config.teacher_checkpoint, splits)
     else:
@@ -186,7 +193,8 @@ def prepare_teacher(
                 "an untrained teacher would teach noise"
             )
         if runtime.is_main:
-            model = build_model(config.teacher, splits, pretrained=config.pretrained).to(runtime.device)
+            built = build_teacher(config, splits, run_dir, pretrained=config.pretrained)
+            model = built.module.to(runtime.device)
             if runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             metrics = train_teacher(model, splits, config, runtime, log, show)
@@ -194,13 +202,13 @@ def prepare_teacher(
                                            desc="teacher test")
             save_model(own, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
                        input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=config.to_dict(),
-                       metrics=metrics)
+                       metrics=metrics, model_kwargs=built.kwargs)
         barrier(runtime)
-        model = build_model(config.teacher, splits)
-        meta = load_model(own, model)
+        built = build_teacher(config, splits, run_dir)
+        meta = load_model(own, built.module)
         trained = json.loads(meta.get("metrics", "{}"))
         source = f"{own} (trained here: {trained.get('steps', '?')} optimizer steps, {trained.get('images', 0):,} images seen)"
-    model = model.to(runtime.device)
+    model = built.module.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
