@@ -136,7 +136,7 @@ def loop(student: nn.Module, loss: WeightedLoss, teacher: nn.Module, runtime: Ru
     trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
     position = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
     step = Loop(run, model, optimizer, cosine_schedule(optimizer, 10), trainable, None,
-                MetricsLog(Path("."), enabled=False), position, False, 1)
+                MetricsLog(Path("."), enabled=False), position, plan=None, report=None, show=False)
     step.captured = CapturedStep(step.forward_backward, enabled=False)
     return step
 
