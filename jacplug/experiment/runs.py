@@ -51,6 +51,7 @@ from ..pipeline.evaluate import accuracy
 from ..pipeline.metrics import MetricsLog
 from ..pipeline.step import compute_terms, weighted_total
 from ..pipeline.steps import batch_stream, stream_plan
+from ..pipeline.optim import create_adamw
 from ..pipeline.teacher import build_model, cosine_schedule, train_teacher
 from ..registry import create_dataset
 from .methods import METHODS, get_method
@@ -148,8 +149,8 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     torch.manual_seed(spec.seed)
     student = build_model(config.student, splits).to(runtime.device).train()
     loss = build_loss(specs).to(runtime.device)
-    trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    # the same optimizer as `jacplug train` (no decay on norm and bias parameters)
+    optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
     plan = stream_plan(len(splits.train), config.batch_size, steps=config.steps)
     scheduler = cosine_schedule(optimizer, plan.total)
     batches = batch_stream(len(splits.train), config.batch_size, spec.seed)
