@@ -29,8 +29,10 @@ from jacplug.pipeline.device import Runtime, distribute
 from jacplug.pipeline.lock import RunDirLock
 from jacplug.pipeline.metrics import MetricsLog
 from jacplug.pipeline.optim import create_adamw
+from jacplug.pipeline.progress import PhaseProgress
 from jacplug.pipeline.run import Loop, RunContext, _run_dir
 from jacplug.pipeline.step import compute_terms, weighted_total, with_every_parameter
+from jacplug.pipeline.steps import stream_plan
 from jacplug.pipeline.teacher import cosine_schedule
 
 WORLD = 2
@@ -134,9 +136,11 @@ def loop(student: nn.Module, loss: WeightedLoss, teacher: nn.Module, runtime: Ru
     run = RunContext(config=config, out_dir=Path("."), device=runtime.device, teacher=teacher, student=student,
                      loss=loss, splits=None, runtime=runtime)
     trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
-    position = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
-    step = Loop(run, model, optimizer, cosine_schedule(optimizer, 10), trainable, None,
-                MetricsLog(Path("."), enabled=False), position, plan=None, report=None, show=False)
+    position = {"step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
+    plan = stream_plan(16, 8, steps=10)
+    step = Loop(run, model, optimizer, cosine_schedule(optimizer, plan.total), trainable, None,
+                MetricsLog(Path("."), enabled=False), position, plan,
+                PhaseProgress("student", plan, bars=False, enabled=False), False)
     step.captured = CapturedStep(step.forward_backward, enabled=False)
     return step
 

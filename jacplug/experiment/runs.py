@@ -14,8 +14,9 @@ Protocol (after Srinivas & Fleuret 2018):
 Why a fixed number of optimisation steps rather than epochs: one image per class is 10 images, a
 single batch; an epoch budget would give that run almost no updates. Every run takes ``steps``
 AdamW steps on batches of ``min(batch_size, n_train)`` drawn from seeded permutations, with the
-step arithmetic and batch order of :mod:`jacplug.pipeline.steps`, the same code ``jacplug train``
-runs: a cell of the table is ``jacplug train --steps`` with the cell's options.
+step arithmetic and batch order of :mod:`jacplug.pipeline.steps` and the optimizer of
+:mod:`jacplug.pipeline.optim`, the same code ``jacplug train`` runs: a cell of the table is
+``jacplug train --steps`` with the cell's options.
 
 Determinism: each run seeds torch's global RNG with its seed before building the student, so its
 result does not depend on which worker process runs it or in which order; the few-sample subset of
@@ -49,9 +50,9 @@ from ..pipeline.data import DatasetSplits, few_sample_subset
 from ..pipeline.device import Runtime, init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.metrics import MetricsLog
+from ..pipeline.optim import create_adamw
 from ..pipeline.step import compute_terms, weighted_total
 from ..pipeline.steps import batch_stream, stream_plan
-from ..pipeline.optim import create_adamw
 from ..pipeline.teacher import build_model, cosine_schedule, train_teacher
 from ..registry import create_dataset
 from .methods import METHODS, get_method
@@ -149,7 +150,6 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     torch.manual_seed(spec.seed)
     student = build_model(config.student, splits).to(runtime.device).train()
     loss = build_loss(specs).to(runtime.device)
-    # the same optimizer as `jacplug train` (no decay on norm and bias parameters)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
     plan = stream_plan(len(splits.train), config.batch_size, steps=config.steps)
     scheduler = cosine_schedule(optimizer, plan.total)
