@@ -1,7 +1,7 @@
 """Jacobian terms on students from 32 timm families, through the start-up probe that `jacplug train`
 and `jacplug check` run: for every family the double backward of the exact terms and forward mode
 (checked against reverse mode), each reaching the student's parameters; every term, finite
-differences and noise included, on three of them.
+differences and noise included, on a CNN and a ViT.
 
 Small members of each family at 16 px (depths and widths cut where timm's constructors allow it), so
 the whole zoo stays within the suite's budget; marked ``slow``.
@@ -113,6 +113,6 @@ def test_both_higher_derivatives_work_for_the_family(family, teacher):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["resnet", "mobilenetv3", "vit"])
-def test_every_jacobian_term_trains_a_cnn_a_hard_sigmoid_net_and_a_vit(family, teacher):
+@pytest.mark.parametrize("family", ["resnet", "vit"])
+def test_every_jacobian_term_trains_a_cnn_and_a_vit(family, teacher):
     probe(family, every_term(), teacher)
