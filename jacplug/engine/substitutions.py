@@ -23,6 +23,7 @@ live here. Outside these contexts the model runs its usual, faster kernels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -111,11 +112,12 @@ def _attention(
     query: Tensor,
     key: Tensor,
     value: Tensor,
-    attn_mask: Tensor | None,
-    dropout_p: float,
-    is_causal: bool,
-    scale: float | None,
-    enable_gqa: bool,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
     softmax: Callable[..., Tensor],
 ) -> Tensor:
     """``softmax(q k^T * scale + mask) v`` with ``F.scaled_dot_product_attention``'s arguments."""
@@ -136,32 +138,10 @@ def _attention(
     return weights @ value
 
 
-def math_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> Tensor:
-    """Attention from matmul and softmax, differentiable to any order (fused kernels are not)."""
-    return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, torch.softmax)
-
-
-def forward_mode_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> Tensor:
-    """:func:`math_attention` with :func:`composite_softmax`, for forward-over-reverse."""
-    return _attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, composite_softmax)
+#: attention from matmul and softmax, differentiable to any order (fused kernels are not)
+math_attention = functools.partial(_attention, softmax=torch.softmax)
+#: the same with :func:`composite_softmax`, for forward-over-reverse
+forward_mode_attention = functools.partial(_attention, softmax=composite_softmax)
 
 
 def composite_layer_norm(
