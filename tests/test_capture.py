@@ -9,6 +9,7 @@ import torch
 from jacplug import CapturedStep
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine test_cuda.py covers CapturedStep")
 def test_cpu_inputs_fall_back_to_eager_steps_with_the_reason():
     calls = []
 
@@ -16,8 +17,6 @@ def test_cpu_inputs_fall_back_to_eager_steps_with_the_reason():
         calls.append(x.clone())
         return {"loss": x.sum()}
 
-    if torch.cuda.is_available():
-        pytest.skip("covered by test_cuda.py on a CUDA machine")
     captured = CapturedStep(step, warmup=1)
     for i in range(3):
         assert float(captured(torch.full((2,), float(i)))["loss"]) == 2 * i
