@@ -31,3 +31,13 @@ def test_cuda_graphs_on_without_cuda_is_a_one_line_error(tmp_path, capsys):
                  "--epochs", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "--cuda-graphs on: the run is not on CUDA" in err and err.count("\n") == 1
+
+
+def test_bad_cuda_graphs_value_in_a_config_file_is_named(tmp_path):
+    from jacplug.errors import UserError
+    from jacplug.pipeline.config import read_config_file, resolve
+
+    path = tmp_path / "run.yaml"
+    path.write_text("cuda-graphs: sometimes\n")
+    with pytest.raises(UserError, match="--cuda-graphs must be auto, on or off, got 'sometimes'"):
+        resolve(read_config_file(path), {})
