@@ -20,7 +20,7 @@ from jacplug.experiment import runs as runs_module
 def tiny_config(out) -> ExperimentConfig:
     return ExperimentConfig(
         teacher="test_resnet", student="test_resnet", image_size=8, teacher_epochs=1,
-        samples_per_class=[2], methods=["kd", "kd+jacobian"], seeds=[0], steps=3, batch_size=8,
+        samples_per_class=[2, 3], methods=["kd", "kd+jacobian"], seeds=[0], steps=3, batch_size=8,
         jacobian_grid=[1.0, 10.0], select_at=[2], device="cpu", workers=1, out=str(out),
     )
 
@@ -53,11 +53,13 @@ def test_tiny_experiment_writes_outputs_and_selects_on_validation_only(tmp_path,
     best = max(results["selection"], key=lambda r: (r["val_acc"], -r["weights"]["jacobian"]))
     assert results["chosen_weights"]["2"]["jacobian"] == best["weights"]["jacobian"]
 
-    assert sorted(p for p, _ in seen if p == "main") == ["main"] * 4  # val and test of 2 runs
+    assert sorted(p for p, _ in seen if p == "main") == ["main"] * 8  # val and test of 4 runs
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert {(r["method"], r["seed"]) for r in saved["runs"]} == {("kd", 0), ("kd+jacobian", 0)}
+    assert {(r["method"], r["samples_per_class"], r["seed"]) for r in saved["runs"]} == {
+        (m, n, 0) for m in ("kd", "kd+jacobian") for n in (2, 3)}
     assert set(saved["summary"]) == {"kd", "kd+jacobian"}
-    assert "| KD + Jacobian (Eq. 10) |" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "| KD + Jacobian (Eq. 10) |" in table and "| gain over KD" in table and "| jacobian | 2 / class |" in table
     assert (tmp_path / "few_shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -81,13 +83,154 @@ def test_sample_size_parses_all():
     assert sample_size("all") is None and sample_size("5") == 5
 
 
-def test_cli_runs_every_experiment_method_by_default_and_refuses_others(capsys):
+def test_cli_runs_the_few_shot_methods_by_default_and_refuses_others(capsys):
     from jacplug.cli.cmd_experiment import config_from_args
     from jacplug.cli.main import build_parser
-    from jacplug.experiment.methods import METHODS
+    from jacplug.cli.cmd_experiment import METHOD_NAMES
+    from jacplug.experiment.methods import FEW_SHOT_METHODS, METHODS
 
     parser = build_parser()
-    assert config_from_args(parser.parse_args(["experiment"])).methods == list(METHODS)
+    assert config_from_args(parser.parse_args(["experiment"])).methods == list(FEW_SHOT_METHODS)
+    assert METHOD_NAMES == tuple(METHODS)
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["experiment", "--methods", "kd+jacobain"])
     assert exit_info.value.code == 2 and "invalid choice: 'kd+jacobain'" in capsys.readouterr().err
+
+
+def test_choice_averages_the_selection_seeds_and_can_score_noisy_validation():
+    config = ExperimentConfig(samples_per_class=[5], select_at=[5], jacobian_grid=[1.0, 10.0],
+                              select_seeds=[1000, 1001], methods=["kd", "kd+jacobian"])
+    selection = [  # weight 10 wins seed 1000 by a little and loses seed 1001 by a lot
+        {"weights": {"jacobian": 1.0}, "samples_per_class": 5, "seed": 1000, "val_acc": 0.80,
+         "val_acc_noise": {"0": 0.80, "0.5": 0.10}},
+        {"weights": {"jacobian": 10.0}, "samples_per_class": 5, "seed": 1000, "val_acc": 0.81,
+         "val_acc_noise": {"0": 0.81, "0.5": 0.60}},
+        {"weights": {"jacobian": 1.0}, "samples_per_class": 5, "seed": 1001, "val_acc": 0.80,
+         "val_acc_noise": {"0": 0.80, "0.5": 0.10}},
+        {"weights": {"jacobian": 10.0}, "samples_per_class": 5, "seed": 1001, "val_acc": 0.70,
+         "val_acc_noise": {"0": 0.70, "0.5": 0.60}},
+    ]
+    assert choose_weights(config, selection, full_per_class=125.0) == {"5": {"jacobian": 1.0}}
+    noisy = ExperimentConfig(**{**config.__dict__, "select_on": "noise", "noise_sigmas": [0.0, 0.5]})
+    assert choose_weights(noisy, selection, full_per_class=125.0) == {"5": {"jacobian": 10.0}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"select_seeds": [0, 1000]}, "overlap the reported seeds"),
+    ({"select_on": "noise"}, "--select-on noise needs --noise-sigmas"),
+    ({"noise_sigmas": [-0.1]}, "--noise-sigmas must be finite and >= 0"),
+    ({"noisy_grid": [0.0]}, "--noisy-weights must be finite weights > 0"),
+    ({"methods": ["kd", "kd+jacobain"]}, "unknown method 'kd+jacobain'"),
+])
+def test_bad_experiment_options_are_named(change, message):
+    from jacplug.errors import UserError
+
+    with pytest.raises(UserError, match=message.replace("+", r"\+")):
+        ExperimentConfig(**change).validate()
+
+
+def test_noise_is_one_fixed_direction_for_every_model_and_sigma():
+    """Each sigma shows the model ``x + sigma * z`` with the same ``z`` (for every model, so curves are
+    comparable), in eval mode (restored), and sigma 0 is the clean accuracy."""
+    from jacplug.experiment.runs import noisy_accuracy
+    from jacplug.pipeline.device import init_runtime
+    from jacplug.pipeline.evaluate import accuracy
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(20, 1, 4, 4), torch.arange(20) % 3
+    split = torch.utils.data.TensorDataset(images, labels)
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.inputs = torch.nn.Linear(16, 3), []
+
+        def forward(self, x):
+            assert not self.training
+            self.inputs.append(x)
+            return self.linear(x.flatten(1))
+
+    model, runtime = Recorder().train(), init_runtime("cpu")
+    config = ExperimentConfig(noise_sigmas=[0.0, 0.5, 2.0], eval_batch_size=8)
+    scores = noisy_accuracy(model, split, config, runtime)
+    assert model.training and list(scores) == ["0", "0.5", "2"]
+    per_sigma = [torch.cat(model.inputs[i:i + 3]) for i in (0, 3, 6)]  # 20 images in batches of 8, 8, 4
+    assert len(model.inputs) == 9 and torch.equal(per_sigma[0], images)
+    z = (per_sigma[1] - images) / 0.5
+    assert 0.8 < float(z.std()) < 1.2
+    torch.testing.assert_close((per_sigma[2] - images) / 2.0, z)  # one noise direction for every sigma
+    assert scores["0"] == accuracy(model, split, runtime, batch_size=8, show=False, desc="test")
+
+    other = Recorder()
+    noisy_accuracy(other, split, config, runtime)
+    torch.testing.assert_close(torch.cat(other.inputs[3:6]), per_sigma[1])  # and for every model
+
+
+def test_paired_gains_are_per_seed_differences_with_their_standard_error():
+    from jacplug.experiment import report
+
+    def run(method, seed, acc):
+        return {"phase": "main", "method": method, "samples_per_class": 5, "seed": seed, "test_acc": acc}
+
+    runs = [run("kd", 0, 0.50), run("kd", 1, 0.60), run("kd", 2, 0.70),
+            run("kd+jacobian", 0, 0.52), run("kd+jacobian", 1, 0.63), run("kd+jacobian", 2, 0.74)]
+    cell = report.paired_gains(runs, "kd")["kd+jacobian"]["5"]
+    assert cell["per_seed"] == pytest.approx([2.0, 3.0, 4.0])
+    assert cell["mean"] == pytest.approx(3.0) and cell["se"] == pytest.approx(1.0 / 3 ** 0.5)
+    assert "+3.0 ± 0.6 (+2.0, +3.0, +4.0)" in report.gains_table(report.paired_gains(runs, "kd"), "kd", ["5"])
+
+
+def test_preset_method_is_the_default_training_loss():
+    """``preset`` at the preset's own ratio is exactly what ``jacplug train`` runs without ``--loss``
+    and what ``jacobian_distillation()`` builds."""
+    from jacplug.experiment.methods import METHODS
+    from jacplug.losses import build_loss, jacobian_distillation
+    from jacplug.pipeline.run import DEFAULT_LOSS
+
+    assert build_loss(DEFAULT_LOSS).weights == jacobian_distillation().weights
+    ratio = jacobian_distillation().weights["jacobian"] / jacobian_distillation().weights["kd"]
+    assert METHODS["preset"].specs({"preset": ratio}, ExperimentConfig()) == list(DEFAULT_LOSS)
+    assert METHODS["preset"].specs({"preset": 3.0}, ExperimentConfig()) == ["kd=0.5:temperature=4", "jacobian=1.5"]
+
+
+def test_noise_experiment_end_to_end_scores_teacher_and_students_under_noise(tmp_path):
+    config = tiny_config(tmp_path)
+    config.samples_per_class, config.methods = [2], ["kd", "kd+noisy"]
+    config.noise_sigmas, config.select_on, config.noisy_grid = [0.0, 0.5], "noise", [0.1, 1.0]
+    results = run_experiment(config, echo=lambda line: None)
+
+    assert set(results["teacher"]["test_acc_noise"]) == {"0", "0.5"}
+    assert results["teacher"]["test_acc_noise"]["0"] == results["teacher"]["test_acc"]
+    for record in results["runs"]:
+        assert record["test_acc_noise"]["0"] == record["test_acc"]
+        assert any(spec.startswith("noisy-distill=") and "sigma=0.5" in spec for spec in record["loss"]) == (
+            record["method"] == "kd+noisy")
+    assert all("test_acc_noise" not in r and "val_acc_noise" in r for r in results["selection"])
+    table = (tmp_path / "table.md").read_text()
+    assert "| teacher |" in table and "σ = 0.5" in table and "Paired gain at σ = 0.5" in table
+    assert (tmp_path / "noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "few_shot.png").exists()  # one sample size: no curve over sizes
+
+
+def test_config_file_sets_options_and_flags_win(tmp_path, capsys):
+    from jacplug.cli.cmd_experiment import config_from_args, with_config_file
+    from jacplug.cli.main import build_parser
+    from jacplug.errors import UserError
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("dataset: cifar100\nsamples-per-class: [1, all]\nmethods: kd\nsteps: 2000\n"
+                    "student_kwargs: {patch_size: 4}\nnoise-sigmas: [0, 0.5]\n")
+    argv = ["--config", str(path), "--steps", "7"]
+    args = with_config_file(build_parser().parse_args(["experiment", *argv]), argv)
+    config = config_from_args(args)
+    assert (config.dataset, config.samples_per_class, config.methods, config.steps) == (
+        "cifar100", [1, None], ["kd"], 7)
+    assert config.student_kwargs == {"patch_size": 4} and config.noise_sigmas == [0.0, 0.5]
+
+    for text, message in [("stpes: 3\n", "unknown option 'stpes'; did you mean steps"),
+                          ("steps: many\n", "option 'steps'.*invalid literal"),
+                          ("methods: [kd, kd+jacobain]\n", "'kd\\+jacobain' is not one of"),
+                          ("samples-per-class: [0]\n", "expected a positive integer or 'all'")]:
+        path.write_text(text)
+        with pytest.raises(UserError, match=message):
+            with_config_file(build_parser().parse_args(["experiment", "--config", str(path)]), ["--config", str(path)])

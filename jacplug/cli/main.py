@@ -45,7 +45,9 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments, for a second parse
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

@@ -2,7 +2,9 @@
 
 ``run_experiment(ExperimentConfig(...))`` trains the teacher once, selects loss weights on the
 validation split, runs every method x samples-per-class x seed, and writes ``results.json``,
-``table.md`` and ``few_shot.png`` to ``config.out``. See :mod:`.runs` for the protocol,
+``table.md`` and the plots to ``config.out``. The same protocol, with options, also measures
+robustness to input noise (``noise_sigmas``), a ViT student (``student_kwargs``) and the default
+preset's weight (method ``preset``); ``benchmarks/`` holds one script per published experiment. See :mod:`.runs` for the protocol,
 :mod:`.methods` for the compared losses, :mod:`.report` for the outputs; ``jacplug experiment`` and
 ``benchmarks/few_shot.py`` are its command lines.
 """
@@ -29,8 +31,10 @@ from .runs import (
     load_splits,
     load_teacher,
     main_specs,
+    noisy_accuracy,
     prepare_teacher,
     run_one,
+    selection_score,
     selection_specs,
     size_label,
 )
@@ -70,20 +74,23 @@ def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any
 
     teacher_path, teacher_source = prepare_teacher(config, full, runtime, out)
     teacher = load_teacher(config, full, teacher_path, runtime)
+    scored = {name: getattr(full, name) for name in ("val", "test")}
+    teacher_record: dict[str, Any] = {"model": config.teacher, "source": teacher_source}
+    for name, split in scored.items():
+        teacher_record[f"{name}_acc"] = accuracy(teacher, split, runtime, batch_size=config.eval_batch_size,
+                                                 show=False, desc=name)
+        if config.noise_sigmas:
+            teacher_record[f"{name}_acc_noise"] = noisy_accuracy(teacher, split, config, runtime)
+    teacher_record["time_s"] = round(time.perf_counter() - started, 1)
     results: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "hardware": {**hardware(), "device": str(runtime.device), "workers": config.workers,
                      "threads_per_worker": config.threads},
-        "teacher": {"model": config.teacher, "source": teacher_source,
-                    "val_acc": accuracy(teacher, full.val, runtime, batch_size=config.eval_batch_size, show=False,
-                                        desc="val"),
-                    "test_acc": accuracy(teacher, full.test, runtime, batch_size=config.eval_batch_size, show=False,
-                                         desc="test"),
-                    "time_s": round(time.perf_counter() - started, 1)},
+        "teacher": teacher_record,
         "train_samples_full": len(full.train),
     }
-    echo(f"teacher {config.teacher}: test {100 * results['teacher']['test_acc']:.1f}% ({teacher_source}), "
-         f"{results['teacher']['time_s']:.0f} s")
+    echo(f"teacher {config.teacher}: test {100 * teacher_record['test_acc']:.1f}% ({teacher_source}), "
+         f"{teacher_record['time_s']:.0f} s")
     executor = Executor(config, teacher_path, runtime)
     try:
         specs = selection_specs(config)
@@ -101,17 +108,48 @@ def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any
     finally:
         executor.close()
     summary = report.summarise(runs)
-    table = report.markdown_table(summary, sizes)
     results.update(runs=runs, summary=summary, main_time_s=round(time.perf_counter() - phase_start, 1),
                    wall_time_s=round(time.perf_counter() - started, 1))
+    title = f"{config.teacher} -> {config.student} on {config.dataset}, {len(config.seeds)} seeds"
+    table = _write_reports(config, results, sizes, full_per_class, title, out)
+    echo(table)
+    echo(f"wall time {results['wall_time_s']:.0f} s; wrote {out / report.RESULTS_JSON}, {out / report.TABLE_MD} "
+         "and the plots")
+    return results
+
+
+def _write_reports(config: ExperimentConfig, results: dict[str, Any], sizes: list[str], full_per_class: float,
+                   title: str, out: Path) -> str:
+    """``results.json``; ``table.md`` with the accuracy table, the paired gains over KD (or the first
+    method), the validation grid and, with noise levels, one accuracy-vs-sigma table per size; the
+    plots: accuracy vs samples per class (when there are several sizes), accuracy vs sigma."""
+    runs, summary = results["runs"], results["summary"]
+    baseline = "kd" if "kd" in config.methods else config.methods[0]
+    sections = [report.markdown_table(summary, sizes)]
+    if len(config.methods) > 1:
+        sections.append(report.gains_table(report.paired_gains(runs, baseline), baseline, sizes))
+    if results["selection"]:
+        sections.append(report.selection_table(results["selection"], lambda r: selection_score(config, r)))
+    if config.noise_sigmas:
+        noise = report.summarise_noise(runs)
+        results["noise_summary"] = noise
+        teacher = results["teacher"]["test_acc_noise"]
+        for size in sizes:
+            sections.append(f"Test accuracy (%) under input noise, {size} / class:\n\n"
+                            + report.noise_table(noise, size, teacher))
+            if len(config.methods) > 1:
+                sections.extend(f"Paired gain at σ = {sigma}, {size} / class:\n\n"
+                                + report.gains_table(report.paired_gains(runs, baseline, sigma), baseline, [size])
+                                for sigma in teacher if float(sigma) > 0)
+        for size in sizes:
+            name = report.NOISE_PNG if len(sizes) == 1 else f"noise_{size}.png"
+            report.plot_noise(noise, size, teacher, out / name, f"{title}, {size} / class")
+    if len(sizes) > 1:
+        report.plot(summary, sizes, full_per_class, out / report.PLOT_PNG, title)
+    table = "\n".join(sections)
     report.write_json(out / report.RESULTS_JSON, results)
     report.write_table(out / report.TABLE_MD, table)
-    title = f"{config.teacher} -> {config.student} on {config.dataset}, {len(config.seeds)} seeds"
-    report.plot(summary, sizes, full_per_class, out / report.PLOT_PNG, title)
-    echo(table)
-    echo(f"wall time {results['wall_time_s']:.0f} s; wrote {out / report.RESULTS_JSON}, {out / report.TABLE_MD}, "
-         f"{out / report.PLOT_PNG}")
-    return results
+    return table
 
 
 def _progress(echo: Callable[[str], None], phase: str, total: int, start: float) -> Callable[[dict[str, Any]], None]:

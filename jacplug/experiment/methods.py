@@ -10,7 +10,13 @@ Hyper-parameters (chosen on the validation split, see :mod:`.runs`):
 - ``projected``: weight of ``jacobian-projected`` with ``normalize=true`` (one random class mixture
   per sample and step, unit-normalised like Eq. 10, so the same grid of weights is meaningful; the
   raw Frobenius form has a scale that depends on the models and the input size);
-- ``attention``: weight of attention transfer (values in ``[0, 2]``).
+- ``attention``: weight of attention transfer (values in ``[0, 2]``);
+- ``noisy``: weight of ``noisy-distill`` at the experiment's ``noisy_sigma`` (squared logit distance on
+  Gaussian-perturbed inputs, one draw per image and step). Srinivas & Fleuret show that this equals
+  output matching plus ``sigma^2`` times full Jacobian matching to first order, which is why the noise
+  experiment sets it beside the two Jacobian terms;
+- ``preset``: the ratio ``lambda`` of the package's default preset, spelled as ``jacplug train`` runs it:
+  ``kd=0.5`` plus ``jacobian=0.5 * lambda`` (``jacobian_distillation(alpha=0.5, jacobian_scale=lambda)``).
 
 ``kd+attention+jacobian`` reuses the weights chosen for ``kd+attention`` and ``kd+jacobian`` (the
 pair is not tuned jointly, to keep selection cheap).
@@ -19,9 +25,12 @@ pair is not tuned jointly, to keep selection cheap).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .runs import ExperimentConfig
 
 Weights = Mapping[str, float]
 
@@ -29,41 +38,48 @@ Weights = Mapping[str, float]
 @dataclass(frozen=True)
 class Method:
     """``name``: the key used on the command line and in the JSON; ``label``: the plot legend;
-    ``specs(weights, temperature, layers)``: the loss specs; ``uses``: the weights ``specs`` reads;
+    ``specs(weights, config)``: the loss specs; ``uses``: the weights ``specs`` reads;
     ``tunes``: the weight it selects (``None``: nothing to select)."""
 
     name: str
     label: str
-    specs: Callable[[Weights, float, str], list[str]]
+    specs: Callable[[Weights, "ExperimentConfig"], list[str]]
     uses: tuple[str, ...] = ()
     tunes: str | None = None
 
 
-def _kd(t: float) -> str:
-    return f"kd=1:temperature={t:g}"
+def _kd(c: "ExperimentConfig", weight: float = 1.0) -> str:
+    return f"kd={weight:g}:temperature={c.temperature:g}"
 
 
-def _attention(w: Weights, layers: str) -> str:
-    return f"attention={w['attention']:g}:layers={layers}"
+def _attention(w: Weights, c: "ExperimentConfig") -> str:
+    return f"attention={w['attention']:g}:layers={c.attention_layers}"
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("ce", "student alone (CE)", lambda w, t, layers: ["ce=1"]),
-        Method("kd", "KD", lambda w, t, layers: [_kd(t)]),
+        Method("ce", "student alone (CE)", lambda w, c: ["ce=1"]),
+        Method("kd", "KD", lambda w, c: [_kd(c)]),
         Method("kd+jacobian", "KD + Jacobian (Eq. 10)",
-               lambda w, t, layers: [_kd(t), f"jacobian={w['jacobian']:g}"], ("jacobian",), "jacobian"),
+               lambda w, c: [_kd(c), f"jacobian={w['jacobian']:g}"], ("jacobian",), "jacobian"),
         Method("kd+projected", "KD + projected Jacobian",
-               lambda w, t, layers: [_kd(t), f"jacobian-projected={w['projected']:g}:normalize=true"],
+               lambda w, c: [_kd(c), f"jacobian-projected={w['projected']:g}:normalize=true"],
                ("projected",), "projected"),
-        Method("kd+attention", "KD + attention", lambda w, t, layers: [_kd(t), _attention(w, layers)],
+        Method("kd+attention", "KD + attention", lambda w, c: [_kd(c), _attention(w, c)],
                ("attention",), "attention"),
         Method("kd+attention+jacobian", "KD + attention + Jacobian",
-               lambda w, t, layers: [_kd(t), _attention(w, layers), f"jacobian={w['jacobian']:g}"],
+               lambda w, c: [_kd(c), _attention(w, c), f"jacobian={w['jacobian']:g}"],
                ("attention", "jacobian")),
+        Method("kd+noisy", "KD + noisy-input distillation",
+               lambda w, c: [_kd(c), f"noisy-distill={w['noisy']:g}:sigma={c.noisy_sigma:g}"], ("noisy",), "noisy"),
+        Method("preset", "default preset, kd=0.5 + jacobian=0.5λ",
+               lambda w, c: [_kd(c, 0.5), f"jacobian={0.5 * w['preset']:g}"], ("preset",), "preset"),
     )
 }
+
+#: the methods of the few-sample experiment, run when ``--methods`` is not given
+FEW_SHOT_METHODS = ("ce", "kd", "kd+jacobian", "kd+projected", "kd+attention", "kd+attention+jacobian")
 
 
 def get_method(name: str) -> Method:

@@ -1,7 +1,9 @@
-"""Outputs of the experiment: per-cell statistics, the markdown table, the plot, the JSON.
+"""Outputs of the experiment: per-cell statistics, the markdown tables, the plots, the JSON.
 
 Statistics are over seeds: the mean and the sample standard deviation (``n - 1``; 0 for one seed)
-of test accuracy, in percent.
+of test accuracy, in percent. Gains over a baseline are paired: seed ``s`` gives every method the
+same images and initialisation, so the per-seed differences are reported with their mean and its
+standard error (``std / sqrt(n)``), which is much smaller than the spread of either method.
 """
 
 from __future__ import annotations
@@ -17,23 +19,109 @@ from .methods import METHODS
 RESULTS_JSON = "results.json"
 TABLE_MD = "table.md"
 PLOT_PNG = "few_shot.png"
+NOISE_PNG = "noise.png"
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _size(run: dict[str, Any]) -> str:
+    return "all" if run["samples_per_class"] is None else str(run["samples_per_class"])
+
+
+def _main_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [run for run in runs if run.get("phase") == "main"]
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     """``{method: {size label: {"mean", "std", "n"}}}`` of test accuracy in percent."""
     cells: dict[str, dict[str, list[float]]] = {}
-    for run in runs:
-        if run.get("phase") != "main":
-            continue
-        size = "all" if run["samples_per_class"] is None else str(run["samples_per_class"])
-        cells.setdefault(run["method"], {}).setdefault(size, []).append(100.0 * run["test_acc"])
+    for run in _main_runs(runs):
+        cells.setdefault(run["method"], {}).setdefault(_size(run), []).append(100.0 * run["test_acc"])
+    return {method: {size: _stats(v) for size, v in by_size.items()} for method, by_size in cells.items()}
+
+
+def summarise_noise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """``{method: {size label: {sigma: {"mean", "std", "n"}}}}`` of noisy test accuracy in percent."""
+    cells: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for run in _main_runs(runs):
+        for sigma, acc in run.get("test_acc_noise", {}).items():
+            cells.setdefault(run["method"], {}).setdefault(_size(run), {}).setdefault(sigma, []).append(100.0 * acc)
+    return {method: {size: {sigma: _stats(v) for sigma, v in by_sigma.items()} for size, by_sigma in by_size.items()}
+            for method, by_size in cells.items()}
+
+
+def paired_gains(runs: list[dict[str, Any]], baseline: str, sigma: str | None = None
+                 ) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{method: {size label: {"mean", "se", "per_seed"}}}``: test accuracy minus the baseline's, in
+    points, seed by seed (clean, or at noise level ``sigma``). Seeds the baseline lacks are skipped."""
+
+    def score(run: dict[str, Any]) -> float:
+        return 100.0 * (run["test_acc"] if sigma is None else run["test_acc_noise"][sigma])
+
+    base = {(_size(r), r["seed"]): score(r) for r in _main_runs(runs) if r["method"] == baseline}
+    diffs: dict[str, dict[str, list[float]]] = {}
+    for run in _main_runs(runs):
+        key = (_size(run), run["seed"])
+        if run["method"] != baseline and key in base:
+            diffs.setdefault(run["method"], {}).setdefault(key[0], []).append(score(run) - base[key])
     return {
-        method: {
-            size: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-            for size, v in by_size.items()
-        }
-        for method, by_size in cells.items()
+        method: {size: {"mean": statistics.fmean(d), "se": statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else 0.0,
+                        "per_seed": d}
+                 for size, d in by_size.items()}
+        for method, by_size in diffs.items()
     }
+
+
+def _gain(cell: dict[str, Any]) -> str:
+    seeds = ", ".join(f"{d:+.1f}" for d in cell["per_seed"])
+    return f"{cell['mean']:+.1f} ± {cell['se']:.1f} ({seeds})"
+
+
+def gains_table(gains: dict[str, dict[str, dict[str, Any]]], baseline: str, sizes: list[str]) -> str:
+    """Rows ``method over baseline``, columns sizes, cells ``mean ± SE (per seed)`` in points."""
+    lines = [f"| gain over {METHODS[baseline].label}, points (± SE; per seed) | "
+             + " | ".join(f"{s} / class" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for method, cells in gains.items():
+        lines.append(f"| {METHODS[method].label} | " + " | ".join(_gain(cells[s]) if s in cells else "" for s in sizes)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def selection_table(selection: list[dict[str, Any]], score: Any) -> str:
+    """The validation grid: one row per (tuned weight, selection size), one column per weight value,
+    cells ``mean ± std`` of ``score(record)`` in percent over the selection seeds."""
+    cells: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for record in selection:
+        key, weight = next(iter(record["weights"].items()))
+        cells.setdefault((key, _size(record)), {}).setdefault(weight, []).append(100.0 * score(record))
+    lines = ["| weight | selection size | grid: validation score (%), mean ± std over seeds |", "|---|---|---|"]
+    for (key, size), by_weight in cells.items():
+        best = max(by_weight, key=lambda w: (statistics.fmean(by_weight[w]), -w))
+        text = []
+        for weight in sorted(by_weight):
+            stats = _stats(by_weight[weight])
+            item = f"{weight:g}: {stats['mean']:.1f} ± {stats['std']:.1f}"
+            text.append(f"**{item}**" if weight == best else item)
+        lines.append(f"| {key} | {size} / class | " + "; ".join(text) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def noise_table(noise: dict[str, dict[str, dict[str, dict[str, float]]]], size: str,
+                teacher: dict[str, float] | None) -> str:
+    """Rows methods (and the teacher), columns noise sigma, cells ``mean ± std`` test accuracy (%)."""
+    sigmas = sorted({s for cells in noise.values() for s in cells.get(size, {})}, key=float)
+    lines = ["| method | " + " | ".join(f"σ = {s}" for s in sigmas) + " |", "|---|" + "---:|" * len(sigmas)]
+    if teacher:
+        lines.append("| teacher | " + " | ".join(f"{100 * teacher[s]:.1f}" for s in sigmas) + " |")
+    for method, cells in noise.items():
+        if size in cells:
+            lines.append(f"| {METHODS[method].label} | "
+                         + " | ".join(f"{cells[size][s]['mean']:.1f} ± {cells[size][s]['std']:.1f}" for s in sigmas)
+                         + " |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(summary: dict[str, dict[str, dict[str, float]]], sizes: list[str]) -> str:
@@ -75,6 +163,37 @@ def plot(summary: dict[str, dict[str, dict[str, float]]], sizes: list[str], full
     ax.set_xticklabels([f"all (~{full_per_class:.0f})" if s == "all" else s for s in sizes])
     ax.minorticks_off()
     ax.set_xlabel("training samples per class (student)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot_noise(noise: dict[str, dict[str, dict[str, dict[str, float]]]], size: str,
+               teacher: dict[str, float] | None, path: Path, title: str) -> None:
+    """Test accuracy vs noise sigma at one sample size, one line per method (error bars: one std
+    over seeds), the teacher dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if teacher:
+        sigmas = sorted(teacher, key=float)
+        ax.plot([float(s) for s in sigmas], [100 * teacher[s] for s in sigmas], "k--", label="teacher")
+    for i, (method, cells) in enumerate(noise.items()):
+        if size not in cells:
+            continue
+        sigmas = sorted(cells[size], key=float)
+        shift = 0.006 * (i - (len(noise) - 1) / 2)  # spread the error bars so they do not hide each other
+        ax.errorbar([float(s) + shift for s in sigmas], [cells[size][s]["mean"] for s in sigmas],
+                    yerr=[cells[size][s]["std"] for s in sigmas], marker="o", markersize=4, capsize=3,
+                    label=METHODS[method].label)
+    ax.set_xlabel("test-time Gaussian noise σ (units of the pixel std)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)

@@ -4,12 +4,19 @@ Protocol (after Srinivas & Fleuret 2018):
 
 1. The teacher is trained once with cross-entropy on the whole training split (or loaded).
 2. Selection: for each method with a weight to tune, every weight of its grid is trained at each
-   ``select_at`` sample size with one seed (``select_seed``, not one of the reported seeds) and
+   ``select_at`` sample size with each of ``select_seeds`` (not among the reported seeds) and
    scored by VALIDATION accuracy only: those runs get splits whose ``test`` is ``None``, so they
-   cannot read the test split. The best weight at the nearest selection size (ties: the smaller
-   weight) is used for that sample size.
+   cannot read the test split. The weight with the best mean score at the nearest selection size
+   (ties: the smaller weight) is used for that sample size. The score is clean validation accuracy,
+   or with ``select_on="noise"`` the mean validation accuracy over ``noise_sigmas``.
 3. Main grid: every method x sample size x seed, with the chosen weights; each run reports val and
-   test accuracy after its last step (no early stopping, so the test split never picks anything).
+   test accuracy after its last step (no early stopping, so the test split never picks anything),
+   and with ``noise_sigmas`` the accuracy on inputs with additive Gaussian noise of each sigma.
+
+Noise (for the robustness protocol): inputs are already normalised per channel, so ``sigma`` is in
+units of the pixel standard deviation. One noise tensor ``z`` per split is drawn from a generator
+seeded with ``noise_seed`` and used for every sigma (``x + sigma * z``) and every model, so the
+methods and the teacher are scored on identical noisy images and the curves differ only by model.
 
 Why a fixed number of optimisation steps rather than epochs: one image per class is 10 images, a
 single batch; an epoch budget would give that run almost no updates. Every run takes ``steps``
@@ -34,6 +41,7 @@ import dataclasses
 import math
 import multiprocessing
 import platform
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +49,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..errors import UserError
 from ..losses import build_loss
@@ -55,7 +64,7 @@ from ..pipeline.step import compute_terms, weighted_total
 from ..pipeline.steps import batch_stream, stream_plan
 from ..pipeline.teacher import build_model, cosine_schedule, train_teacher
 from ..registry import create_dataset
-from .methods import METHODS, get_method
+from .methods import FEW_SHOT_METHODS, METHODS, get_method
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -71,11 +80,12 @@ class ExperimentConfig:
     image_size: int | None = None
     teacher: str = "resnet10t"
     student: str = "test_resnet"
+    student_kwargs: dict[str, Any] = field(default_factory=dict)  # timm constructor kwargs (img_size: automatic)
     teacher_checkpoint: str | None = None
     teacher_epochs: int = 10
     teacher_lr: float = 2e-3
     samples_per_class: list[int | None] = field(default_factory=lambda: [1, 5, 10, 50, None])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(FEW_SHOT_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     steps: int = 100
     batch_size: int = 32
@@ -85,8 +95,13 @@ class ExperimentConfig:
     attention_layers: str = "layer1+layer2"
     jacobian_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 30.0])
     attention_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 30.0])
+    noisy_grid: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
+    noisy_sigma: float = 0.5
     select_at: list[int | None] = field(default_factory=lambda: [5, 50])
-    select_seed: int = 1000
+    select_seeds: list[int] = field(default_factory=lambda: [1000])
+    select_on: str = "clean"
+    noise_sigmas: list[float] = field(default_factory=list)
+    noise_seed: int = 0
     device: str = "auto"
     workers: int = 2
     threads: int = 1
@@ -101,18 +116,30 @@ class ExperimentConfig:
             raise UserError("need at least one seed, one --samples-per-class value and one method")
         for name in self.methods:
             get_method(name)
-        for grid_name in ("jacobian_grid", "attention_grid"):
+        for grid_name in ("jacobian_grid", "attention_grid", "noisy_grid"):
             if not getattr(self, grid_name) or any(not (w > 0 and math.isfinite(w)) for w in getattr(self, grid_name)):
                 raise UserError(f"--{grid_name.replace('_grid', '-weights')} must be finite weights > 0")
-        if not self.select_at:
-            raise UserError("--select-at needs at least one sample size")
+        if not self.select_at or not self.select_seeds:
+            raise UserError("--select-at and --select-seeds need at least one value each")
+        if set(self.select_seeds) & set(self.seeds):
+            raise UserError(f"selection seeds {self.select_seeds} overlap the reported seeds {self.seeds}; "
+                            "weights must be chosen on runs that are not reported")
+        if any(not (s >= 0 and math.isfinite(s)) for s in self.noise_sigmas):
+            raise UserError(f"--noise-sigmas must be finite and >= 0, got {self.noise_sigmas}")
+        if self.select_on not in ("clean", "noise"):
+            raise UserError(f"--select-on must be clean or noise, got {self.select_on!r}")
+        if self.select_on == "noise" and not self.noise_sigmas:
+            raise UserError("--select-on noise needs --noise-sigmas")
+        if not (self.noisy_sigma > 0 and math.isfinite(self.noisy_sigma)):
+            raise UserError(f"--noisy-sigma must be finite and > 0, got {self.noisy_sigma}")
         for n in [*self.samples_per_class, *self.select_at]:
             if n is not None and n <= 0:
                 raise UserError(f"samples per class must be positive integers or 'all', got {n}")
         return self
 
     def grid(self, key: str) -> list[float]:
-        return self.attention_grid if key == "attention" else self.jacobian_grid
+        """The weights tried for ``key``; ``jacobian``, ``projected`` and ``preset`` share one grid."""
+        return {"attention": self.attention_grid, "noisy": self.noisy_grid}.get(key, self.jacobian_grid)
 
 
 @dataclass(frozen=True)
@@ -146,9 +173,10 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     if spec.phase == "select":
         splits = dataclasses.replace(splits, test=None)
     method = get_method(spec.method)
-    specs = method.specs(dict(spec.weights), config.temperature, config.attention_layers)
+    specs = method.specs(dict(spec.weights), config)
     torch.manual_seed(spec.seed)
-    student = build_model(config.student, splits).to(runtime.device).train()
+    student = build_model(config.student, splits, kwargs=config.student_kwargs, role="student")
+    student = student.to(runtime.device).train()
     loss = build_loss(specs).to(runtime.device)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
     plan = stream_plan(len(splits.train), config.batch_size, steps=config.steps)
@@ -182,8 +210,36 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
         if split is not None:
             record[f"{name}_acc"] = accuracy(student, split, runtime, batch_size=config.eval_batch_size,
                                              show=False, desc=name)
+            if config.noise_sigmas:
+                record[f"{name}_acc_noise"] = noisy_accuracy(student, split, config, runtime)
     record["time_s"] = round(time.perf_counter() - started, 3)
     return record
+
+
+@torch.no_grad()
+def noisy_accuracy(model: nn.Module, split: Dataset, config: ExperimentConfig, runtime: Runtime) -> dict[str, float]:
+    """``{sigma: accuracy}`` on ``split`` with ``x + sigma * z`` as input, for each of ``config.noise_sigmas``.
+
+    ``z`` is one standard-normal tensor for the whole split, drawn from a generator seeded with
+    ``config.noise_seed``: every model and every sigma see the same noise direction, so two curves
+    differ only by the models. Eval mode (restored afterwards), no autocast: the noise must not be
+    rounded away.
+    """
+    inputs = torch.stack([split[i][0] for i in range(len(split))])
+    targets = torch.tensor([int(split[i][1]) for i in range(len(split))])
+    z = torch.randn(inputs.shape, generator=torch.Generator().manual_seed(config.noise_seed))
+    was_training = model.training
+    model.eval()
+    scores = {}
+    for sigma in config.noise_sigmas:
+        correct = 0
+        for start in range(0, len(inputs), config.eval_batch_size):
+            chunk = slice(start, start + config.eval_batch_size)
+            noisy = (inputs[chunk] + sigma * z[chunk]).to(runtime.device)
+            correct += int((model(noisy).argmax(1).cpu() == targets[chunk]).sum())
+        scores[f"{sigma:g}"] = correct / max(len(inputs), 1)
+    model.train(was_training)
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,7 +322,8 @@ class Executor:
 
 
 def _cost(spec: RunSpec) -> int:
-    return 2 if "jacobian" in spec.method or "projected" in spec.method else 1
+    """Relative run time, for packing: the input-gradient terms take about twice a KD step."""
+    return 2 if {"jacobian", "projected", "preset"} & set(METHODS[spec.method].uses) else 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,8 +338,16 @@ def selection_specs(config: ExperimentConfig) -> list[RunSpec]:
         if key is None:
             continue
         for n in config.select_at:
-            specs.extend(RunSpec(name, n, config.select_seed, ((key, w),), phase="select") for w in config.grid(key))
+            specs.extend(RunSpec(name, n, seed, ((key, w),), phase="select")
+                         for w in config.grid(key) for seed in config.select_seeds)
     return specs
+
+
+def selection_score(config: ExperimentConfig, record: dict[str, Any]) -> float:
+    """What selection maximises: validation accuracy, clean or averaged over the noise levels."""
+    if config.select_on == "noise":
+        return statistics.fmean(record["val_acc_noise"].values())
+    return record["val_acc"]
 
 
 def _size(n: int | None, full_per_class: float) -> float:
@@ -293,28 +358,28 @@ def choose_weights(config: ExperimentConfig, selection: list[dict[str, Any]],
                    full_per_class: float) -> dict[str, dict[str, float]]:
     """``{label of sample size: {weight key: chosen value}}`` for every reported sample size.
 
-    Per key and selection size the weight with the best validation accuracy wins (ties: the smaller
-    weight); each reported size uses the nearest selection size on a log scale. Keys not tuned in
-    this run (their method was not requested) fall back to the middle of their grid.
+    Per key and selection size the weight with the best mean :func:`selection_score` over the
+    selection seeds wins (ties: the smaller weight); each reported size uses the nearest selection
+    size on a log scale. Keys that the requested methods use but nobody tuned in this run fall back
+    to the middle of their grid.
     """
-    best: dict[tuple[str, int | None], float] = {}
+    scores: dict[tuple[str, int | None], dict[float, list[float]]] = {}
     for record in selection:
         if "test_acc" in record:
             raise RuntimeError("a selection run was scored on the test split")  # guarded by run_one
         key, weight = next(iter(record["weights"].items()))
-        slot = (key, record["samples_per_class"])
-        current = best.get(slot)
-        score = (record["val_acc"], -weight)
-        if current is None or score > current:
-            best[slot] = score
+        slot = scores.setdefault((key, record["samples_per_class"]), {})
+        slot.setdefault(weight, []).append(selection_score(config, record))
+    best = {slot: max(by_weight, key=lambda w: (statistics.fmean(by_weight[w]), -w))
+            for slot, by_weight in scores.items()}
+    keys = sorted({key for name in config.methods for key in METHODS[name].uses})
     chosen: dict[str, dict[str, float]] = {}
     for n in config.samples_per_class:
         nearest = min(config.select_at, key=lambda s: abs(math.log(_size(s, full_per_class) / _size(n, full_per_class))))
         weights = {}
-        for key in ("jacobian", "projected", "attention"):
-            score = best.get((key, nearest))
+        for key in keys:
             grid = config.grid(key)
-            weights[key] = -score[1] if score is not None else sorted(grid)[len(grid) // 2]
+            weights[key] = best.get((key, nearest), sorted(grid)[len(grid) // 2])
         chosen[size_label(n)] = weights
     return chosen
 

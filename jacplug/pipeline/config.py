@@ -116,6 +116,22 @@ def _flag(name: str) -> str:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a ``.yaml``/``.yml``/``.toml``/``.json`` file, keys normalised to field names."""
+    options: dict[str, Any] = {}
+    for key, value in read_mapping(path).items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            near = close_matches(name.replace("_", "-"), [f.replace("_", "-") for f in FIELDS])
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise UserError(f"config file {str(path)!r}: unknown option {key!r}{hint}")
+        if name == "loss" and isinstance(value, str):
+            value = [value]
+        options[name] = value
+    return options
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a ``.yaml``/``.yml``/``.toml``/``.json`` file, with one-line errors
+    for a missing file, an unknown format, a parse error or a file that holds no mapping."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
@@ -139,17 +155,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping of option names to values")
-    options: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            near = close_matches(name.replace("_", "-"), [f.replace("_", "-") for f in FIELDS])
-            hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise UserError(f"config file {str(path)!r}: unknown option {key!r}{hint}")
-        if name == "loss" and isinstance(value, str):
-            value = [value]
-        options[name] = value
-    return options
+    return data
 
 
 def _check_type(name: str, value: Any) -> None:
