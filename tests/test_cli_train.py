@@ -283,15 +283,25 @@ def test_resume_under_a_step_budget_matches_an_uninterrupted_run(tmp_path, capsy
 
 def test_teacher_phase_obeys_the_step_cap_and_records_its_accuracy(tmp_path, capsys):
     out = tmp_path / "run"
-    rc, stdout, err = cli(capsys, "--teacher-epochs", "2", "--max-steps-per-epoch", "2", "--steps", "1",
+    rc, stdout, err = cli(capsys, "--teacher-epochs", "3", "--max-steps-per-epoch", "2", "--steps", "1",
                           "--samples-per-class", "2", "--loss", "kd=1", "--out", str(out), "--json")
     assert rc == 0, err
     teacher = [r for r in read_metrics(out) if r["kind"] == "teacher_epoch"]
-    assert [(r["epoch"], r["step"], r["images"]) for r in teacher] == [(1, 2, 16), (2, 4, 32)]
+    assert [(r["epoch"], r["step"], r["images"]) for r in teacher] == [(1, 2, 16), (2, 4, 32), (3, 6, 48)]
     with safe_open(str(out / "teacher.safetensors"), framework="pt") as fh:
         metrics = json.loads(fh.metadata()["metrics"])
-    assert metrics["test_acc"] == pytest.approx(json.loads(stdout)["teacher_test_acc"]) and 0 <= metrics["val_acc"] <= 1
-    assert "teacher test_resnet: step 4/4 (epoch 2/2), 32 images" in err
+    summary = json.loads(stdout)
+    assert metrics["test_acc"] == pytest.approx(summary["teacher_test_acc"]) and 0 <= metrics["val_acc"] <= 1
+    assert "teacher test_resnet: step 6/6 (epoch 3/3), 48 images" in err
+    # images/s of the 2 steps after the 4 warm-up steps, in the checkpoint and the summary
+    assert metrics["images_per_s"] > 0 and summary["teacher_images_per_s"] == metrics["images_per_s"]
+
+    rc, stdout, err = cli(capsys, "--teacher-epochs", "3", "--max-steps-per-epoch", "2", "--steps", "1",
+                          "--samples-per-class", "2", "--loss", "kd=1", "--out", str(tmp_path / "printed"))
+    assert rc == 0 and "teacher training speed" in stdout and "images/s after warm-up" in stdout
+    rc, stdout, err = cli(capsys, "--teacher-epochs", "2", "--max-steps-per-epoch", "2", "--steps", "1",
+                          "--samples-per-class", "2", "--loss", "kd=1", "--out", str(tmp_path / "short"), "--json")
+    assert rc == 0 and json.loads(stdout)["teacher_images_per_s"] is None  # 4 steps are all warm-up: no figure
 
 
 def test_warnings_for_few_steps_and_another_input_size(tmp_path, capsys, teacher_file):
@@ -327,6 +337,7 @@ def test_train_steps_reproduces_an_experiment_cell(tmp_path, teacher_file):
     last_step = [r for r in read_metrics(out) if r["kind"] == "step"][-1]
     assert {k: last_step[k] for k in cell["final_terms"]} == cell["final_terms"]
     assert (summary["student_last_test_acc"], summary["optimizer_steps"]) == (cell["test_acc"], 5)
+    assert summary["teacher_images_per_s"] is None  # a teacher from a checkpoint was not trained here
 
 
 def _wrong_classes(tmp_path) -> str:

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="student training images per class; 'all' = the whole split (default: 1 5 10 50 all)")
     g.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=list(FEW_SHOT_METHODS), metavar="METHOD",
                    help=f"any of {', '.join(METHOD_NAMES)} (default: {' '.join(FEW_SHOT_METHODS)})")
-    g.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell (default: %(default)s)")
+    g.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per cell (default: %(default)s)")
     g.add_argument("--steps", type=int, default=100, help="optimisation steps per student run (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=2e-3)

@@ -116,6 +116,8 @@ def format_summary(summary: dict) -> str:
         rows.append(("note", "no validation split: the best epoch was chosen on the test split, so its accuracy "
                              "is optimistic; the last epoch's is the unbiased one"))
     rows += [(f"final loss: {k}", f"{v:.4g}") for k, v in summary["final_losses"].items()]
+    if summary.get("teacher_images_per_s"):
+        rows.append(("teacher training speed", f"{summary['teacher_images_per_s']:.0f} images/s after warm-up"))
     if summary.get("student_images_per_s"):
         rows.append(("student training speed", f"{summary['student_images_per_s']:.0f} images/s after warm-up "
                                                f"({summary['student_steps_run']})"))

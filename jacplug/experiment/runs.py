@@ -86,7 +86,7 @@ class ExperimentConfig:
     teacher_lr: float = 2e-3
     samples_per_class: list[int | None] = field(default_factory=lambda: [1, 5, 10, 50, None])
     methods: list[str] = field(default_factory=lambda: list(FEW_SHOT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     steps: int = 100
     batch_size: int = 32
     lr: float = 2e-3

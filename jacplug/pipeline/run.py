@@ -60,7 +60,7 @@ from .probe import probe_batch, probe_terms
 from .progress import PhaseProgress, want_progress
 from .step import compute_terms, weighted_total, with_every_parameter
 from .models import build
-from .steps import StepPlan, batch_stream, default_length, stream_batch, stream_plan, warn_if_few
+from .steps import WARMUP_STEPS, StepPlan, batch_stream, default_length, stream_batch, stream_plan, warn_if_few
 from .teacher import TEACHER_FILE, build_teacher, cosine_schedule, prepare_teacher, teacher_length
 
 RESUME_FILE = "resume.safetensors"
@@ -123,11 +123,6 @@ def startup_probe(config: TrainConfig, loss: WeightedLoss, student: nn.Module, t
                          runtime, config.student)
     if config.check_gradients:
         raise_for_detached(report)
-
-
-#: steps of a process left out of its images/s figure: CapturedStep's three eager warm-up steps
-#: (where cuDNN autotunes) and the capture
-WARMUP_STEPS = 4
 
 
 def use_cuda_graphs(config: TrainConfig, runtime: Runtime) -> bool:
@@ -241,7 +236,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     if config.resume and not config.teacher_checkpoint and not (run_dir / TEACHER_FILE).is_file():
         log.truncate_after(0, keep_teacher=False)  # the teacher's training was interrupted: it starts again
 
-    teacher, teacher_source = prepare_teacher(config, full, runtime, run_dir, log, show)
+    teacher, teacher_source, teacher_speed = prepare_teacher(config, full, runtime, run_dir, log, show)
     teacher_acc = accuracy(teacher, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
 
     student = student.to(runtime.device)
@@ -284,6 +279,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last_eval, started, splits, plan)
     seconds, images = loop.throughput["seconds"], loop.throughput["images"]
     summary["student_images_per_s"] = images / seconds if seconds else None
+    summary["teacher_images_per_s"] = teacher_speed
     summary["student_steps_run"] = loop.graph_status()
     if runtime.is_main:
         if (run_dir / "metrics.jsonl").is_file():

@@ -42,6 +42,9 @@ FEW_SAMPLE_STEPS = 150
 FEW_STEPS = 30
 #: with a step budget, evaluations (and student checkpoints) happen at most this many times, at epoch ends
 MAX_EVALUATIONS = 10
+#: steps of a process left out of a phase's images/s figure: cuDNN autotunes in the first steps, and
+#: the student's CUDA graph is captured after three eager warm-up steps
+WARMUP_STEPS = 4
 
 
 class FewStepsWarning(UserWarning):

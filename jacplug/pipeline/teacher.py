@@ -43,7 +43,7 @@ from .metrics import MetricsLog
 from .models import BuiltModel, build
 from .optim import create_adamw
 from .progress import PhaseProgress
-from .steps import DEFAULT_EPOCHS, plan_steps, warn_if_few
+from .steps import DEFAULT_EPOCHS, WARMUP_STEPS, plan_steps, warn_if_few
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -92,7 +92,9 @@ def train_teacher(
     """Cross-entropy training on the full training split (the teacher is trained on all of it even
     when ``--samples-per-class`` restricts the student's data: the paper's regime is a strong teacher
     and a data-starved student). Returns what it did: ``steps``, ``images`` seen and the final
-    ``val_acc`` (when there is a validation split).
+    ``val_acc`` (when there is a validation split), and ``images_per_s``: training images per second
+    of the steps after the first :data:`~.steps.WARMUP_STEPS` (cuDNN autotuning), without data
+    loading and evaluations, measured like the student's (``None`` for a shorter run).
 
     Batches come from a seeded, shuffling ``DataLoader`` that drops each epoch's incomplete last
     batch; a ``teacher_epoch`` record (mean loss, validation accuracy) is written at every
@@ -110,6 +112,7 @@ def train_teacher(
     report = PhaseProgress(f"teacher {config.teacher}", plan, bars=show)
     start = time.perf_counter()
     step, total, count = 0, 0.0, 0
+    steady = {"seconds": 0.0, "images": 0}
     done: dict[str, Any] = {"steps": plan.total, "images": plan.images}
     while step < plan.total:
         model.train()
@@ -119,6 +122,7 @@ def train_teacher(
         # other wrapping would change the batches (and the teacher) a seed gives; a capped epoch stops early
         batches = loader if last - step == len(loader) else itertools.islice(loader, last - step)
         for inputs, targets in report.round(batches, step, last):
+            step_start = time.perf_counter()
             inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
             if runtime.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -129,7 +133,10 @@ def train_teacher(
             optimizer.step()
             scheduler.step()
             step += 1
-            total, count = total + float(loss.detach()) * len(targets), count + len(targets)
+            total, count = total + float(loss.detach()) * len(targets), count + len(targets)  # the GPU is done
+            if step > WARMUP_STEPS:
+                steady["seconds"] += time.perf_counter() - step_start
+                steady["images"] += len(targets)
             report.step(step, float(loss.detach()))
         if not plan.evaluates_at(step):
             continue
@@ -142,6 +149,7 @@ def train_teacher(
         log.write(record)
         report.evaluated(step, record)
         total, count = 0.0, 0
+    done["images_per_s"] = steady["images"] / steady["seconds"] if steady["seconds"] else None
     return done
 
 
@@ -170,12 +178,14 @@ def prepare_teacher(
     run_dir: Path,
     log: MetricsLog,
     show: bool,
-) -> tuple[nn.Module, str]:
-    """A frozen teacher on the run's device, and where its weights came from (for the summary).
+) -> tuple[nn.Module, str, float | None]:
+    """A frozen teacher on the run's device, where its weights came from (for the summary), and its
+    training speed in images/s when it was trained in this run directory (else ``None``).
 
     ``splits`` are the full splits (not the ``--samples-per-class`` subset)."""
     own = run_dir / TEACHER_FILE
     built: BuiltModel
+    speed = None
     if config.resume and own.is_file():
         built, source = build_teacher(config, splits, run_dir), f"{own} (resumed)"
         load_model(own, built.module, expected_name=config.teacher, num_classes=splits.num_classes,
@@ -207,9 +217,10 @@ def prepare_teacher(
         built = build_teacher(config, splits, run_dir)
         meta = load_model(own, built.module)
         trained = json.loads(meta.get("metrics", "{}"))
+        speed = trained.get("images_per_s")
         source = f"{own} (trained here: {trained.get('steps', '?')} optimizer steps, {trained.get('images', 0):,} images seen)"
     model = built.module.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
-    return model, source
+    return model, source, speed
