@@ -234,3 +234,19 @@ def test_config_file_sets_options_and_flags_win(tmp_path, capsys):
         path.write_text(text)
         with pytest.raises(UserError, match=message):
             with_config_file(build_parser().parse_args(["experiment", "--config", str(path)]), ["--config", str(path)])
+
+
+def test_documented_cifar100_recipe_is_a_valid_experiment():
+    """docs/examples/cifar100_few_shot.yaml must keep parsing into a valid configuration (it is not run
+    here: it downloads CIFAR-100 and needs a GPU)."""
+    from pathlib import Path
+
+    from jacplug.cli.cmd_experiment import config_from_args, with_config_file
+    from jacplug.cli.main import build_parser
+
+    path = str(Path(__file__).parents[1] / "docs" / "examples" / "cifar100_few_shot.yaml")
+    argv = ["--config", path]
+    config = config_from_args(with_config_file(build_parser().parse_args(["experiment", *argv]), argv)).validate()
+    assert (config.dataset, config.download, config.device, config.teacher, config.student) == (
+        "cifar100", True, "cuda", "resnet34", "resnet18")
+    assert config.samples_per_class == [1, 5, 10, 50, None] and len(config.seeds) == 5 and config.steps == 2000
