@@ -141,17 +141,36 @@ def markdown_table(summary: dict[str, dict[str, dict[str, float]]], sizes: list[
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, dict[str, dict[str, float]]], sizes: list[str], full_per_class: float, path: Path,
-         title: str) -> None:
-    """Test accuracy vs samples per class (log x; "all" at the full split's mean per class), one line
-    per method, error bars of one standard deviation."""
+def _axes():
+    """A figure and axes from matplotlib's file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _save(fig, ax, path: Path, title: str, xlabel: str) -> None:
+    """Labels, grid and legend, then the PNG written atomically."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot(summary: dict[str, dict[str, dict[str, float]]], sizes: list[str], full_per_class: float, path: Path,
+         title: str) -> None:
+    """Test accuracy vs samples per class (log x; "all" at the full split's mean per class), one line
+    per method, error bars of one standard deviation."""
     xs = {s: full_per_class if s == "all" else float(s) for s in sizes}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     for i, (method, cells) in enumerate(summary.items()):
         present = [s for s in sizes if s in cells]
         offset = 1 + 0.03 * (i - (len(summary) - 1) / 2)  # spread the error bars so they do not hide each other
@@ -162,26 +181,14 @@ def plot(summary: dict[str, dict[str, dict[str, float]]], sizes: list[str], full
     ax.set_xticks([xs[s] for s in sizes])
     ax.set_xticklabels([f"all (~{full_per_class:.0f})" if s == "all" else s for s in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("training samples per class (student)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    _save(fig, ax, path, title, "training samples per class (student)")
 
 
 def plot_noise(noise: dict[str, dict[str, dict[str, dict[str, float]]]], size: str,
                teacher: dict[str, float] | None, path: Path, title: str) -> None:
     """Test accuracy vs noise sigma at one sample size, one line per method (error bars: one std
     over seeds), the teacher dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes()
     if teacher:
         sigmas = sorted(teacher, key=float)
         ax.plot([float(s) for s in sigmas], [100 * teacher[s] for s in sigmas], "k--", label="teacher")
@@ -193,14 +200,7 @@ def plot_noise(noise: dict[str, dict[str, dict[str, dict[str, float]]]], size: s
         ax.errorbar([float(s) + shift for s in sigmas], [cells[size][s]["mean"] for s in sigmas],
                     yerr=[cells[size][s]["std"] for s in sigmas], marker="o", markersize=4, capsize=3,
                     label=METHODS[method].label)
-    ax.set_xlabel("test-time Gaussian noise σ (units of the pixel std)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    _save(fig, ax, path, title, "test-time Gaussian noise σ (units of the pixel std)")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
