@@ -250,3 +250,18 @@ def test_documented_cifar100_recipe_is_a_valid_experiment():
     assert (config.dataset, config.download, config.device, config.teacher, config.student) == (
         "cifar100", True, "cuda", "resnet34", "resnet18")
     assert config.samples_per_class == [1, 5, 10, 50, None] and len(config.seeds) == 5 and config.steps == 2000
+
+
+def test_noisy_jacobian_method_is_the_first_order_term_of_noisy_distillation():
+    """``kd+noisy-jacobian`` at weight ``w`` adds ``w * sigma^2 * ||J_S - J_T||_F^2`` (unnormalised),
+    the Jacobian part of ``w * noisy-distill`` at that sigma; both read the weight chosen for kd+noisy."""
+    from jacplug.experiment.methods import METHODS
+    from jacplug.losses import build_loss
+
+    config = ExperimentConfig(noisy_sigma=0.2, methods=["kd+noisy", "kd+noisy-jacobian"])
+    loss = build_loss(METHODS["kd+noisy-jacobian"].specs({"noisy": 0.1}, config))
+    assert loss.weights["jacobian-projected"] == pytest.approx(0.1 * 0.2 ** 2)
+    assert loss.terms["jacobian-projected"].normalize is False
+    assert build_loss(METHODS["kd+noisy"].specs({"noisy": 0.1}, config)).terms["noisy-distill"].sigma == 0.2
+    chosen = choose_weights(config, [{"weights": {"noisy": 1.0}, "samples_per_class": 5, "val_acc": 0.9}], 125.0)
+    assert chosen["all"] == {"noisy": 1.0}

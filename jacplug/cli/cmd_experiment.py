@@ -14,7 +14,7 @@ from ..errors import UserError, close_matches
 
 #: must equal the keys of jacplug.experiment.methods.METHODS (a test checks it)
 METHOD_NAMES = ("ce", "kd", "kd+jacobian", "kd+projected", "kd+attention", "kd+attention+jacobian", "kd+noisy",
-                "preset")
+                "kd+noisy-jacobian", "preset")
 #: the default --methods, equal to jacplug.experiment.methods.FEW_SHOT_METHODS (a test checks it)
 FEW_SHOT_METHODS = METHOD_NAMES[:6]
 

@@ -14,7 +14,10 @@ Hyper-parameters (chosen on the validation split, see :mod:`.runs`):
 - ``noisy``: weight of ``noisy-distill`` at the experiment's ``noisy_sigma`` (squared logit distance on
   Gaussian-perturbed inputs, one draw per image and step). Srinivas & Fleuret show that this equals
   output matching plus ``sigma^2`` times full Jacobian matching to first order, which is why the noise
-  experiment sets it beside the two Jacobian terms;
+  experiment sets it beside the two Jacobian terms. ``kd+noisy-jacobian`` reuses the weight chosen for
+  ``kd+noisy`` and keeps only that first-order Jacobian part: ``jacobian-projected`` (an unbiased
+  one-projection estimate of ``||J_S - J_T||_F^2``, not normalised) at weight ``noisy * sigma^2``, so
+  the two differ by the higher-order terms and by the logit matching that KD already does;
 - ``preset``: the ratio ``lambda`` of the package's default preset, spelled as ``jacplug train`` runs it:
   ``kd=0.5`` plus ``jacobian=0.5 * lambda`` (``jacobian_distillation(alpha=0.5, jacobian_scale=lambda)``).
 
@@ -73,6 +76,9 @@ METHODS: dict[str, Method] = {
                ("attention", "jacobian")),
         Method("kd+noisy", "KD + noisy-input distillation",
                lambda w, c: [_kd(c), f"noisy-distill={w['noisy']:g}:sigma={c.noisy_sigma:g}"], ("noisy",), "noisy"),
+        Method("kd+noisy-jacobian", "KD + σ²·Frobenius Jacobian (noisy distillation to first order)",
+               lambda w, c: [_kd(c), f"jacobian-projected={w['noisy'] * c.noisy_sigma ** 2:g}:normalize=false"],
+               ("noisy",)),
         Method("preset", "default preset, kd=0.5 + jacobian=0.5λ",
                lambda w, c: [_kd(c, 0.5), f"jacobian={0.5 * w['preset']:g}"], ("preset",), "preset"),
     )
