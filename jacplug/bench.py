@@ -15,7 +15,6 @@ reports the growth of the peak resident set over three steps, the real high-wate
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from .losses import DistillBatch, KDLoss, WeightedLoss
 from .losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss
 from .losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
 from .pipeline.device import Runtime
+from .pipeline.model_options import parse_kwargs
 from .pipeline.step import compute_terms, weighted_total
 from .registry import create_model
 
@@ -65,13 +65,7 @@ def build_model(spec: str, classes: int, size: int) -> nn.Module:
     match = _MODEL_SPEC.match(spec)
     if match is None:
         raise UserError(f"bad model {spec!r} in --configs; expected NAME or NAME(key=value,...)")
-    kwargs: dict = {}
-    for item in filter(None, (match.group(2) or "").split(",")):
-        key, _, value = item.partition("=")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()
+    kwargs = parse_kwargs(match.group(2) or "", f"--configs model {spec!r}")  # the values --student-kwargs takes
     try:
         return create_model(match.group(1), num_classes=classes, img_size=size, **kwargs)
     except TypeError:  # the model has no img_size
