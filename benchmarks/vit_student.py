@@ -22,7 +22,7 @@ PROTOCOL = [
     "--student", "test_vit", "--student-kwargs", "patch_size=4",
     "--methods", "ce", "kd", "kd+jacobian", "--samples-per-class", "1", "5", "10", "--seeds", "5",
     "--steps", "300", "--batch-size", "64", "--lr", "1e-3",
-    "--select-at", "5", "--select-seeds", "2", "--jacobian-weights", "0.3", "1", "3", "10",
+    "--select-at", "5", "--select-seeds", "2", "--jacobian-weights", "1", "3", "10", "30", "100",
     "--out", "runs/vit-student",
 ]
 

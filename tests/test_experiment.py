@@ -265,3 +265,26 @@ def test_noisy_jacobian_method_is_the_first_order_term_of_noisy_distillation():
     assert build_loss(METHODS["kd+noisy"].specs({"noisy": 0.1}, config)).terms["noisy-distill"].sigma == 0.2
     chosen = choose_weights(config, [{"weights": {"noisy": 1.0}, "samples_per_class": 5, "val_acc": 0.9}], 125.0)
     assert chosen["all"] == {"noisy": 1.0}
+
+
+def test_a_failing_run_stops_the_worker_processes(tmp_path, monkeypatch):
+    """An error (or Ctrl-C, or kill) in the middle of the grid terminates the worker processes instead
+    of letting them run the rest of the queue."""
+    import multiprocessing
+
+    import jacplug.experiment as experiment
+    from jacplug.experiment import RunSpec
+
+    config = tiny_config(tmp_path)
+    config.workers, config.methods = 2, ["kd"]
+    # the last run fails inside a worker (its method reads a weight the spec lacks); runs are started
+    # costliest first, so it starts first and the kd runs are still queued when it fails
+    specs = [RunSpec("kd", 2, seed, ()) for seed in range(6)] + [RunSpec("kd+jacobian", 2, 0, ())]
+    monkeypatch.setattr(experiment, "main_specs", lambda config, chosen: specs)
+    closes = []
+    real_close = runs_module.Executor.close
+    monkeypatch.setattr(runs_module.Executor, "close",
+                        lambda self, abort=False: (closes.append(abort), real_close(self, abort))[1])
+    with pytest.raises(KeyError, match="jacobian"):
+        run_experiment(config, echo=lambda line: None)
+    assert closes == [True] and multiprocessing.active_children() == []

@@ -12,6 +12,8 @@ preset's weight (method ``preset``); ``benchmarks/`` holds one script per publis
 from __future__ import annotations
 
 import dataclasses
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -54,10 +56,19 @@ def run_experiment(config: ExperimentConfig, echo: Callable[[str], None] = _prin
     """
     config.validate()
     threads = torch.get_num_threads()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
     try:
         return _run(config, echo)
     finally:
         torch.set_num_threads(threads)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """``kill`` becomes ``SystemExit``, so the worker processes are stopped too instead of left running."""
+    raise SystemExit(128 + signum)
 
 
 def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any]:
@@ -105,8 +116,10 @@ def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any
         specs = main_specs(config, chosen)
         phase_start = time.perf_counter()
         runs = executor.map(specs, _progress(echo, "run", len(specs), phase_start))
-    finally:
-        executor.close()
+    except BaseException:  # Ctrl-C or an error: stop the workers now rather than finish their queue
+        executor.close(abort=True)
+        raise
+    executor.close()
     summary = report.summarise(runs)
     results.update(runs=runs, summary=summary, main_time_s=round(time.perf_counter() - phase_start, 1),
                    wall_time_s=round(time.perf_counter() - started, 1))

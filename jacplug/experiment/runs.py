@@ -313,9 +313,10 @@ class Executor:
                 done(record)
         return [results[i] for i in range(len(specs))]
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Wait for the workers to exit; ``abort`` terminates them first (their queued runs are dropped)."""
         if self.pool is not None:
-            self.pool.close()
+            self.pool.terminate() if abort else self.pool.close()
             self.pool.join()
         else:
             _WORKER.clear()  # in-process: release the data and teacher held for the runs
