@@ -94,7 +94,7 @@ def test_end_to_end_run_writes_everything_and_best_checkpoint_reproduces_accurac
             "resume.safetensors"} <= names
     config = json.loads((out / "config.json").read_text())
     assert config["samples_per_class"] == 3 and (config["epochs"], config["steps"]) == (2, None)
-    assert config["loss"] == ["kd=0.5:temperature=4", "jacobian=5"] and config["augment"] is False  # resolved
+    assert config["loss"] == ["kd=0.5:temperature=4", "jacobian=0.15"] and config["augment"] is False  # resolved
     assert (summary["optimizer_steps"], summary["batch"], summary["images_seen"]) == (8, 8, 64)
     assert summary["checkpoints"]["teacher"] == teacher_file  # the run trained no teacher of its own
     assert "student test_resnet: step 8/8 (epoch 2/2), 64 images, loss" in err  # progress lines without bars

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     add("--augment", action=argparse.BooleanOptionalAction, default=None,
         help="random crop/flip on the training split (default: on for CIFAR and image folders, off for digits)")
     add("--loss", action="append", metavar="NAME=WEIGHT[:OPT=VAL,...]",
-        help="a loss term and its weight, repeatable (default: kd=0.5 + jacobian=5, the documented preset)")
+        help="a loss term and its weight, repeatable (default: kd=0.5 + jacobian=0.15, the documented preset)")
     add("--epochs", type=int, help="student epochs (default 4; with --samples-per-class, 150 steps when 4 epochs "
         "would make fewer)")
     add("--steps", type=int, metavar="N", help="total student optimizer steps, instead of --epochs")

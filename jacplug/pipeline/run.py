@@ -70,7 +70,7 @@ CONFIG_FILE = "config.json"
 CACHE_FILE = "teacher_cache.safetensors"
 #: the loss when no ``--loss`` is given: the preset ``jacobian_distillation()`` as specs, so that
 #: ``config.json`` records what ran (a test checks the two build the same loss)
-DEFAULT_LOSS = ("kd=0.5:temperature=4", "jacobian=5")
+DEFAULT_LOSS = ("kd=0.5:temperature=4", "jacobian=0.15")
 
 
 @dataclass
