@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=4.0, help="KD temperature (default: %(default)s)")
     g.add_argument("--attention-layers", default="layer1+layer2", help="attention transfer layers (same names in both)")
     s = p.add_argument_group("selection on the validation split")
-    s.add_argument("--jacobian-weights", type=float, nargs="+", default=[1.0, 10.0, 30.0], metavar="W",
-                   help="grid for the Jacobian and projected-Jacobian weights (default: 1 10 30)")
+    s.add_argument("--jacobian-weights", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0], metavar="W",
+                   help="grid for the Jacobian, projected-Jacobian and preset weights (default: 0.1 0.3 1 3 10)")
     s.add_argument("--attention-weights", type=float, nargs="+", default=[1.0, 10.0, 30.0], metavar="W",
                    help="grid for the attention weight (default: 1 10 30)")
     s.add_argument("--noisy-weights", type=float, nargs="+", default=[0.1, 1.0, 10.0], metavar="W",

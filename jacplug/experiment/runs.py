@@ -93,7 +93,7 @@ class ExperimentConfig:
     weight_decay: float = 0.05
     temperature: float = 4.0
     attention_layers: str = "layer1+layer2"
-    jacobian_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 30.0])
+    jacobian_grid: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])
     attention_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 30.0])
     noisy_grid: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
     noisy_sigma: float = 0.5
