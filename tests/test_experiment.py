@@ -92,6 +92,8 @@ def test_cli_runs_the_few_shot_methods_by_default_and_refuses_others(capsys):
     parser = build_parser()
     assert config_from_args(parser.parse_args(["experiment"])).methods == list(FEW_SHOT_METHODS)
     assert METHOD_NAMES == tuple(METHODS)
+    # the command's defaults are the library's: one protocol whether it is run from Python or the shell
+    assert config_from_args(parser.parse_args(["experiment"])) == ExperimentConfig()
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["experiment", "--methods", "kd+jacobain"])
     assert exit_info.value.code == 2 and "invalid choice: 'kd+jacobain'" in capsys.readouterr().err

@@ -60,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="grid for the Jacobian, projected-Jacobian and preset weights (default: 0.1 0.3 1 3 10)")
     s.add_argument("--attention-weights", type=float, nargs="+", default=[1.0, 10.0, 30.0], metavar="W",
                    help="grid for the attention weight (default: 1 10 30)")
-    s.add_argument("--noisy-weights", type=float, nargs="+", default=[0.1, 1.0, 10.0], metavar="W",
-                   help="grid for the noisy-input distillation weight (default: 0.1 1 10)")
+    s.add_argument("--noisy-weights", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="W",
+                   help="grid for the noisy-input distillation weight (default: 0.01 0.1 1)")
     s.add_argument("--noisy-sigma", type=float, default=0.5,
                    help="training noise of kd+noisy, in units of the pixel std (default: %(default)s)")
     s.add_argument("--select-at", type=sample_size, nargs="+", default=[5, 50], metavar="N",
