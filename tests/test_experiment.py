@@ -260,13 +260,14 @@ def test_noisy_jacobian_method_is_the_first_order_term_of_noisy_distillation():
     from jacplug.experiment.methods import METHODS
     from jacplug.losses import build_loss
 
-    config = ExperimentConfig(noisy_sigma=0.2, methods=["kd+noisy", "kd+noisy-jacobian"])
+    config = ExperimentConfig(noisy_sigma=0.2, methods=["kd+noisy", "kd+noisy-jacobian"], samples_per_class=[5],
+                              select_at=[5])
     loss = build_loss(METHODS["kd+noisy-jacobian"].specs({"noisy": 0.1}, config))
     assert loss.weights["jacobian-projected"] == pytest.approx(0.1 * 0.2 ** 2)
     assert loss.terms["jacobian-projected"].normalize is False
     assert build_loss(METHODS["kd+noisy"].specs({"noisy": 0.1}, config)).terms["noisy-distill"].sigma == 0.2
     chosen = choose_weights(config, [{"weights": {"noisy": 1.0}, "samples_per_class": 5, "val_acc": 0.9}], 125.0)
-    assert chosen["all"] == {"noisy": 1.0}
+    assert chosen == {"5": {"noisy": 1.0}}
 
 
 def test_a_failing_run_stops_the_worker_processes(tmp_path, monkeypatch):
