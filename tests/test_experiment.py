@@ -291,3 +291,12 @@ def test_a_failing_run_stops_the_worker_processes(tmp_path, monkeypatch):
     with pytest.raises(KeyError, match="jacobian"):
         run_experiment(config, echo=lambda line: None)
     assert closes == [True] and multiprocessing.active_children() == []
+
+
+def test_two_experiments_cannot_share_an_output_directory(tmp_path):
+    from jacplug.pipeline.lock import RunDirBusy, RunDirLock
+
+    with RunDirLock(tmp_path / "out"):  # another experiment (or training run) holds the directory
+        with pytest.raises(RunDirBusy, match="is in use by another jacplug run"):
+            run_experiment(tiny_config(tmp_path / "out"), echo=lambda line: None)
+    assert not (tmp_path / "out" / "results.json").exists()

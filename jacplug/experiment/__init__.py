@@ -23,6 +23,7 @@ import torch
 from ..errors import UserError
 from ..pipeline.device import init_runtime
 from ..pipeline.evaluate import accuracy
+from ..pipeline.lock import RunDirLock
 from . import report
 from .runs import (
     ExperimentConfig,
@@ -72,9 +73,15 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The protocol, holding ``config.out``'s run-directory lock: a second experiment writing the same
+    files at the same time is refused in one line (see :mod:`jacplug.pipeline.lock`)."""
+    with RunDirLock(config.out):
+        return _run_locked(config, echo)
+
+
+def _run_locked(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     runtime = init_runtime(config.device)
     full = load_splits(config)
