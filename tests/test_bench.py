@@ -51,3 +51,28 @@ def test_model_keyword_arguments_and_image_size_reach_the_models():
                        device=torch.device("cpu"))
     assert setup.student.patch_embed.patch_size == (8, 8) and len(setup.student.blocks) == 1
     assert setup.student(setup.inputs).shape == (2, 3)  # img_size followed the benchmark's 16 px
+
+
+def test_composite_batch_norm_step_computes_the_native_step(monkeypatch):
+    """``eq10-top1-composite-bn`` times the same step with train-mode BatchNorm written out: same loss
+    and same parameter gradients (float64), so its time is comparable with ``eq10-top1``'s."""
+    import jacplug.bench as bench
+    from jacplug.bench import make_setup
+
+    calls = []
+    real = bench.composite_batch_norm
+    monkeypatch.setattr(bench, "composite_batch_norm", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    grads = {}
+    for method in ("eq10-top1", "eq10-top1-composite-bn"):
+        setup = make_setup("resnet10t->test_resnet", 4, batch=4, size=16, device=torch.device("cpu"))
+        setup.teacher.double()
+        setup.student.double()
+        setup.inputs = setup.inputs.double()
+        loss = methods()[method](setup)()["loss"]
+        grads[method] = (loss, [p.grad.clone() for p in setup.student.parameters() if p.grad is not None])
+    (native_loss, native), (composite_loss, composite) = grads.values()
+    assert calls  # the composite form really ran
+    torch.testing.assert_close(composite_loss, native_loss)
+    assert len(native) == len(composite) > 10
+    for a, b in zip(native, composite):
+        torch.testing.assert_close(b, a)
