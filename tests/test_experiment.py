@@ -7,6 +7,7 @@ few steps, one seed, in-process (``workers=1``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -300,3 +301,23 @@ def test_two_experiments_cannot_share_an_output_directory(tmp_path):
         with pytest.raises(RunDirBusy, match="is in use by another jacplug run"):
             run_experiment(tiny_config(tmp_path / "out"), echo=lambda line: None)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_loading_batches_in_worker_processes_changes_nothing_but_speed(tmp_path):
+    """``loader_workers`` (4 by default on CUDA) must train the same student as loading in the run's
+    own process: same batches, and the run's random draws (here the projections) untouched."""
+    from jacplug.experiment import RunSpec, run_one
+    from jacplug.experiment.runs import load_splits, prepare_teacher, load_teacher
+    from jacplug.pipeline.device import init_runtime
+
+    config = tiny_config(tmp_path)
+    runtime = init_runtime("cpu")
+    full = load_splits(config)
+    teacher_path, _ = prepare_teacher(config, full, runtime, tmp_path)
+    teacher = load_teacher(config, full, teacher_path, runtime)
+    spec = RunSpec("kd+projected", 3, seed=1, weights=(("projected", 1.0),))
+    records = [run_one(spec, dataclasses.replace(config, loader_workers=workers), full, teacher, runtime)
+               for workers in (0, 2)]
+    for record in records:
+        record.pop("time_s")
+    assert records[0] == records[1]

@@ -78,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: %(default)s)")
     r.add_argument("--workers", type=int, default=2, help="processes on CPU (default: %(default)s; GPU: one)")
     r.add_argument("--threads", type=int, default=1, help="torch threads per process (default: %(default)s)")
+    r.add_argument("--loader-workers", type=int, default=None,
+                   help="processes loading training batches in each run (default: 0 on CPU, 4 on CUDA)")
     r.add_argument("--out", default="runs/few-shot", help="output directory (default: %(default)s)")
     p.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON file with any of these options; flags win")
 
@@ -155,7 +157,8 @@ def config_from_args(args: argparse.Namespace):
         noisy_grid=list(args.noisy_weights), noisy_sigma=args.noisy_sigma,
         select_at=list(args.select_at), select_seeds=[1000 + i for i in range(args.select_seeds)],
         select_on=args.select_on, noise_sigmas=list(args.noise_sigmas),
-        device=args.device, workers=args.workers, threads=args.threads, out=args.out,
+        device=args.device, workers=args.workers, threads=args.threads, loader_workers=args.loader_workers,
+        out=args.out,
     )
 
 
