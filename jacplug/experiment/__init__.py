@@ -4,9 +4,9 @@
 validation split, runs every method x samples-per-class x seed, and writes ``results.json``,
 ``table.md`` and the plots to ``config.out``. The same protocol, with options, also measures
 robustness to input noise (``noise_sigmas``), a ViT student (``student_kwargs``) and the default
-preset's weight (method ``preset``); ``benchmarks/`` holds one script per published experiment. See :mod:`.runs` for the protocol,
-:mod:`.methods` for the compared losses, :mod:`.report` for the outputs; ``jacplug experiment`` and
-``benchmarks/few_shot.py`` are its command lines.
+preset's weight (method ``preset``). See :mod:`.runs` for the protocol, :mod:`.methods` for the
+compared losses, :mod:`.report` for the outputs. ``jacplug experiment`` is its command line, and
+``benchmarks/`` holds one script per published experiment (docs/results.md).
 """
 
 from __future__ import annotations
