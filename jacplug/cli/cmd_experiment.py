@@ -62,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="grid for the attention weight (default: 1 10 30)")
     s.add_argument("--noisy-weights", type=float, nargs="+", default=[0.01, 0.1, 1.0], metavar="W",
                    help="grid for the noisy-input distillation weight (default: 0.01 0.1 1)")
-    s.add_argument("--noisy-sigma", type=float, default=0.5,
+    s.add_argument("--noisy-sigma", type=float, default=0.2,
                    help="training noise of kd+noisy, in units of the pixel std (default: %(default)s)")
     s.add_argument("--select-at", type=sample_size, nargs="+", default=[5, 50], metavar="N",
                    help="sample sizes at which weights are chosen (default: 5 50)")

@@ -97,7 +97,7 @@ class ExperimentConfig:
     jacobian_grid: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])
     attention_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 30.0])
     noisy_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    noisy_sigma: float = 0.5
+    noisy_sigma: float = 0.2
     select_at: list[int | None] = field(default_factory=lambda: [5, 50])
     select_seeds: list[int] = field(default_factory=lambda: [1000])
     select_on: str = "clean"
