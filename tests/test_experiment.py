@@ -199,14 +199,14 @@ def test_preset_method_is_the_default_training_loss():
 def test_noise_experiment_end_to_end_scores_teacher_and_students_under_noise(tmp_path):
     config = tiny_config(tmp_path)
     config.samples_per_class, config.methods = [2], ["kd", "kd+noisy"]
-    config.noise_sigmas, config.select_on, config.noisy_grid = [0.0, 0.5], "noise", [0.1, 1.0]
+    config.noise_sigmas, config.select_on, config.noisy_grid, config.noisy_sigma = [0.0, 0.5], "noise", [0.1, 1.0], 0.3
     results = run_experiment(config, echo=lambda line: None)
 
     assert set(results["teacher"]["test_acc_noise"]) == {"0", "0.5"}
     assert results["teacher"]["test_acc_noise"]["0"] == results["teacher"]["test_acc"]
     for record in results["runs"]:
         assert record["test_acc_noise"]["0"] == record["test_acc"]
-        assert any(spec.startswith("noisy-distill=") and "sigma=0.5" in spec for spec in record["loss"]) == (
+        assert any(spec.startswith("noisy-distill=") and "sigma=0.3" in spec for spec in record["loss"]) == (
             record["method"] == "kd+noisy")
     assert all("test_acc_noise" not in r and "val_acc_noise" in r for r in results["selection"])
     table = (tmp_path / "table.md").read_text()
