@@ -80,6 +80,7 @@ def worker(rank: int, port: int, out: str) -> None:
         grads = gradients(student, ddp, teacher, x[shard], y[shard], runtime)
         if rank == 0:
             save_file(grads, out)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it (an abort otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -183,6 +184,7 @@ def pipeline_worker(rank: int, port: int, out: str, held_dir: str) -> None:
         if rank == 1:
             x[0, 0, 0, 0] = float("nan")
         record("nonfinite", lambda: step.step(x, y[shard], torch.arange(4)))
+        dist.barrier()  # as in worker(): both ranks done before the teardown
     finally:
         dist.destroy_process_group()
 
