@@ -124,6 +124,9 @@ def test_choice_averages_the_selection_seeds_and_can_score_noisy_validation():
     ({"noise_sigmas": [-0.1]}, "--noise-sigmas must be finite and >= 0"),
     ({"noisy_grid": [0.0]}, "--noisy-weights must be finite weights > 0"),
     ({"methods": ["kd", "kd+jacobain"]}, "unknown method 'kd+jacobain'"),
+    ({"noisy_sigma": 0.0}, "--noisy-sigma must be finite and > 0"),
+    ({"loader_workers": -1}, "--loader-workers must be >= 0"),
+    ({"select_seeds": []}, "--select-at and --select-seeds need at least one value each"),
 ])
 def test_bad_experiment_options_are_named(change, message):
     from jacplug.errors import UserError
@@ -321,3 +324,19 @@ def test_loading_batches_in_worker_processes_changes_nothing_but_speed(tmp_path)
     for record in records:
         record.pop("time_s")
     assert records[0] == records[1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--select-seeds", "0"], "--select-seeds must be a positive integer, got 0"),
+    (["--student-kwargs", "patch_size"], "--student-kwargs: expected key=value items"),
+    (["--noise-sigmas", "-1", "--select-on", "noise"], "--noise-sigmas must be finite and >= 0"),
+    (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
+])
+def test_bad_experiment_flags_are_one_line_errors(flags, message, capsys, tmp_path, monkeypatch):
+    from jacplug.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", *flags, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jacplug: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "out" / "results.json").exists()
