@@ -18,7 +18,7 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
 
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 
-METHODS="eq10-top1 eq10-top1-cached eq10-top1-composite-bn projected-k1 direction-fd direction-forward"
+METHODS="eq10-top1 eq10-top1-cached eq10-top1-native-bn projected-k1 direction-fd direction-forward"
 timeout 240 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --amp --channels-last --cuda-graphs \
     --methods $METHODS --json "$OUT/bench_amp.json" 2>&1 | grep -v "round"
 timeout 60 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs --methods eq10-top1 \

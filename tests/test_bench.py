@@ -53,26 +53,29 @@ def test_model_keyword_arguments_and_image_size_reach_the_models():
     assert setup.student(setup.inputs).shape == (2, 3)  # img_size followed the benchmark's 16 px
 
 
-def test_composite_batch_norm_step_computes_the_native_step(monkeypatch):
-    """``eq10-top1-composite-bn`` times the same step with train-mode BatchNorm written out: same loss
-    and same parameter gradients (float64), so its time is comparable with ``eq10-top1``'s."""
-    import jacplug.bench as bench
+def test_native_batch_norm_step_computes_the_same_step(monkeypatch):
+    """``eq10-top1`` (closed-form BatchNorm double backward) and ``eq10-top1-native-bn`` (PyTorch's) time
+    the same step: same loss and parameter gradients (float64); only the first runs the closed form."""
     from jacplug.bench import make_setup
+    from jacplug.engine import batch_norm
 
     calls = []
-    real = bench.composite_batch_norm
-    monkeypatch.setattr(bench, "composite_batch_norm", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    grads = {}
-    for method in ("eq10-top1", "eq10-top1-composite-bn"):
+    closed_form = batch_norm._BatchNormBackward.backward
+    monkeypatch.setattr(batch_norm._BatchNormBackward, "backward",
+                        staticmethod(lambda ctx, *g: (calls.append(1), closed_form(ctx, *g))[1]))
+    grads, ran = {}, {}
+    for method in ("eq10-top1", "eq10-top1-native-bn"):
         setup = make_setup("resnet10t->test_resnet", 4, batch=4, size=16, device=torch.device("cpu"))
         setup.teacher.double()
         setup.student.double()
         setup.inputs = setup.inputs.double()
+        calls.clear()
         loss = methods()[method](setup)()["loss"]
-        grads[method] = (loss, [p.grad.clone() for p in setup.student.parameters() if p.grad is not None])
-    (native_loss, native), (composite_loss, composite) = grads.values()
-    assert calls  # the composite form really ran
-    torch.testing.assert_close(composite_loss, native_loss)
-    assert len(native) == len(composite) > 10
-    for a, b in zip(native, composite):
+        grads[method], ran[method] = (loss, [p.grad.clone() for p in setup.student.parameters()]), len(calls)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in setup.student.modules())
+    (closed_loss, closed), (native_loss, native) = grads.values()
+    assert ran == {"eq10-top1": norms, "eq10-top1-native-bn": 0}  # once per BatchNorm layer
+    torch.testing.assert_close(closed_loss, native_loss)
+    assert len(native) == len(closed) > 10
+    for a, b in zip(native, closed):
         torch.testing.assert_close(b, a)

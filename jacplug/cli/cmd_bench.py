@@ -14,7 +14,7 @@ METHODS = (
     "forum-eq10-top1",
     "eq10-top1",
     "eq10-top1-cached",
-    "eq10-top1-composite-bn",
+    "eq10-top1-native-bn",
     "projected-k1",
     "direction-fd",
     "direction-forward",

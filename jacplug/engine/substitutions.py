@@ -12,6 +12,10 @@ forward-mode terms compute ``J u`` with forward-mode AD and then back-propagate 
   treat the saved mean and variance as constants, so parameter gradients through them are wrong
   (tens of per cent in float64, no error); ``softmax`` raises an in-place error.
 
+One substitution is there for cost, not correctness: train-mode ``batch_norm``, whose double backward
+PyTorch computes with a generic composite of about 80 kernels per layer, runs as
+:func:`jacplug.engine.batch_norm.batch_norm`, whose double backward is a closed form of under 40.
+
 Each is a *substitution*: an equivalent formulation of the same function (same values, same first
 derivatives) written with ops whose derivatives are complete. :func:`double_differentiable` and
 :func:`forward_mode_safe` apply them inside a :class:`torch.overrides.TorchFunctionMode`, so they reach
@@ -33,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .batch_norm import batch_norm as closed_form_batch_norm
+
 #: what a substitution is for: the exact (double backward) terms, the forward-mode terms, or both
 DOUBLE_BACKWARD = "double_backward"
 FORWARD_AD = "forward_ad"
@@ -42,7 +48,8 @@ PURPOSES = (DOUBLE_BACKWARD, FORWARD_AD)
 @dataclass(frozen=True)
 class Substitution:
     """Replace calls of every function in ``replaces`` by ``replacement`` (same signature) when
-    running for one of ``purposes``. ``reason`` says which derivative the original lacks."""
+    running for one of ``purposes``. ``reason`` says why the original will not do: which derivative
+    it lacks, or what it costs."""
 
     name: str
     replaces: tuple[Callable[..., Any], ...]
@@ -207,6 +214,14 @@ BUILTIN_SUBSTITUTIONS: tuple[Substitution, ...] = (
         forward_mode_attention,
         frozenset({FORWARD_AD}),
         "fused attention has no forward-over-reverse derivative; the math form needs a composite softmax",
+    ),
+    Substitution(
+        "batch-norm-double-backward",
+        (F.batch_norm,),
+        closed_form_batch_norm,
+        frozenset({DOUBLE_BACKWARD}),
+        "PyTorch's double backward of train-mode batch_norm is a generic composite of about 80 kernels; "
+        "a closed form needs under 40",
     ),
     Substitution(
         "hardsigmoid",

@@ -23,11 +23,12 @@ BatchNorm's running statistics alone (:func:`jacplug.losses.extra_evaluation`).
 from __future__ import annotations
 
 import contextlib
+from typing import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from ..engine.substitutions import DOUBLE_BACKWARD, double_differentiable
+from ..engine.substitutions import DOUBLE_BACKWARD, Substitution, double_differentiable
 from ..features import FeatureTap
 from ..losses.base import DistillBatch, as_scalar
 from ..losses.composite import WeightedLoss
@@ -43,12 +44,15 @@ def compute_terms(
     targets: Tensor,
     runtime: Runtime,
     cached: dict[str, Tensor] | None = None,
+    substitutions: Iterable[Substitution] | None = None,
 ) -> dict[str, Tensor]:
     """Each term's unweighted scalar value ``{key: Tensor []}``, on the student's graph.
 
     ``student`` may be DDP-wrapped (its forward then registers the gradient all-reduce);
     ``teacher`` must be frozen and in eval mode. ``inputs``: ``[B, *S]`` on the run's device;
     ``targets``: ``[B]``. ``cached``: teacher cache entries for this batch (see :mod:`.cache`).
+    ``substitutions``: those the double-differentiable student forward applies (``None``: every
+    registered one).
     """
     needs = loss.needs
     layers = loss.feature_layers
@@ -58,7 +62,7 @@ def compute_terms(
     with contextlib.ExitStack() as stack:
         s_tap = stack.enter_context(FeatureTap(plain_student, list(layers))) if layers else None
         t_tap = stack.enter_context(FeatureTap(teacher, list(layers.values()), requires_grad=False)) if layers else None
-        with runtime.autocast(), student_mode(loss):
+        with runtime.autocast(), student_mode(loss, substitutions):
             student_logits = student(x).float()
         student_features = s_tap.maps() if s_tap else {}
         cache: dict[str, Tensor] = {}
@@ -85,11 +89,12 @@ def compute_terms(
     return {key: as_scalar(term(batch), term) for key, term in loss.terms.items()}
 
 
-def student_mode(loss: WeightedLoss) -> contextlib.AbstractContextManager:
+def student_mode(loss: WeightedLoss, substitutions: Iterable[Substitution] | None = None
+                 ) -> contextlib.AbstractContextManager:
     """How the student's forward must run for ``loss``: double-differentiable (fused attention and
-    hard-sigmoid swapped for equivalent formulations) when a term back-propagates through its input
-    Jacobian, else as is, with its fastest kernels. Forward-mode terms re-run the student themselves."""
-    return double_differentiable() if DOUBLE_BACKWARD in loss.higher_order else contextlib.nullcontext()
+    hard-sigmoid swapped for equivalent formulations, train-mode BatchNorm for one with a cheaper
+    double backward) when a term back-propagates through its input Jacobian, else as is, with its fastest kernels. Forward-mode terms re-run the student themselves."""
+    return double_differentiable(substitutions) if DOUBLE_BACKWARD in loss.higher_order else contextlib.nullcontext()
 
 
 def weighted_total(loss: WeightedLoss, values: dict[str, Tensor]) -> Tensor:
