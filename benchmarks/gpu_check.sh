@@ -3,8 +3,9 @@
 #   1. the CUDA-marked tests (tests/test_cuda.py);
 #   2. the step benchmark: eager and CUDA-graphed, bf16 + channels-last, for a 32 px ResNet pair,
 #      the 224 px ImageNet-sized case and a ViT student, then the float32 baseline of the first;
-#   3. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed.
-# Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, train_*.json; the
+#   3. one BatchNorm layer's double backward, PyTorch's against the closed form, bf16 and float32;
+#   4. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed.
+# Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, batch_norm.txt, train_*.json; the
 # tables are printed.
 # Budget: under 8 minutes on one H100.
 set -uo pipefail
@@ -21,8 +22,12 @@ timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail 
 METHODS="eq10-top1 eq10-top1-cached eq10-top1-native-bn projected-k1 direction-fd direction-forward"
 timeout 240 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --amp --channels-last --cuda-graphs \
     --methods $METHODS --json "$OUT/bench_amp.json" 2>&1 | grep -v "round"
-timeout 60 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs --methods eq10-top1 \
+timeout 60 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs --methods eq10-top1 eq10-top1-native-bn \
     --configs "resnet34->resnet18:10@32" --json "$OUT/bench_fp32.json" 2>&1 | grep -v "round"
+
+for precision in --bf16 ""; do
+    timeout 60 $PY benchmarks/batch_norm_double_backward.py --device cuda $precision 2>&1 | tee -a "$OUT/batch_norm.txt"
+done
 
 RUN=$(mktemp -d)
 timeout 90 $JACPLUG train --teacher resnet50 --student resnet18 --cuda-graphs off --out "$RUN/eager" --json \

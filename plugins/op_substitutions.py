@@ -1,5 +1,6 @@
-"""Built-in plugin: registers the engine's op substitutions (math attention, hard-sigmoid, and the
-forward-mode formulations of norms and softmax) through the public hook, as a third-party plugin would."""
+"""Built-in plugin: registers the engine's op substitutions (math attention, hard-sigmoid, the
+closed-form BatchNorm double backward, and the forward-mode formulations of norms and softmax) through
+the public hook, as a third-party plugin would."""
 
 from __future__ import annotations
 

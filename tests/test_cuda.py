@@ -1,5 +1,6 @@
 """CUDA-only checks (skipped without a GPU): the CUDA-graphed step against the eager one, and the
-double-differentiable attention student on CUDA's fused kernels. benchmarks/gpu_check.sh runs them."""
+double-differentiable attention student on CUDA's fused kernels, the closed-form BatchNorm double backward on
+CUDA kernels. benchmarks/gpu_check.sh runs them."""
 
 from __future__ import annotations
 
@@ -90,3 +91,29 @@ def test_train_with_cuda_graphs_matches_eager_first_losses(tmp_path):
     assert len(losses["on"]) == 10
     # bf16 autocast and cuDNN's autotuned algorithms differ slightly run to run
     assert losses["on"] == pytest.approx(losses["off"], rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_closed_form_batch_norm_double_backward_on_cuda(dtype):
+    """On CUDA's kernels (channels-last, float32 and bf16 maps with float32 parameters, as under
+    autocast) the closed-form second derivatives are as close to float64 as PyTorch's own."""
+    import torch.nn.functional as F
+
+    from jacplug.engine.batch_norm import batch_norm
+
+    torch.manual_seed(0)
+    x0, gy0, probe = (torch.randn(32, 16, 8, 8, dtype=torch.float64) for _ in range(3))
+    w0 = torch.randn(16, dtype=torch.float64)
+
+    def second(fn, device, map_dtype):
+        as_map = lambda t: t.to(device, map_dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
+        x, gy = (as_map(t).requires_grad_(True) for t in (x0, gy0))
+        w = w0.to(device, torch.float64 if map_dtype == torch.float64 else torch.float32).requires_grad_(True)
+        gx, = torch.autograd.grad(fn(x, None, None, w, None, True), x, gy, create_graph=True)
+        return [t.double().cpu() for t in torch.autograd.grad((gx * as_map(probe)).sum(), (x, w, gy))]
+
+    exact = second(F.batch_norm, "cpu", torch.float64)
+    error = {name: [((g - e).norm() / e.norm()).item() for g, e in zip(second(fn, "cuda", dtype), exact)]
+             for name, fn in (("native", F.batch_norm), ("ours", batch_norm))}
+    for ours, native in zip(error["ours"], error["native"]):
+        assert ours <= max(1.5 * native, 1e-5 if dtype == torch.float32 else 1e-2), error
