@@ -41,6 +41,9 @@ from .pipeline.step import compute_terms, weighted_total
 from .registry import create_model
 
 ForwardBackward = Callable[[], object]
+#: the op substitutions made for cost, which the ``*-native*`` methods leave out
+NATIVE_BATCH_NORM = ("batch-norm-double-backward",)
+NATIVE_CONVOLUTION = ("conv1d-double-backward", "conv2d-double-backward", "conv3d-double-backward")
 
 
 @dataclass
@@ -95,14 +98,14 @@ def make_setup(name: str, classes: int, batch: int, size: int, device: torch.dev
 
 
 def _jacplug_step(loss: WeightedLoss, cached: bool = False,
-                  without: str | None = None) -> Callable[[Setup], ForwardBackward]:
+                  without: tuple[str, ...] = ()) -> Callable[[Setup], ForwardBackward]:
     """The training step of ``jacplug train`` (:func:`jacplug.pipeline.step.compute_terms`: inputs
     require grad only when a term needs input Jacobians, the teacher's rows are taken without a graph,
     the student runs double-differentiably when needed), as a forward-backward to which the caller
     adds the optimizer step (so it can be captured in a CUDA graph). ``cached``: what
     ``--cache-teacher`` provides, the teacher's logits and top-1 rows computed once ahead of time.
-    ``without``: the name of a registered op substitution the student's forward leaves out, to measure
-    what a substitution made for cost saves."""
+    ``without``: names of registered op substitutions the student's forward leaves out, to measure
+    what the substitutions made for cost save."""
 
     def prepare(s: Setup) -> ForwardBackward:
         entries = None
@@ -114,7 +117,7 @@ def _jacplug_step(loss: WeightedLoss, cached: bool = False,
             entries = {"teacher_logits": logits.detach(), CACHE_ROWS: rows,
                        CACHE_JACOBIAN_ROWS: jacobian(logits, xt, rows, create_graph=False)}
 
-        substitutions = None if without is None else _registered_without(without)
+        substitutions = _registered_without(without) if without else None
 
         def forward_backward() -> dict[str, Tensor]:
             values = compute_terms(loss, s.student, s.teacher, s.inputs, s.targets, s.runtime, entries,
@@ -129,11 +132,12 @@ def _jacplug_step(loss: WeightedLoss, cached: bool = False,
     return prepare
 
 
-def _registered_without(name: str) -> list[Substitution]:
-    chosen = [s for s in registered_substitutions() if s.name != name]
-    if len(chosen) == len(registered_substitutions()):
-        raise ValueError(f"no registered op substitution is called {name!r}")
-    return chosen
+def _registered_without(names: tuple[str, ...]) -> list[Substitution]:
+    registered = registered_substitutions()
+    missing = set(names) - {s.name for s in registered}
+    if missing:
+        raise ValueError(f"no registered op substitution is called {sorted(missing)}")
+    return [s for s in registered if s.name not in names]
 
 
 def _eager(step: Callable[[Setup], None]) -> Callable[[Setup], ForwardBackward]:
@@ -203,8 +207,11 @@ def methods() -> dict[str, Callable[[Setup], ForwardBackward]]:
         "forum-eq10-top1": _eager(_forum_top1_step),
         "eq10-top1": _jacplug_step(with_kd(JacobianLoss())),
         "eq10-top1-cached": _jacplug_step(with_kd(JacobianLoss()), cached=True),
-        # the same step with PyTorch's own BatchNorm double backward (what the closed form saves)
-        "eq10-top1-native-bn": _jacplug_step(with_kd(JacobianLoss()), without="batch-norm-double-backward"),
+        # the same step with PyTorch's own double backward of BatchNorm, of convolutions, of both
+        # (what each substitution made for cost saves)
+        "eq10-top1-native-bn": _jacplug_step(with_kd(JacobianLoss()), without=NATIVE_BATCH_NORM),
+        "eq10-top1-native-conv": _jacplug_step(with_kd(JacobianLoss()), without=NATIVE_CONVOLUTION),
+        "eq10-top1-native": _jacplug_step(with_kd(JacobianLoss()), without=NATIVE_BATCH_NORM + NATIVE_CONVOLUTION),
         "projected-k1": _jacplug_step(with_kd(ProjectedJacobianLoss(k=1))),
         "direction-fd": _jacplug_step(with_kd(DirectionalJacobianLoss(method="finite-difference"))),
         "direction-forward": _jacplug_step(with_kd(DirectionalJacobianLoss(method="forward"))),

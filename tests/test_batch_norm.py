@@ -1,18 +1,14 @@
 """The closed-form BatchNorm double backward: same values, running statistics and first derivatives as
-``F.batch_norm``, the same second derivatives as PyTorch's own (float64), and the same Jacobian-term
-gradients through a network, with the rows taken one at a time or vmapped."""
+``F.batch_norm``, the same second derivatives as PyTorch's own (float64); through a network with the
+convolution substitution: tests/test_substitutions.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from jacplug import jacobian
-from jacplug.engine.backends import _graph_contains
 from jacplug.engine.batch_norm import batch_norm
-from jacplug.engine.substitutions import double_differentiable
 
 f64 = torch.float64
 
@@ -117,33 +113,6 @@ def test_bfloat16_maps_second_derivatives_stay_close_to_float64():
         errors[name] = [((g.double() - e).norm() / e.norm()).item() for g, e in zip(got, exact)]
     for ours, native in zip(errors["ours"], errors["native"]):
         assert ours <= max(1.5 * native, 1e-2), errors
-
-
-def _small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
-        nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5),
-    ).double()
-
-
-@pytest.mark.parametrize("backend", ["loop", "batched"])
-def test_jacobian_term_gradients_through_a_network_match_native(backend):
-    """Every parameter's gradient of ``|J|^2`` (all five rows, so the ``batched`` backend vmaps the
-    backward) equals the one PyTorch's own double backward gives; the substitution reached both layers."""
-    torch.manual_seed(4)
-    net, x = _small_cnn(), torch.randn(6, 3, 8, 8, dtype=f64, requires_grad=True)
-    grads = []
-    for substituted in (False, True):
-        net.zero_grad()
-        with double_differentiable() if substituted else torch.enable_grad():
-            out = net(x)
-        assert _graph_contains(out.grad_fn, ("_TrainBatchNorm",)) == substituted
-        assert _graph_contains(out.grad_fn, ("BatchNorm",))  # the auto backend's CPU rule still sees it
-        jac = jacobian(out, x, torch.arange(5).expand(6, 5), backend=backend)
-        jac.pow(2).sum().backward()
-        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.parameters()])
-    for native, ours in zip(*grads):
-        torch.testing.assert_close(ours, native)
 
 
 def test_one_value_per_channel_is_refused_like_batch_norm():

@@ -15,6 +15,8 @@ METHODS = (
     "eq10-top1",
     "eq10-top1-cached",
     "eq10-top1-native-bn",
+    "eq10-top1-native-conv",
+    "eq10-top1-native",
     "projected-k1",
     "direction-fd",
     "direction-forward",

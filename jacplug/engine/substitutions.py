@@ -12,9 +12,11 @@ forward-mode terms compute ``J u`` with forward-mode AD and then back-propagate 
   treat the saved mean and variance as constants, so parameter gradients through them are wrong
   (tens of per cent in float64, no error); ``softmax`` raises an in-place error.
 
-One substitution is there for cost, not correctness: train-mode ``batch_norm``, whose double backward
-PyTorch computes with a generic composite of about 80 kernels per layer, runs as
-:func:`jacplug.engine.batch_norm.batch_norm`, whose double backward is a closed form of under 40.
+Two substitutions are there for cost, not correctness: train-mode ``batch_norm``, whose double
+backward PyTorch computes with a generic composite of about 80 kernels per layer, runs as
+:func:`jacplug.engine.batch_norm.batch_norm`, whose double backward is a closed form of under 40;
+convolutions run as :mod:`jacplug.engine.convolution`'s, whose double backward uses the
+convolution's own backward kernels instead of convolutions of batch-transposed copies.
 
 Each is a *substitution*: an equivalent formulation of the same function (same values, same first
 derivatives) written with ops whose derivatives are complete. :func:`double_differentiable` and
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from . import convolution
 from .batch_norm import batch_norm as closed_form_batch_norm
 
 #: what a substitution is for: the exact (double backward) terms, the forward-mode terms, or both
@@ -200,6 +203,11 @@ def composite_batch_norm(
     return out + bias.reshape(shape) if bias is not None else out
 
 
+_CONVOLUTION_REASON = (
+    "PyTorch differentiates a convolution's backward with convolutions of batch-transposed copies (one per "
+    "group); the convolution's own backward kernels do it"
+)
+
 BUILTIN_SUBSTITUTIONS: tuple[Substitution, ...] = (
     Substitution(
         "math-attention",
@@ -222,6 +230,14 @@ BUILTIN_SUBSTITUTIONS: tuple[Substitution, ...] = (
         frozenset({DOUBLE_BACKWARD}),
         "PyTorch's double backward of train-mode batch_norm is a generic composite of about 80 kernels; "
         "a closed form needs under 40",
+    ),
+    *(
+        Substitution(f"{name}-double-backward", (native,), replacement, frozenset({DOUBLE_BACKWARD}), _CONVOLUTION_REASON)
+        for name, native, replacement in (
+            ("conv1d", F.conv1d, convolution.conv1d),
+            ("conv2d", F.conv2d, convolution.conv2d),
+            ("conv3d", F.conv3d, convolution.conv3d),
+        )
     ),
     Substitution(
         "hardsigmoid",
