@@ -2,10 +2,12 @@
 # The GPU checks in one script (run it on a machine with one NVIDIA GPU, from the repository root):
 #   1. the CUDA-marked tests (tests/test_cuda.py);
 #   2. the step benchmark: eager and CUDA-graphed, bf16 + channels-last, for a 32 px ResNet pair,
-#      the 224 px ImageNet-sized case and a ViT student, then the float32 baseline of the first;
-#   3. one BatchNorm layer's double backward, PyTorch's against the closed form, bf16 and float32;
+#      the 224 px ImageNet-sized case and a ViT student: first the exact Eq. 10 step with and without
+#      each double backward jacplug substitutes for cost (BatchNorm, convolutions), then the other
+#      methods; then the float32 baseline of the first pair;
+#   3. single layers' double backward, PyTorch's against jacplug's, bf16 and float32;
 #   4. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed.
-# Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, batch_norm.txt, train_*.json; the
+# Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, layers.txt, train_*.json; the
 # tables are printed.
 # Budget: under 8 minutes on one H100.
 set -uo pipefail
@@ -19,14 +21,16 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
 
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 
-METHODS="eq10-top1 eq10-top1-cached eq10-top1-native-bn projected-k1 direction-fd direction-forward"
-timeout 240 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --amp --channels-last --cuda-graphs \
-    --methods $METHODS --json "$OUT/bench_amp.json" 2>&1 | grep -v "round"
-timeout 60 $JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs --methods eq10-top1 eq10-top1-native-bn \
-    --configs "resnet34->resnet18:10@32" --json "$OUT/bench_fp32.json" 2>&1 | grep -v "round"
+BENCH="$JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs"
+timeout 200 $BENCH --amp --channels-last --methods eq10-top1 eq10-top1-native-bn eq10-top1-native-conv eq10-top1-native \
+    --json "$OUT/bench_amp.json" 2>&1 | grep -v "round"
+timeout 150 $BENCH --amp --channels-last --methods eq10-top1-cached projected-k1 direction-fd direction-forward \
+    --json "$OUT/bench_amp_others.json" 2>&1 | grep -v "round"
+timeout 45 $BENCH --methods eq10-top1 eq10-top1-native --configs "resnet34->resnet18:10@32" \
+    --json "$OUT/bench_fp32.json" 2>&1 | grep -v "round"
 
 for precision in --bf16 ""; do
-    timeout 60 $PY benchmarks/batch_norm_double_backward.py --device cuda $precision 2>&1 | tee -a "$OUT/batch_norm.txt"
+    timeout 40 $PY benchmarks/double_backward_layers.py --device cuda $precision 2>&1 | tee -a "$OUT/layers.txt"
 done
 
 RUN=$(mktemp -d)

@@ -1,5 +1,5 @@
 """CUDA-only checks (skipped without a GPU): the CUDA-graphed step against the eager one, and the
-double-differentiable attention student on CUDA's fused kernels, the closed-form BatchNorm double backward on
+double-differentiable attention student on CUDA's fused kernels, the BatchNorm and convolution double backwards on
 CUDA kernels. benchmarks/gpu_check.sh runs them."""
 
 from __future__ import annotations
@@ -117,3 +117,28 @@ def test_closed_form_batch_norm_double_backward_on_cuda(dtype):
              for name, fn in (("native", F.batch_norm), ("ours", batch_norm))}
     for ours, native in zip(error["ours"], error["native"]):
         assert ours <= max(1.5 * native, 1e-5 if dtype == torch.float32 else 1e-2), error
+
+
+@pytest.mark.parametrize("groups", [1, 16])
+def test_convolution_double_backward_on_cuda(groups):
+    """cuDNN's kernels behind the convolution substitution (bf16, channels-last, dense and depthwise):
+    the weight's second derivative as close to float64 as PyTorch's own."""
+    import torch.nn.functional as F
+
+    from jacplug.engine.convolution import conv2d
+
+    torch.manual_seed(0)
+    x0, w0 = torch.randn(32, 16, 8, 8, dtype=torch.float64), torch.randn(16, 16 // groups, 3, 3, dtype=torch.float64)
+    v = torch.randn(32, 16, 8, 8, dtype=torch.float64)
+
+    def second(fn, device, dtype):
+        as_map = lambda t: t.to(device, dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
+        x, w = as_map(x0).requires_grad_(True), w0.to(device, dtype).requires_grad_(True)
+        h = x * 1.0
+        row, = torch.autograd.grad(fn(h, w, None, 1, 1, 1, groups), h, as_map(v), create_graph=True)
+        return torch.autograd.grad(row.float().pow(2).sum(), w)[0].double().cpu()
+
+    exact = second(F.conv2d, "cpu", torch.float64)
+    error = {name: ((second(fn, "cuda", torch.bfloat16) - exact).norm() / exact.norm()).item()
+             for name, fn in (("native", F.conv2d), ("ours", conv2d))}
+    assert error["ours"] <= max(1.5 * error["native"], 1e-2), error
