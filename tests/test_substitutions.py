@@ -190,19 +190,26 @@ def test_builtin_substitutions_are_registered_through_the_plugin_hook():
 
 
 def _small_cnn() -> nn.Module:
+    """Dense, strided, weight-standardised (timm's ``StdConv2d``: its weight goes through a train-mode
+    ``F.batch_norm``) and depthwise convolutions, with BatchNorm."""
+    from timm.layers import StdConv2d
+
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), StdConv2d(4, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2),
         nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5),
     ).double()
 
 
 @pytest.mark.parametrize("backend", ["loop", "batched"])
-def test_jacobian_term_gradients_through_a_network_match_native(backend):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_jacobian_term_gradients_through_a_network_match_native(backend, layout):
     """The substitutions made for cost (BatchNorm, convolution): every parameter's gradient of ``|J|^2``
     (all five rows, so the ``batched`` backend vmaps the backward) equals the one PyTorch's own double
     backward gives, and both substitutions were in the graph."""
     torch.manual_seed(4)
-    net, x = _small_cnn(), torch.randn(6, 3, 8, 8, dtype=f64, requires_grad=True)
+    net = _small_cnn().to(memory_format=layout)
+    x = torch.randn(6, 3, 8, 8, dtype=f64).contiguous(memory_format=layout).requires_grad_(True)
     grads = []
     for substituted in (False, True):
         net.zero_grad()
