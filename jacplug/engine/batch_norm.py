@@ -32,17 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backward_pass import is_vmapped
+
 
 def _per_channel(values: Tensor, like: Tensor) -> Tensor:
     """``[C]`` -> ``[1, C, 1, ...]``, broadcastable against ``like`` ``[N, C, *spatial]``."""
     return values.reshape([1, -1] + [1] * (like.dim() - 2))
-
-
-def _is_vmapped(t: Tensor) -> bool:
-    """Whether ``t`` is a batched tensor of ``vmap`` or of ``autograd.grad(is_grads_batched=True)``,
-    through which a custom Function's backward would not be recorded on the graph."""
-    functorch = torch._C._functorch
-    return functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t)
 
 
 class _TrainBatchNorm(torch.autograd.Function):
@@ -68,7 +63,7 @@ class _TrainBatchNorm(torch.autograd.Function):
         if grad_out is None:
             return (None,) * 7
         input, weight, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled() and _is_vmapped(grad_out):
+        if torch.is_grad_enabled() and is_vmapped(grad_out):
             # a vmapped backward that builds a graph: the native op, whose derivative vmap records
             mask = [True, weight is not None, ctx.has_bias]
             grads = torch.ops.aten.native_batch_norm_backward(
@@ -131,8 +126,8 @@ class _BatchNormBackward(torch.autograd.Function):
                 d_weight = (inv * m_c1).reshape(-1).to(weight.dtype)
         if g_weight is not None:  # ggamma = sum gy * xhat
             h_inv = _per_channel(g_weight, x).to(acc) * inv
-            gy_c = h_inv if gy_c is None else gy_c + h_inv
-            x_gy = h_inv if x_gy is None else x_gy + h_inv
+            gy_c = _plus(gy_c, h_inv)
+            x_gy = _plus(x_gy, h_inv)
             x_c = _plus(x_c, h_inv * inv * s_gy_xhat * (-1 / m))
             x_0 = _plus(x_0, h_inv * s_gy * (-1 / m))
         if g_bias is not None:  # gbeta = sum gy
@@ -160,12 +155,10 @@ def _combine(constant: Tensor | None, *terms: tuple[Tensor | None, Tensor | None
             total = tensor * coefficient if constant is None else torch.addcmul(constant, tensor, coefficient)
         else:
             total.addcmul_(tensor, coefficient)
-    if total is None:
+    if total is None:  # only a constant (a loss on the bias gradient alone), or nothing
         total = torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
         if constant is not None:
             total += constant
-    elif total.shape != like.shape:  # only a constant and no term: broadcast
-        total = total.expand_as(like)
     return total.to(like.dtype)
 
 

@@ -29,25 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .batch_norm import _is_vmapped
-
-
-def _will_run(ctx: Any, index: int) -> bool:
-    """Whether the running backward pass uses the gradient of input ``index`` of ``ctx``'s node.
-
-    ``torch._C._will_engine_execute_node`` answers for non-leaf nodes, which is why :func:`_attach`
-    gives leaf weights a view; where it cannot answer, the gradient is computed."""
-    node = ctx.next_functions[index][0]
-    if node is None:
-        return False
-    try:
-        return bool(torch._C._will_engine_execute_node(node))
-    except (AttributeError, RuntimeError):
-        return True
+from .backward_pass import is_vmapped, will_use_gradient
 
 
 def _attach(t: Tensor | None) -> Tensor | None:
-    """A leaf that requires grad as a view, so :func:`_will_run` can ask about its node."""
+    """A leaf that requires grad as a view, so :func:`will_use_gradient` can ask about its node."""
     return t.view_as(t) if t is not None and t.requires_grad and t.grad_fn is None else t
 
 
@@ -73,10 +59,10 @@ class _Convolution(torch.autograd.Function):
         if grad_out is None:
             return (None,) * 7
         input, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[i] and _will_run(ctx, i) for i in range(3)]
+        mask = [ctx.needs_input_grad[i] and will_use_gradient(ctx, i) for i in range(3)]
         if not any(mask):
             return (None,) * 7
-        if torch.is_grad_enabled() and _is_vmapped(grad_out):
+        if torch.is_grad_enabled() and is_vmapped(grad_out):
             # a vmapped backward that builds a graph: the native op, whose derivative vmap records
             grads = _convolution_backward(grad_out, input, weight, ctx.bias_sizes, ctx.conv, mask)
         else:
