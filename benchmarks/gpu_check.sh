@@ -6,9 +6,10 @@
 #      each double backward jacplug substitutes for cost (BatchNorm, convolutions), then the other
 #      methods; then the float32 baseline of the first pair;
 #   3. single layers' double backward, PyTorch's against jacplug's, bf16 and float32;
-#   4. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed.
-# Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, layers.txt, train_*.json; the
-# tables are printed.
+#   4. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed;
+#   5. the top CUDA kernels of the exact Eq. 10 step at 32 and 224 px (benchmarks/gpu_profile.py).
+# Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, layers.txt,
+# train_*.json, kernels.txt; the tables are printed.
 # Budget: under 8 minutes on one H100.
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
@@ -52,3 +53,4 @@ for name in ("train_eager", "train_student_off", "train_student_on"):
     print(f"{name}: total {s['time_s']:.1f} s, student {s.get('student_images_per_s') or 0:.0f} img/s "
           f"({s.get('student_steps_run')}), student acc {s['student_last_test_acc']}")
 PYEOF
+timeout 60 $PY benchmarks/gpu_profile.py "$RUN/profile" --kernels-only > "$OUT/kernels.txt" 2>&1 || tail -n 3 "$OUT/kernels.txt"

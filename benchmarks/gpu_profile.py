@@ -1,5 +1,6 @@
 """Where the GPU step's time goes: the kernels of one Jacobian step (torch.profiler), and the host side
-of `jacplug train` (cProfile). Run on a CUDA machine: ``python benchmarks/gpu_profile.py OUT_DIR``.
+of `jacplug train` (cProfile). Run on a CUDA machine: ``python benchmarks/gpu_profile.py OUT_DIR``
+(``--kernels-only``: the first part alone).
 
 Prints (1) the top CUDA kernels of the exact Eq. 10 step, eager, for resnet34 -> resnet18 at 32 px and
 resnet50 -> resnet18 at 224 px (bf16 autocast, channels-last, B=64); (2) the functions that take the
@@ -51,8 +52,10 @@ def host(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/gpu-profile")
+    args = [a for a in sys.argv[1:] if a != "--kernels-only"]
+    out = Path(args[0] if args else "runs/gpu-profile")
     torch.backends.cudnn.benchmark = True
     kernels("resnet34->resnet18", 10, 32)
     kernels("resnet50->resnet18", 1000, 224)
-    host(out)
+    if "--kernels-only" not in sys.argv:
+        host(out)
