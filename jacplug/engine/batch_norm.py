@@ -41,35 +41,33 @@ def _per_channel(values: Tensor, like: Tensor) -> Tensor:
 
 
 class _TrainBatchNorm(torch.autograd.Function):
-    """Native train-mode BatchNorm (running statistics updated in place); backward below."""
+    """Native train-mode BatchNorm (running statistics updated in place); backward below.
 
-    generate_vmap_rule = True
+    The Functions here define ``forward(ctx, ...)`` rather than ``setup_context``: ``apply`` then
+    skips binding its arguments through ``inspect.signature`` (tens of microseconds a call, which an
+    eager GPU step bound by the host pays per layer). The cost: ``torch.func`` transforms cannot
+    trace them; jacplug's engine uses plain autograd."""
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, momentum, eps):
-        return torch.native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        input, weight, bias, _, _, _, eps = inputs
-        _, mean, invstd = output
+    def forward(ctx: Any, input, weight, bias, running_mean, running_var, momentum, eps):
+        out, mean, invstd = torch.native_batch_norm(input, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
         ctx.eps, ctx.has_bias = eps, bias is not None
         ctx.mark_non_differentiable(mean, invstd)
         ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
+        return out, mean, invstd
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _grad_mean: Tensor, _grad_invstd: Tensor) -> tuple:
         if grad_out is None:
             return (None,) * 7
         input, weight, mean, invstd = ctx.saved_tensors
-        if torch.is_grad_enabled() and is_vmapped(grad_out):
-            # a vmapped backward that builds a graph: the native op, whose derivative vmap records
+        if torch.is_grad_enabled() and not is_vmapped(grad_out):  # a backward that builds a graph
+            grads = _BatchNormBackward.apply(grad_out, input, weight, mean, invstd, ctx.eps)
+        else:  # no graph, or a vmapped one (vmap records only the native op's derivative)
             mask = [True, weight is not None, ctx.has_bias]
             grads = torch.ops.aten.native_batch_norm_backward(
                 grad_out, input, weight, None, None, mean, invstd, True, ctx.eps, mask)
-        else:
-            grads = _BatchNormBackward.apply(grad_out, input, weight, mean, invstd, ctx.eps)
         grad_input, grad_weight, grad_bias = grads
         return (grad_input, grad_weight if weight is not None else None, grad_bias if ctx.has_bias else None,
                 None, None, None, None)
@@ -78,21 +76,15 @@ class _TrainBatchNorm(torch.autograd.Function):
 class _BatchNormBackward(torch.autograd.Function):
     """``native_batch_norm_backward`` in training mode, differentiated by the closed form."""
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(grad_out, input, weight, mean, invstd, eps):
+    def forward(ctx: Any, grad_out, input, weight, mean, invstd, eps):
         # weight and bias gradients are always computed: they are the sums E[gy xhat], E[gy] the
         # closed form needs
-        return torch.ops.aten.native_batch_norm_backward(
+        grads = torch.ops.aten.native_batch_norm_backward(
             grad_out, input, weight, None, None, mean, invstd, True, eps, [True, True, True])
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        grad_out, input, weight, mean, invstd, _ = inputs
-        _, sum_gy_xhat, sum_gy = output
-        ctx.save_for_backward(grad_out, input, weight, mean, invstd, sum_gy_xhat, sum_gy)
+        ctx.save_for_backward(grad_out, input, weight, mean, invstd, grads[1], grads[2])
         ctx.set_materialize_grads(False)  # unused outputs (a Jacobian row uses only gx) arrive as None
+        return grads
 
     @staticmethod
     @torch.autograd.function.once_differentiable

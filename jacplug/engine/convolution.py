@@ -38,21 +38,16 @@ def _attach(t: Tensor | None) -> Tensor | None:
 
 
 class _Convolution(torch.autograd.Function):
-    """Native convolution; backward below."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups):
-        return torch.convolution(input, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+    """Native convolution; backward below. (``forward(ctx, ...)`` rather than ``setup_context``, for
+    the reason given in :mod:`jacplug.engine.batch_norm`.)"""
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        input, weight, bias, stride, padding, dilation, groups = inputs
+    def forward(ctx: Any, input, weight, bias, stride, padding, dilation, groups):
         ctx.save_for_backward(input, weight)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.set_materialize_grads(False)
+        return torch.convolution(input, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor | None) -> tuple:
@@ -62,11 +57,10 @@ class _Convolution(torch.autograd.Function):
         mask = [ctx.needs_input_grad[i] and will_use_gradient(ctx, i) for i in range(3)]
         if not any(mask):
             return (None,) * 7
-        if torch.is_grad_enabled() and is_vmapped(grad_out):
-            # a vmapped backward that builds a graph: the native op, whose derivative vmap records
-            grads = _convolution_backward(grad_out, input, weight, ctx.bias_sizes, ctx.conv, mask)
-        else:
+        if torch.is_grad_enabled() and not is_vmapped(grad_out):  # a backward that builds a graph
             grads = _ConvolutionBackward.apply(grad_out, input, weight, ctx.bias_sizes, ctx.conv, mask)
+        else:  # no graph, or a vmapped one (vmap records only the native op's derivative)
+            grads = _convolution_backward(grad_out, input, weight, ctx.bias_sizes, ctx.conv, mask)
         return (*grads, None, None, None, None)
 
 
@@ -80,18 +74,12 @@ def _convolution_backward(grad_out: Tensor, input: Tensor, weight: Tensor, bias_
 class _ConvolutionBackward(torch.autograd.Function):
     """``convolution_backward``, differentiated with convolution kernels."""
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(grad_out, input, weight, bias_sizes, conv, mask):
-        return _convolution_backward(grad_out, input, weight, bias_sizes, conv, mask)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        grad_out, input, weight, _, conv, _ = inputs
+    def forward(ctx: Any, grad_out, input, weight, bias_sizes, conv, mask):
         ctx.save_for_backward(grad_out, input, weight)
         ctx.conv = conv
         ctx.set_materialize_grads(False)
+        return _convolution_backward(grad_out, input, weight, bias_sizes, conv, mask)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
