@@ -5,9 +5,9 @@ An exact Jacobian term takes each convolution's input gradient ``gI = conv_trans
 ``g = dL/dgI``, is the weight gradient of a convolution with input ``g`` and output gradient ``gO``
 (from ``<g, conv_transpose(gO, W)> = <conv(g, W), gO>``), which the convolution's backward-filter
 kernel computes. PyTorch's generic derivative (``_convolution_double_backward``) computes it instead
-as a convolution of batch-transposed, copied tensors: shapes cuDNN has no tuned algorithm for (on
-an H200 these generic implicit-GEMM kernels were a third of a 224 px step's kernel time), and for a
-grouped (depthwise) convolution one convolution per group. :func:`conv2d` (and ``conv1d``,
+as a convolution of batch-transposed, copied tensors, shapes cuDNN has no tuned algorithm for (on an
+H200 its generic implicit-GEMM kernels were the largest convolution kernels of a 224 px exact step),
+and for a grouped (depthwise) convolution one convolution per group. :func:`conv2d` (and ``conv1d``,
 ``conv3d``) run the native forward and first backward and differentiate the backward as
 
 - ``dL/dgO = conv(g, W) + conv(x, h) + k`` (``h``, ``k``: the upstream gradients of the weight and
