@@ -53,29 +53,35 @@ def test_model_keyword_arguments_and_image_size_reach_the_models():
     assert setup.student(setup.inputs).shape == (2, 3)  # img_size followed the benchmark's 16 px
 
 
-def test_native_batch_norm_step_computes_the_same_step(monkeypatch):
-    """``eq10-top1`` (closed-form BatchNorm double backward) and ``eq10-top1-native-bn`` (PyTorch's) time
-    the same step: same loss and parameter gradients (float64); only the first runs the closed form."""
+def test_native_double_backward_methods_compute_the_same_step(monkeypatch):
+    """``eq10-top1`` (jacplug's BatchNorm and convolution double backwards) and ``eq10-top1-native*``
+    (PyTorch's for BatchNorm, convolutions or both) time the same step: same loss and parameter
+    gradients (float64); each runs exactly the double backwards its name says."""
     from jacplug.bench import make_setup
-    from jacplug.engine import batch_norm
+    from jacplug.engine import batch_norm, convolution
 
-    calls = []
-    closed_form = batch_norm._BatchNormBackward.backward
-    monkeypatch.setattr(batch_norm._BatchNormBackward, "backward",
-                        staticmethod(lambda ctx, *g: (calls.append(1), closed_form(ctx, *g))[1]))
-    grads, ran = {}, {}
-    for method in ("eq10-top1", "eq10-top1-native-bn"):
+    calls: list[str] = []
+    for name, function in (("bn", batch_norm._BatchNormBackward), ("conv", convolution._ConvolutionBackward)):
+        original = function.backward
+        monkeypatch.setattr(function, "backward", staticmethod(
+            lambda ctx, *g, name=name, original=original: (calls.append(name), original(ctx, *g))[1]))
+    results, ran = {}, {}
+    for method in ("eq10-top1", "eq10-top1-native-bn", "eq10-top1-native-conv", "eq10-top1-native"):
         setup = make_setup("resnet10t->test_resnet", 4, batch=4, size=16, device=torch.device("cpu"))
         setup.teacher.double()
         setup.student.double()
         setup.inputs = setup.inputs.double()
         calls.clear()
         loss = methods()[method](setup)()["loss"]
-        grads[method], ran[method] = (loss, [p.grad.clone() for p in setup.student.parameters()]), len(calls)
+        results[method] = (loss, [p.grad.clone() for p in setup.student.parameters()])
+        ran[method] = (calls.count("bn"), calls.count("conv"))
     norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in setup.student.modules())
-    (closed_loss, closed), (native_loss, native) = grads.values()
-    assert ran == {"eq10-top1": norms, "eq10-top1-native-bn": 0}  # once per BatchNorm layer
-    torch.testing.assert_close(closed_loss, native_loss)
-    assert len(native) == len(closed) > 10
-    for a, b in zip(native, closed):
-        torch.testing.assert_close(b, a)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in setup.student.modules())
+    assert ran == {"eq10-top1": (norms, convs), "eq10-top1-native-bn": (0, convs),
+                   "eq10-top1-native-conv": (norms, 0), "eq10-top1-native": (0, 0)}
+    native_loss, native = results.pop("eq10-top1-native")
+    assert len(native) > 10
+    for loss, grads in results.values():
+        torch.testing.assert_close(loss, native_loss)
+        for a, b in zip(native, grads):
+            torch.testing.assert_close(b, a)

@@ -12,7 +12,7 @@ forward-mode terms compute ``J u`` with forward-mode AD and then back-propagate 
   treat the saved mean and variance as constants, so parameter gradients through them are wrong
   (tens of per cent in float64, no error); ``softmax`` raises an in-place error.
 
-Two substitutions are there for cost, not correctness: train-mode ``batch_norm``, whose double
+Two kinds of substitution are there for cost, not correctness: train-mode ``batch_norm``, whose double
 backward PyTorch computes with a generic composite of about 80 kernels per layer, runs as
 :func:`jacplug.engine.batch_norm.batch_norm`, whose double backward is a closed form of under 40;
 convolutions run as :mod:`jacplug.engine.convolution`'s, whose double backward uses the
