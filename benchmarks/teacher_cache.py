@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/teacher_cache.py [--teacher resnet50] [--student resnet18] [--steps 6]``
 
-Both variants run the pipeline's own step (:func:`jacplug.pipeline.step.compute_terms`, backward,
+Both variants run the step users run (:meth:`jacplug.Distiller.step`: forward, backward,
 AdamW step) on the same batches of the embedded digits (16x16), interleaved so that load changes on
 a shared machine hit both alike; prints the median step times and their ratio.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
+from jacplug import Distiller
 from jacplug.losses import jacobian_distillation
 from jacplug.pipeline import cache as teacher_cache
 from jacplug.pipeline.data import few_sample_subset
 from jacplug.pipeline.device import init_runtime
-from jacplug.pipeline.step import compute_terms, weighted_total
 from jacplug.pipeline.teacher import build_model
 from jacplug.registry import create_dataset
 
@@ -48,6 +48,7 @@ def main() -> None:
         teacher_cache.build(path, teacher, loss, splits.train, runtime, 64, key="bench", show=False)
         build_s = time.perf_counter() - start
         cache = teacher_cache.TeacherCache(path, runtime.device)
+        distiller = Distiller(student, teacher, loss, amp=runtime.amp_dtype)
         data = [splits.train[i] for i in range(len(splits.train))]
         times: dict[str, list[float]] = {"live teacher": [], "cached teacher": []}
         for step in range(args.steps + 1):
@@ -59,10 +60,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 cached = cache.lookup(index) if name == "cached teacher" else None
-                values = compute_terms(loss, student, teacher, x, y, runtime, cached)
-                optimizer.zero_grad(set_to_none=True)
-                weighted_total(loss, values).backward()
-                optimizer.step()
+                distiller.step(optimizer, x, y, cached=cached)
                 if runtime.device.type == "cuda":
                     torch.cuda.synchronize()
                 if step:  # the first round warms up

@@ -1,6 +1,7 @@
 """jacplug: Jacobian-matching knowledge distillation for PyTorch.
 
-The library parts (Jacobian engine, feature taps, losses, gradient-flow check) are usable in any
+The front door is :class:`jacplug.Distiller`, the whole distillation step for any training loop. The
+parts beneath it (Jacobian engine, feature taps, losses, gradient-flow check) are usable in any
 training loop without the registry or CLI. Attributes are imported lazily so ``import jacplug`` and
 plugin discovery stay cheap.
 """
@@ -23,6 +24,7 @@ _LAZY = {
     "JacobianArgumentError": "jacplug.engine",
     "FeatureTap": "jacplug.features",
     "CapturedStep": "jacplug.capture",
+    "Distiller": "jacplug.distiller",
     "double_differentiable": "jacplug.engine.substitutions",
     "forward_mode_safe": "jacplug.engine.substitutions",
     "gradient_flow": "jacplug.graphcheck",

@@ -15,6 +15,7 @@ reports the growth of the peak resident set over three steps, the real high-wate
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -30,17 +31,19 @@ from torch import Tensor, nn
 
 from .capture import CapturedStep
 from .engine import jacobian
-from .engine.substitutions import Substitution, registered_substitutions
+from .distiller import Distiller
+from .engine.substitutions import Substitution, double_differentiable, registered_substitutions
 from .errors import UserError
 from .losses import DistillBatch, KDLoss, WeightedLoss
-from .losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss
+from .losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss, row_distance
 from .losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
+from .outputs import at_least_float32
 from .pipeline.device import Runtime
 from .pipeline.model_options import parse_kwargs
-from .pipeline.step import compute_terms, weighted_total
 from .registry import create_model
 
-ForwardBackward = Callable[[], object]
+Step = Callable[[], object]
+Builder = Callable[["Setup", bool], Step]  # (setup, graphed) -> a whole training step
 #: the op substitutions made for cost, which the ``*-native*`` methods leave out
 NATIVE_BATCH_NORM = ("batch-norm-double-backward",)
 NATIVE_CONVOLUTION = ("conv1d-double-backward", "conv2d-double-backward", "conv3d-double-backward")
@@ -97,39 +100,61 @@ def make_setup(name: str, classes: int, batch: int, size: int, device: torch.dev
     return Setup(f"{name} C={classes} {size}px", teacher, student, inputs, targets, optimizer, runtime)
 
 
-def _jacplug_step(loss: WeightedLoss, cached: bool = False,
-                  without: tuple[str, ...] = ()) -> Callable[[Setup], ForwardBackward]:
-    """The training step of ``jacplug train`` (:func:`jacplug.pipeline.step.compute_terms`: inputs
-    require grad only when a term needs input Jacobians, the teacher's rows are taken without a graph,
-    the student runs double-differentiably when needed), as a forward-backward to which the caller
-    adds the optimizer step (so it can be captured in a CUDA graph). ``cached``: what
-    ``--cache-teacher`` provides, the teacher's logits and top-1 rows computed once ahead of time.
-    ``without``: names of registered op substitutions the student's forward leaves out, to measure
-    what the substitutions made for cost save."""
+def _distiller_step(loss: WeightedLoss, cached: bool = False, without: tuple[str, ...] = ()) -> Builder:
+    """The step users run: :meth:`jacplug.Distiller.step` (what ``jacplug train`` runs), captured in a
+    CUDA graph for the graphed variant. ``cached``: what ``--cache-teacher`` provides, the teacher's
+    logits and top-1 rows computed once ahead of time. ``without``: names of registered op
+    substitutions the student's forward leaves out, to measure what the substitutions made for cost save."""
 
-    def prepare(s: Setup) -> ForwardBackward:
+    def prepare(s: Setup, graphed: bool) -> Step:
         entries = None
         if cached:
             xt = s.inputs.detach().requires_grad_(True)
             with s.runtime.autocast():
-                logits = s.teacher(xt).float()
+                logits = at_least_float32(s.teacher(xt))
             rows = logits.argmax(1, keepdim=True)
             entries = {"teacher_logits": logits.detach(), CACHE_ROWS: rows,
                        CACHE_JACOBIAN_ROWS: jacobian(logits, xt, rows, create_graph=False)}
-
         substitutions = _registered_without(without) if without else None
-
-        def forward_backward() -> dict[str, Tensor]:
-            values = compute_terms(loss, s.student, s.teacher, s.inputs, s.targets, s.runtime, entries,
-                                   substitutions=substitutions)
-            total = weighted_total(loss, values)
-            s.optimizer.zero_grad(set_to_none=False)
-            total.backward()
-            return {"loss": total.detach()}
-
-        return forward_backward
+        distiller = Distiller(s.student, s.teacher, loss, amp=s.runtime.amp_dtype, capture=graphed,
+                              substitutions=substitutions)
+        step = functools.partial(distiller.step, s.optimizer, s.inputs, s.targets, cached=entries)
+        step.status = lambda: "graphed" if distiller.capture_status == "CUDA graph" else (  # type: ignore[attr-defined]
+            f"eager fallback ({distiller.capture_fallback})" if distiller.capture_fallback else "eager")
+        return step
 
     return prepare
+
+
+def _by_hand_step(s: Setup, graphed: bool) -> Step:
+    """``eq10-top1`` written by hand from the engine, as docs/reuse.md's lower layer shows it: the same
+    models, maths, double-differentiable student forward and precision as the Distiller's step, without
+    the Distiller (no loss modules, feature taps or checks), so the two differ only by its overhead."""
+    kd = KDLoss(temperature=4.0)
+
+    def forward_backward() -> dict[str, Tensor]:
+        x = s.inputs.detach().requires_grad_(True)
+        with s.runtime.autocast(), double_differentiable():
+            out = at_least_float32(s.student(x))
+        with s.runtime.autocast():
+            t = at_least_float32(s.teacher(x))
+        rows = t.argmax(1, keepdim=True)
+        t_rows = jacobian(t, x, rows, create_graph=False)
+        s_rows = jacobian(out, x, rows)
+        jac = row_distance(s_rows, t_rows, normalize=True, squared=True, eps=1e-8).mean()
+        total = kd(DistillBatch(inputs=x, student_logits=out, teacher_logits=t.detach())) + 10.0 * jac
+        s.optimizer.zero_grad(set_to_none=False)
+        total.backward()
+        return {"loss": total.detach()}
+
+    forward_backward = CapturedStep(forward_backward) if graphed else forward_backward
+
+    def step() -> None:
+        forward_backward()
+        s.optimizer.step()
+
+    step.status = lambda: _graph_status(forward_backward) if graphed else "eager"  # type: ignore[attr-defined]
+    return step
 
 
 def _registered_without(names: tuple[str, ...]) -> list[Substitution]:
@@ -140,9 +165,15 @@ def _registered_without(names: tuple[str, ...]) -> list[Substitution]:
     return [s for s in registered if s.name not in names]
 
 
-def _eager(step: Callable[[Setup], None]) -> Callable[[Setup], ForwardBackward]:
-    """A hand-written reference step (it runs its own optimizer step) in the same shape."""
-    return lambda s: (lambda: step(s))
+def _eager(step: Callable[[Setup], None]) -> Builder:
+    """A hand-written reference step (it runs its own optimizer step, never in a CUDA graph) in the same shape."""
+
+    def prepare(s: Setup, graphed: bool) -> Step:
+        run = functools.partial(step, s)
+        run.status = lambda: "eager"  # type: ignore[attr-defined]
+        return run
+
+    return prepare
 
 
 def _forum_top1_step(s: Setup) -> None:
@@ -194,46 +225,49 @@ def _forum_full_loop_step(s: Setup) -> None:
     s.optimizer.step()
 
 
-def methods() -> dict[str, Callable[[Setup], ForwardBackward]]:
-    """Method name -> builder of a forward-backward for a setup. ``kd`` is the unit; ``full-*`` are
-    the expensive all-class rows; ``forum-*`` are hand-written references that step on their own."""
+def methods() -> dict[str, Builder]:
+    """Method name -> builder of a whole training step for a setup. ``kd`` is the unit; ``full-*`` are
+    the expensive all-class rows; ``forum-*`` are hand-written references that are never graphed;
+    ``eq10-top1-by-hand`` is ``eq10-top1`` without the Distiller (its overhead)."""
     kd = KDLoss(temperature=4.0)
 
     def with_kd(term, weight: float = 10.0) -> WeightedLoss:
         return WeightedLoss({"kd": (kd, 1.0), term.name: (term, weight)})
 
     return {
-        "kd": _jacplug_step(WeightedLoss({"kd": (kd, 1.0)})),
+        "kd": _distiller_step(WeightedLoss({"kd": (kd, 1.0)})),
         "forum-eq10-top1": _eager(_forum_top1_step),
-        "eq10-top1": _jacplug_step(with_kd(JacobianLoss())),
-        "eq10-top1-cached": _jacplug_step(with_kd(JacobianLoss()), cached=True),
+        "eq10-top1": _distiller_step(with_kd(JacobianLoss())),
+        "eq10-top1-by-hand": _by_hand_step,
+        "eq10-top1-cached": _distiller_step(with_kd(JacobianLoss()), cached=True),
         # the same step with PyTorch's own double backward of BatchNorm, of convolutions, of both
         # (what each substitution made for cost saves)
-        "eq10-top1-native-bn": _jacplug_step(with_kd(JacobianLoss()), without=NATIVE_BATCH_NORM),
-        "eq10-top1-native-conv": _jacplug_step(with_kd(JacobianLoss()), without=NATIVE_CONVOLUTION),
-        "eq10-top1-native": _jacplug_step(with_kd(JacobianLoss()), without=NATIVE_BATCH_NORM + NATIVE_CONVOLUTION),
-        "projected-k1": _jacplug_step(with_kd(ProjectedJacobianLoss(k=1))),
-        "direction-fd": _jacplug_step(with_kd(DirectionalJacobianLoss(method="finite-difference"))),
-        "direction-forward": _jacplug_step(with_kd(DirectionalJacobianLoss(method="forward"))),
+        "eq10-top1-native-bn": _distiller_step(with_kd(JacobianLoss()), without=NATIVE_BATCH_NORM),
+        "eq10-top1-native-conv": _distiller_step(with_kd(JacobianLoss()), without=NATIVE_CONVOLUTION),
+        "eq10-top1-native": _distiller_step(with_kd(JacobianLoss()), without=NATIVE_BATCH_NORM + NATIVE_CONVOLUTION),
+        "projected-k1": _distiller_step(with_kd(ProjectedJacobianLoss(k=1))),
+        "direction-fd": _distiller_step(with_kd(DirectionalJacobianLoss(method="finite-difference"))),
+        "direction-forward": _distiller_step(with_kd(DirectionalJacobianLoss(method="forward"))),
         "full-forum-loop": _eager(_forum_full_loop_step),
-        "full-loop": _jacplug_step(with_kd(JacobianLoss(classes="all", backend="loop"))),
-        "full-batched": _jacplug_step(with_kd(JacobianLoss(classes="all", backend="batched"))),
+        "full-loop": _distiller_step(with_kd(JacobianLoss(classes="all", backend="loop"))),
+        "full-batched": _distiller_step(with_kd(JacobianLoss(classes="all", backend="batched"))),
     }
 
 
 class Runner:
-    """A whole training step of one method on one setup: the forward-backward, eager or captured
-    in a CUDA graph, then the optimizer step (reference steps that step on their own are left alone)."""
+    """A whole training step of one method on one setup, eager or captured in a CUDA graph."""
 
     def __init__(self, setup: Setup, method: str, graphed: bool = False) -> None:
-        self.setup, self.own_step = setup, method.startswith("forum-") or method == "full-forum-loop"
-        forward_backward = methods()[method](setup)
-        self.forward_backward = CapturedStep(forward_backward) if graphed else forward_backward
+        self.setup = setup
+        self.step = methods()[method](setup, graphed)
+
+    @property
+    def status(self) -> str:
+        """``eager``, ``graphed``, or ``eager fallback (why)``."""
+        return self.step.status()
 
     def __call__(self, setup: Setup | None = None) -> None:
-        self.forward_backward()
-        if not self.own_step:
-            self.setup.optimizer.step()
+        self.step()
 
 
 def _saved_bytes(fn: Callable[[], None]) -> int:
@@ -349,9 +383,8 @@ def run(
         kd_time, kd_mem = statistics.median(times[("kd", False)]), memory[("kd", False)]
         for v in variants:
             median = statistics.median(times[v])
-            captured = runners[v].forward_backward
             rows.append({
-                "config": setup.name, "method": v[0], "graph": _graph_status(captured) if v[1] else "eager",
+                "config": setup.name, "method": v[0], "graph": runners[v].status if v[1] else "eager",
                 "median_ms": 1e3 * median, "time_ratio": median / kd_time, "images_per_s": batch / median,
                 "memory_ratio": memory[v] / kd_mem if kd_mem else float("nan"), "peak_mb": memory[v] / 2**20,
                 "runs": len(times[v]),

@@ -10,10 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from jacplug import CapturedStep
+from jacplug import Distiller
 from jacplug.losses import build_loss
-from jacplug.pipeline.device import Runtime
-from jacplug.pipeline.step import compute_terms, weighted_total
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,7 +26,6 @@ def convnet(classes: int = 10) -> nn.Module:
 def _losses(graphed: bool, steps: int = 8) -> tuple[list[float], list[torch.Tensor]]:
     torch.manual_seed(0)
     device = torch.device("cuda")
-    runtime = Runtime(device=device)
     student, teacher = convnet().to(device), convnet().to(device).eval().requires_grad_(False)
     loss = build_loss(["kd=1", "jacobian=10"])
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3, fused=True)
@@ -36,18 +33,11 @@ def _losses(graphed: bool, steps: int = 8) -> tuple[list[float], list[torch.Tens
     batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(steps)]
     batches.append((torch.randn(5, 3, 16, 16, generator=g), torch.randint(0, 10, (5,), generator=g)))  # smaller: eager
 
-    def forward_backward(x, y):
-        values = compute_terms(loss, student, teacher, x, y, runtime)
-        total = weighted_total(loss, values)
-        optimizer.zero_grad(set_to_none=False)
-        total.backward()
-        return {"loss": total.detach()}
-
-    step = CapturedStep(forward_backward, warmup=3, enabled=graphed)
+    distiller = Distiller(student, teacher, loss, amp=False, capture=graphed)
     out = []
     for x, y in batches:
-        out.append(float(step(x.to(device), y.to(device))["loss"]))
-        optimizer.step()
+        out.append(float(distiller.step(optimizer, x.to(device), y.to(device))["loss"]))
+    step = distiller.capture
     assert step.captured == graphed and (step.replays == steps - 3 if graphed else step.replays == 0)
     return out, [p.detach().clone() for p in student.parameters()]
 
@@ -65,13 +55,11 @@ def test_vit_student_exact_term_runs_on_cuda_fused_attention():
     import timm
 
     device = torch.device("cuda")
-    runtime = Runtime(device=device, amp_dtype=torch.bfloat16)
     student = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, num_classes=10).to(device)
     teacher = convnet().to(device).eval().requires_grad_(False)
     loss = build_loss(["kd=1", "jacobian=10"])
     x, y = torch.randn(8, 3, 32, 32, device=device), torch.randint(0, 10, (8,), device=device)
-    values = compute_terms(loss, student, teacher, x, y, runtime)
-    weighted_total(loss, values).backward()
+    Distiller(student, teacher, loss, amp=torch.bfloat16)(x, y)["loss"].backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.blocks[0].attn.parameters())
 
 

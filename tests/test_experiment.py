@@ -191,7 +191,7 @@ def test_preset_method_is_the_default_training_loss():
     and what ``jacobian_distillation()`` builds."""
     from jacplug.experiment.methods import METHODS
     from jacplug.losses import build_loss, jacobian_distillation
-    from jacplug.pipeline.run import DEFAULT_LOSS
+    from jacplug.losses.presets import DEFAULT_SPECS as DEFAULT_LOSS
 
     assert build_loss(DEFAULT_LOSS).weights == jacobian_distillation().weights
     ratio = jacobian_distillation().weights["jacobian"] / jacobian_distillation().weights["kd"]

@@ -13,8 +13,7 @@ from torch import nn
 
 from jacplug.features import FeatureTap, FeatureTapError, feature_map, forward_intermediates
 from jacplug.losses import AttentionTransferLoss, DistillBatch, KDLoss, WeightedLoss
-from jacplug.pipeline.device import Runtime
-from jacplug.pipeline.step import compute_terms
+from jacplug.distiller import Distiller
 
 TINY = dict(img_size=16, patch_size=4, depth=1, embed_dim=32, num_heads=2)
 #: (model, kwargs, tapped layer): class, distillation and register tokens, CaiT's patch-only blocks,
@@ -92,12 +91,11 @@ def test_a_compiled_model_is_refused_with_a_clear_error():
         FeatureTap(compiled, ["_orig_mod.0"])
 
 
-def test_pipeline_step_trains_a_vit_student_on_a_cnn_teachers_attention():
+def test_distiller_trains_a_vit_student_on_a_cnn_teachers_attention():
     student = tiny("vit_tiny_patch16_224", TINY).train()
     teacher = tiny("test_resnet", {}).requires_grad_(False)  # layer1 of a 16 px input: [B, 32, 4, 4]
     loss = WeightedLoss({"kd": (KDLoss(), 1.0), "attention": (AttentionTransferLoss({"blocks.0": "layer1"}), 1.0)})
-    values = compute_terms(loss, student, teacher, torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0]),
-                           Runtime(device=torch.device("cpu")))
+    values = Distiller(student, teacher, loss)(torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 0]))
     assert values["attention"] > 0
     (grad,) = torch.autograd.grad(values["attention"], student.patch_embed.proj.weight)
     assert grad.abs().sum() > 0

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from jacplug.capture import CapturedStep
+from jacplug.distiller import Distiller
 from jacplug.losses import FitNetLoss, JacobianLoss, KDLoss, WeightedLoss
 from jacplug.pipeline.config import TrainConfig
 from jacplug.pipeline.device import Runtime, distribute
@@ -31,7 +31,6 @@ from jacplug.pipeline.metrics import MetricsLog
 from jacplug.pipeline.optim import create_adamw
 from jacplug.pipeline.progress import PhaseProgress
 from jacplug.pipeline.run import Loop, RunContext, _run_dir
-from jacplug.pipeline.step import compute_terms, weighted_total, with_every_parameter
 from jacplug.pipeline.steps import stream_plan
 from jacplug.pipeline.teacher import cosine_schedule
 
@@ -59,10 +58,7 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def gradients(student: nn.Module, model: nn.Module, teacher: nn.Module, x, y, runtime: Runtime) -> dict:
     """The Jacobian term alone (the double-backward part), as the pipeline adds it up."""
     loss = WeightedLoss({"jacobian": (JacobianLoss(), 10.0)})
-    total = weighted_total(loss, compute_terms(loss, model, teacher, x, y, runtime))
-    if runtime.distributed:
-        total = with_every_parameter(total, list(student.parameters()))
-    total.backward()
+    Distiller(model, teacher, loss)(x, y)["loss"].backward()
     return {name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
             for name, p in student.named_parameters()}
 
@@ -132,18 +128,15 @@ def fitnet_loss() -> WeightedLoss:
 def loop(student: nn.Module, loss: WeightedLoss, teacher: nn.Module, runtime: Runtime) -> Loop:
     """A :class:`Loop` set up as ``jacplug train`` sets it up: DDP, optimizer, schedule."""
     config = TrainConfig(check_gradients=False)
-    model = distribute(student, loss, runtime)
+    distiller = Distiller(distribute(student, runtime), teacher, loss, check_gradients=False)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
     run = RunContext(config=config, out_dir=Path("."), device=runtime.device, teacher=teacher, student=student,
                      loss=loss, splits=None, runtime=runtime)
-    trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
     position = {"step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
     plan = stream_plan(16, 8, steps=10)
-    step = Loop(run, model, optimizer, cosine_schedule(optimizer, plan.total), trainable, None,
+    return Loop(run, distiller, optimizer, cosine_schedule(optimizer, plan.total), None,
                 MetricsLog(Path("."), enabled=False), position, plan,
                 PhaseProgress("student", plan, bars=False, enabled=False), False)
-    step.captured = CapturedStep(step.forward_backward, enabled=False)
-    return step
 
 
 def adapter_gradients(loss: WeightedLoss) -> dict[str, torch.Tensor]:

@@ -8,11 +8,7 @@ import torch
 from torch import nn
 
 from jacplug.losses import build_loss
-from jacplug.pipeline.device import Runtime
-from jacplug.pipeline.step import compute_terms
-
-FP32 = Runtime(device=torch.device("cpu"))
-BF16 = Runtime(device=torch.device("cpu"), amp_dtype=torch.bfloat16)
+from jacplug.distiller import Distiller
 
 #: term spec -> allowed relative error of its value under bf16 autocast
 TERMS = {
@@ -42,9 +38,10 @@ def test_term_under_bf16_autocast_matches_float32(spec):
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
     loss = build_loss([spec])
     values = {}
-    for name, runtime in (("fp32", FP32), ("bf16", BF16)):
+    for name, amp in (("fp32", False), ("bf16", torch.bfloat16)):
         torch.manual_seed(1)  # the same random directions / projections / noise in both runs
-        values[name] = next(iter(compute_terms(loss, student, teacher, x, y, runtime).values())).item()
+        out = Distiller(student, teacher, loss, amp=amp, check_gradients=False)(x, y)
+        values[name] = out[next(iter(loss.terms))].item()
     assert values["bf16"] == pytest.approx(values["fp32"], rel=TERMS[spec])
 
 
@@ -58,6 +55,6 @@ def test_extra_evaluations_leave_running_statistics_alone(spec):
     reference = convnet()
     reference.load_state_dict(student.state_dict())
     reference(x)  # exactly one training forward
-    compute_terms(build_loss(["kd=1", spec]), student, teacher, x, y, FP32)
+    Distiller(student, teacher, build_loss(["kd=1", spec]))(x, y)  # the first call's checks included
     for (name, ours), theirs in zip(student.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(ours, theirs, msg=name)

@@ -11,10 +11,11 @@ from torch import nn
 
 from jacplug.errors import UserError
 from jacplug.losses import build_loss
-from jacplug.pipeline.device import Runtime
-from jacplug.pipeline.probe import probe_terms
+from jacplug.distiller import Distiller
 
-CPU = Runtime(device=torch.device("cpu"))
+
+def probe_terms(loss, student, teacher, x, y, name):
+    return Distiller(student, teacher, loss, name=name).check(x, y)
 
 
 class RawHardSigmoid(nn.Module):
@@ -47,7 +48,7 @@ def teacher() -> nn.Module:
 def test_an_op_without_double_backward_is_refused_naming_op_module_and_alternatives():
     x, y = batch()
     with pytest.raises(UserError) as info:
-        probe_terms(build_loss(["kd=1", "jacobian=10"]), net(RawHardSigmoid()), teacher(), x, y, CPU, "mynet")
+        probe_terms(build_loss(["kd=1", "jacobian=10"]), net(RawHardSigmoid()), teacher(), x, y, "mynet")
     message = str(info.value)
     assert "\n" not in message
     assert "student 'mynet' cannot run terms jacobian" in message
@@ -58,7 +59,7 @@ def test_an_op_without_double_backward_is_refused_naming_op_module_and_alternati
 def test_the_same_op_through_F_is_substituted_and_every_term_trains():
     x, y = batch()
     loss = build_loss(["kd=1", "jacobian=10", "jacobian-projected=1", "jacobian-direction=1", "noisy-distill=1"])
-    report = probe_terms(loss, net(nn.Hardsigmoid(), nn.LayerNorm(12)), teacher(), x, y, CPU, "ok")
+    report = probe_terms(loss, net(nn.Hardsigmoid(), nn.LayerNorm(12)), teacher(), x, y, "ok")
     assert {r.name: r.status for r in report} == dict.fromkeys(loss.terms, "ok")
 
 
@@ -66,9 +67,9 @@ def test_forward_mode_that_pytorch_gets_wrong_is_refused_and_finite_differences_
     x, y = batch()
     student = net(nn.GELU(), RawLayerNorm(12))
     with pytest.raises(UserError, match=r"forward-mode parameter gradients differ from reverse mode by \d+"):
-        probe_terms(build_loss(["kd=1", "jacobian-direction=1"]), student, teacher(), x, y, CPU, "raw")
+        probe_terms(build_loss(["kd=1", "jacobian-direction=1"]), student, teacher(), x, y, "raw")
     report = probe_terms(build_loss(["kd=1", "jacobian-direction=1:method=finite-difference"]), student, teacher(),
-                         x, y, CPU, "raw")
+                         x, y, "raw")
     assert all(r.status == "ok" for r in report)
 
 
@@ -79,7 +80,7 @@ def test_the_probe_leaves_no_trace():
     loss, frozen = build_loss(["kd=1", "jacobian=1", "jacobian-direction=1"]), teacher()
     before = {k: v.clone() for k, v in student.state_dict().items()}
     state = torch.random.get_rng_state()
-    probe_terms(loss, student, frozen, x, y, CPU, "s")
+    probe_terms(loss, student, frozen, x, y, "s")
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert all(p.grad is None for p in student.parameters())

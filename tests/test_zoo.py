@@ -21,8 +21,7 @@ from jacplug.losses import (
     ProjectedJacobianLoss,
     WeightedLoss,
 )
-from jacplug.pipeline.device import Runtime
-from jacplug.pipeline.probe import probe_terms
+from jacplug.distiller import Distiller
 
 SIZE = 16  # the embedded digits' size; stride-32 networks end in 1x1 maps, as at 32 px
 #: families whose pooling or stage layout needs a larger input
@@ -102,7 +101,7 @@ def probe(family: str, loss: WeightedLoss, teacher: torch.nn.Module) -> None:
     g = torch.Generator().manual_seed(0)
     size = LARGER.get(family, SIZE)
     x, y = torch.randn(4, 3, size, size, generator=g), torch.randint(0, 10, (4,), generator=g)
-    report = probe_terms(loss, student, teacher, x, y, Runtime(device=torch.device("cpu")), name)
+    report = Distiller(student, teacher, loss, name=name).check(x, y)
     assert {r.name: r.status for r in report} == dict.fromkeys(loss.terms, "ok"), report
 
 

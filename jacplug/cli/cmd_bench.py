@@ -13,6 +13,7 @@ METHODS = (
     "kd",
     "forum-eq10-top1",
     "eq10-top1",
+    "eq10-top1-by-hand",
     "eq10-top1-cached",
     "eq10-top1-native-bn",
     "eq10-top1-native-conv",

@@ -1,6 +1,6 @@
 """``jacplug check``: run one batch through the loss and show whether each term reaches the student.
 
-It is the start-up probe of ``jacplug train`` on a batch of ``--batch-size``: an op the student
+It is the start-up probe of ``jacplug train`` (:meth:`jacplug.Distiller.check`) on a batch of ``--batch-size``: an op the student
 cannot differentiate as a term needs ends it with one line naming the op, the module and the terms
 that work instead (exit code 2).
 
@@ -37,13 +37,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..distiller import Distiller
     from ..graphcheck import format_flow_table, raise_for_detached
     from ..pipeline.checkpoint import load_model
     from ..pipeline.config import resolve
     from ..pipeline.device import init_runtime
     from ..pipeline.models import build
     from ..pipeline.run import build_loss, load_data
-    from ..pipeline.probe import probe_terms
     from ..pipeline.teacher import build_teacher
 
     config = resolve({}, dict(
@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     picks = torch.randperm(len(splits.train), generator=generator)[: config.batch_size].tolist()
     inputs = torch.stack([splits.train[i][0] for i in picks]).to(runtime.device)
     targets = torch.tensor([int(splits.train[i][1]) for i in picks], device=runtime.device)
-    report = probe_terms(loss, student, teacher, inputs, targets, runtime, config.student)
+    distiller = Distiller(student, teacher, loss, amp=runtime.amp_dtype, name=config.student)
+    report = distiller.check(inputs, targets)
     print(f"{config.teacher} -> {config.student} on {config.dataset}, one batch of {len(picks)}:")
     print(format_flow_table(report, loss.weights))
     raise_for_detached(report)

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..distiller import RESERVED_KEYS, Distiller
 from ..errors import UserError
 from ..losses import build_loss
 from ..pipeline.checkpoint import load_model, save_model
@@ -61,7 +62,6 @@ from ..pipeline.device import Runtime, init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.metrics import MetricsLog
 from ..pipeline.optim import create_adamw
-from ..pipeline.step import compute_terms, weighted_total
 from ..pipeline.steps import batch_stream, stream_plan
 from ..pipeline.teacher import build_model, cosine_schedule, train_teacher
 from ..registry import create_dataset
@@ -191,18 +191,17 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
         num_workers=loader_workers(config, runtime), pin_memory=runtime.device.type == "cuda",
         generator=torch.Generator().manual_seed(spec.seed),  # worker seeds; the global RNG stays the run's
     )
+    distiller = Distiller(student, teacher, loss, amp=runtime.amp_dtype, capture=runtime.device.type == "cuda",
+                          name=config.student)
     diverged_at = None
     values: dict[str, torch.Tensor] = {}
     for step, (inputs, targets) in enumerate(loader):
         inputs = inputs.to(runtime.device, non_blocking=True)
         targets = targets.to(runtime.device, non_blocking=True)
-        values = compute_terms(loss, student, teacher, inputs, targets, runtime)
-        total = weighted_total(loss, values)
-        if not math.isfinite(float(total.detach())):
+        values = dict(distiller.compute_gradients(inputs, targets))
+        if not math.isfinite(float(values["loss"])):
             diverged_at = step + 1  # recorded, and the run is scored as it stands: a weight that diverges loses
             break
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
         optimizer.step()
         scheduler.step()
     record: dict[str, Any] = {
@@ -210,7 +209,7 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
         "weights": dict(spec.weights),
         "loss": specs,
         "train_samples": len(splits.train),
-        "final_terms": {k: float(v.detach()) for k, v in values.items()},
+        "final_terms": {k: float(v) for k, v in values.items() if k not in RESERVED_KEYS},
         "diverged_at_step": diverged_at,
     }
     for name in ("val", "test"):

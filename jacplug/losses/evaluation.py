@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..outputs import at_least_float32, logits_of
+
 RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -45,11 +47,12 @@ def isolated_running_stats(model: nn.Module) -> Iterator[None]:
 
 
 def extra_evaluation(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``x -> logits [B, C]`` in the model's own precision (autocast off, float32 logits), with
-    running statistics left untouched: the callable to pass as ``student_fn`` / ``teacher_fn``."""
+    """``x -> logits [B, C]`` in the model's own precision (autocast off, logits of at least float32,
+    :mod:`jacplug.outputs`), with running statistics left untouched: the callable to pass as
+    ``student_fn`` / ``teacher_fn``."""
 
     def call(x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False), isolated_running_stats(model):
-            return model(x).float()
+            return at_least_float32(logits_of(model(x)))
 
     return call

@@ -20,6 +20,10 @@ from .jacobian_terms import JacobianLoss
 #: the output-distillation terms the preset can mix with the Jacobian term
 DISTILL_TERMS = {"kd": KDLoss, "mse-soft": SoftMSELoss, "ce-teacher": TeacherCELoss}
 
+#: :func:`jacobian_distillation` with its defaults, as specs: what runs when no loss is given (``jacplug
+#: train`` records these in ``config.json``, so a reader sees what ran; a test checks both build the same loss)
+DEFAULT_SPECS = ("kd=0.5:temperature=4", "jacobian=0.15")
+
 SPEC_FORM = (
     "NAME=WEIGHT or NAME=WEIGHT:OPTION=VALUE,OPTION=VALUE (e.g. kd=1 or jacobian=10:squared=false,classes=label)"
 )

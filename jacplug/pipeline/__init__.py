@@ -1,8 +1,8 @@
-"""The training pipeline behind ``jacplug train``: data, teacher, distillation loop, checkpoints.
+"""The training pipeline behind ``jacplug train``: data, teacher, schedule, evaluation, checkpoints and
+logging around :class:`jacplug.Distiller`, which owns the distillation step.
 
 ``train(TrainConfig(...))`` runs everything and returns the summary; lifecycle hooks receive a
-:class:`RunContext`. Submodules have one job each (``data``, ``config``, ``teacher``, ``step``,
-``cache``, ``checkpoint``, ``metrics``, ``evaluate``, ``device``, ``run``).
+:class:`RunContext`. Each submodule has one job; its docstring says which.
 """
 
 from __future__ import annotations

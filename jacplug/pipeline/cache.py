@@ -16,7 +16,7 @@ terms need the teacher's feature maps every step and are refused.
 
 The cache is computed exactly as the live teacher would be: under the run's autocast (bf16 on CUDA)
 and memory format, with the logits cast to float32 and the Jacobian rows taken outside autocast (see
-:func:`jacplug.pipeline.step.compute_terms`).
+:class:`jacplug.Distiller`).
 
 The file (``teacher_cache.safetensors`` in the run directory) is read through ``safe_open``, which
 memory-maps it: a batch reads only its own samples' rows. Its metadata holds a fingerprint of
@@ -42,6 +42,7 @@ from ..engine import jacobian
 from ..losses.base import DistillBatch
 from ..losses.composite import WeightedLoss
 from ..losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
+from ..outputs import at_least_float32, logits_of
 from .checkpoint import atomic_write
 from .data import Indexed
 from .device import Runtime
@@ -121,7 +122,7 @@ def build(
         x = x.requires_grad_(bool(row_terms))
         targets = targets.to(device)
         with torch.enable_grad() if row_terms else torch.no_grad(), runtime.autocast():
-            logits = teacher(x).float()
+            logits = at_least_float32(logits_of(teacher(x), "teacher"))
         logits_parts.append(logits.detach().cpu())
         if not row_terms:
             continue
@@ -135,7 +136,7 @@ def build(
         rows = torch.cat(selected, 1)
         jac = jacobian(logits, x, rows, create_graph=False).detach()
         rows_parts.append(rows.cpu())
-        jac_parts.append(jac.float().cpu())
+        jac_parts.append(at_least_float32(jac).cpu())
     tensors = {LOGITS: torch.cat(logits_parts).contiguous()}
     if row_terms:
         tensors[CACHE_ROWS] = torch.cat(rows_parts).contiguous()

@@ -3,14 +3,14 @@
 ``--device auto`` picks CUDA when available. On CUDA the student's forward runs under bf16 autocast
 and models use channels-last memory (both speed up convolutions on tensor cores); on CPU neither is
 used (bf16 convolutions are slower than float32 on most CPUs). Jacobian terms stay correct under
-autocast because the pipeline evaluates the loss terms outside the autocast region with logits cast
-to float32 (see :func:`jacplug.pipeline.step.compute_terms`); the double backward through the bf16
+autocast because the loss terms are evaluated outside the autocast region with logits cast
+to float32 (see :class:`jacplug.Distiller`); the double backward through the bf16
 forward still runs in the precision autocast chose for each op.
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_runtime` joins the process
 group (NCCL on CUDA, gloo on CPU) and pins each rank to ``cuda:LOCAL_RANK``. DDP keeps the student's
 replicas in sync; the loss terms' own parameters (FitNet adapters) live outside the DDP module, so
-:func:`distribute` and :func:`average_gradients` do for them what DDP does for the student.
+:class:`jacplug.Distiller` broadcasts them and averages their gradients, as DDP does for the student.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterable
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -100,45 +98,17 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def distribute(student: nn.Module, loss: nn.Module, runtime: Runtime) -> nn.Module:
-    """The model the training step calls: ``student`` itself, or under torchrun ``student`` wrapped in
-    ``DistributedDataParallel``; then the loss terms' parameters and buffers are also copied from rank 0
-    (what DDP does for its own module), so every replica starts identical whatever its random state."""
+def distribute(student: nn.Module, runtime: Runtime) -> nn.Module:
+    """The student the training step calls: ``student`` itself, or under torchrun ``student`` wrapped in
+    ``DistributedDataParallel`` (the :class:`jacplug.Distiller` built on it keeps the loss terms'
+    adapters in sync)."""
     if not runtime.distributed:
         return student
     # a conv weight with one input channel gets gradients whose (irrelevant) stride of the size-1
     # dimension differs from DDP's bucket view; the reducer copies them correctly and only warns
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
-    for tensor in loss.state_dict().values():
-        dist.broadcast(tensor, src=0)
-    return model
-
-
-def average_gradients(parameters: Iterable[torch.Tensor], runtime: Runtime) -> None:
-    """Replace each trainable parameter's gradient by its mean over the ranks, in one all-reduce.
-
-    For parameters outside the DDP module (the loss terms' adapters): without it every rank would
-    step its own copy with its own shard's gradient, and the replicas would drift apart. A missing
-    gradient counts as zero, so every rank reduces a vector of the same length.
-    """
-    if not runtime.distributed:
-        return
-    params = [p for p in parameters if p.requires_grad]
-    if not params:
-        return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    flat /= runtime.world_size
-    offset = 0
-    for p in params:
-        mean = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
-        if p.grad is None:
-            p.grad = mean.clone()
-        else:
-            p.grad.copy_(mean)
-        offset += p.numel()
+    return nn.parallel.DistributedDataParallel(student, device_ids=ids)
 
 
 def any_rank(flag: bool, runtime: Runtime) -> bool:

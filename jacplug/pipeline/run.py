@@ -7,10 +7,10 @@ demo trains from scratch for a few epochs on small data, where AdamW converges f
 warm-up, and its per-parameter scaling absorbs the different gradient scales of the KD and
 Jacobian terms.
 
-Order of one step: cached teacher entries (``--cache-teacher``) or the teacher's forward; the
-student's forward; each term (:func:`.step.compute_terms`); on the run's first step the
-gradient-flow check (:func:`jacplug.graphcheck.gradient_flow`, unless ``--no-check-gradients``);
-``backward``; optimizer and scheduler step; a ``metrics.jsonl`` record and ``on_step_end``.
+One step is :meth:`jacplug.Distiller.compute_gradients` (cached teacher entries with
+``--cache-teacher``; on the run's first step the gradient-flow check, unless ``--no-check-gradients``;
+a CUDA graph after warm-up with ``--cuda-graphs``), then the finiteness check, the optimizer and
+scheduler step, a ``metrics.jsonl`` record and ``on_step_end``.
 
 Length: ``--epochs`` or ``--steps``, counted and defaulted by :mod:`.steps` (shared with
 ``jacplug experiment``); the student is evaluated, its checkpoints written and an ``epoch`` record
@@ -42,23 +42,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..capture import CapturedStep
+from ..distiller import Distiller
 from ..errors import UserError
-from ..graphcheck import gradient_flow, raise_for_detached
+from ..graphcheck import raise_for_detached
 from ..losses.composite import WeightedLoss
+from ..losses.presets import DEFAULT_SPECS
 from ..registry import create_dataset, get_host, model_pair
 from . import cache as teacher_cache
 from .checkpoint import atomic_write_text, load_resume, remove_stale_temp_files, save_model, save_resume
 from .config import TrainConfig
 from .data import DatasetSplits, Indexed, few_sample_subset
-from .device import Runtime, any_rank, average_gradients, barrier, distribute, init_runtime, shutdown
+from .device import Runtime, any_rank, barrier, distribute, init_runtime, shutdown
 from .evaluate import accuracy
 from .lock import RunDirLock
 from .metrics import MetricsLog, plot, read_metrics
 from .optim import create_adamw
-from .probe import probe_batch, probe_terms
+from .probe import probe_batch
 from .progress import PhaseProgress, want_progress
-from .step import compute_terms, weighted_total, with_every_parameter
 from .models import build
 from .steps import WARMUP_STEPS, StepPlan, batch_stream, default_length, stream_batch, stream_plan, warn_if_few
 from .teacher import TEACHER_FILE, build_teacher, cosine_schedule, prepare_teacher, teacher_length
@@ -68,9 +68,6 @@ BEST_FILE = "student_best.safetensors"
 LAST_FILE = "student_last.safetensors"
 CONFIG_FILE = "config.json"
 CACHE_FILE = "teacher_cache.safetensors"
-#: the loss when no ``--loss`` is given: the preset ``jacobian_distillation()`` as specs, so that
-#: ``config.json`` records what ran (a test checks the two build the same loss)
-DEFAULT_LOSS = ("kd=0.5:temperature=4", "jacobian=0.15")
 
 
 @dataclass
@@ -96,13 +93,13 @@ def default_out(config: TrainConfig) -> Path:
 
 
 def build_loss(config: TrainConfig) -> WeightedLoss:
-    """The ``--loss`` specs (or :data:`DEFAULT_LOSS`) through the registry; feature terms get the
+    """The ``--loss`` specs (or :data:`~jacplug.losses.presets.DEFAULT_SPECS`) through the registry; feature terms get the
     registered teacher/student pair's layers and channels."""
     from ..losses import build_loss as from_specs, options_from_pair
 
     pair = model_pair(config.teacher, config.student)
     overrides = {"fitnet": options_from_pair(pair)} if pair is not None else None
-    return from_specs(list(config.loss or DEFAULT_LOSS), overrides)
+    return from_specs(list(config.loss or DEFAULT_SPECS), overrides)
 
 
 def load_data(config: TrainConfig) -> DatasetSplits:
@@ -117,10 +114,9 @@ def startup_probe(config: TrainConfig, loss: WeightedLoss, student: nn.Module, t
     """Every term once, with the student and a freshly built (untrained) teacher, on eight training
     images: an unsupported op, a bad option or a shape mismatch stops the run before the teacher is
     trained (and a term that cannot reach the student, unless ``--no-check-gradients``)."""
-    teacher = teacher.to(runtime.device).eval().requires_grad_(False)
-    inputs, targets = probe_batch(splits, runtime.device)
-    report = probe_terms(loss.to(runtime.device), student.to(runtime.device).train(), teacher, inputs, targets,
-                         runtime, config.student)
+    probe = Distiller(student.to(runtime.device).train(), teacher.to(runtime.device), loss.to(runtime.device),
+                      amp=runtime.amp_dtype, name=config.student)
+    report = probe.check(*probe_batch(splits, runtime.device))
     if config.check_gradients:
         raise_for_detached(report)
 
@@ -154,7 +150,7 @@ def resolve_run(config: TrainConfig, splits: DatasetSplits, runtime: Runtime) ->
         teacher_epochs, teacher_steps = teacher_length(config)
     height, width = splits.input_shape[1:]
     resolved = dataclasses.replace(
-        config, epochs=epochs, steps=steps, loss=list(config.loss or DEFAULT_LOSS), augment=splits.augment,
+        config, epochs=epochs, steps=steps, loss=list(config.loss or DEFAULT_SPECS), augment=splits.augment,
         image_size=height if height == width else config.image_size, teacher_epochs=teacher_epochs,
         teacher_steps=teacher_steps,
     )
@@ -243,7 +239,6 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     loss = loss.to(runtime.device)
     if runtime.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    trainable = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay,
                              fused=runtime.device.type == "cuda")
     scheduler = cosine_schedule(optimizer, plan.total)
@@ -254,7 +249,8 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     if config.resume:  # steps past the saved position (all of them when none was saved) run again
         log.truncate_after(position["step"])
 
-    model = distribute(student, loss, runtime)
+    distiller = Distiller(distribute(student, runtime), teacher, loss, amp=runtime.amp_dtype, capture=graphs,
+                          check_gradients=config.check_gradients and position["step"] == 0, name=config.student)
 
     lookup = None
     if config.cache_teacher:
@@ -270,8 +266,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
                          extra={"teacher_acc": teacher_acc, "teacher_source": teacher_source, "plan": plan},
                          student_kwargs=student_built.kwargs)
     report = PhaseProgress(f"student {config.student}", plan, bars=show, enabled=runtime.is_main)
-    loop = Loop(context, model, optimizer, scheduler, trainable, lookup, log, position, plan, report, show)
-    loop.captured = CapturedStep(loop.forward_backward, enabled=graphs)
+    loop = Loop(context, distiller, optimizer, scheduler, lookup, log, position, plan, report, show)
     if runtime.is_main:
         get_host().notify("on_train_start", run=context)
     last_eval = loop.train(started)
@@ -280,7 +275,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     seconds, images = loop.throughput["seconds"], loop.throughput["images"]
     summary["student_images_per_s"] = images / seconds if seconds else None
     summary["teacher_images_per_s"] = teacher_speed
-    summary["student_steps_run"] = loop.graph_status()
+    summary["student_steps_run"] = distiller.capture_status
     if runtime.is_main:
         if (run_dir / "metrics.jsonl").is_file():
             summary["plot"] = str(plot(run_dir))
@@ -298,25 +293,17 @@ class Loop:
     """
 
     run: RunContext
-    model: nn.Module  # the student, DDP-wrapped under torchrun
+    distiller: Distiller  # its student DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    trainable: list[torch.Tensor]
     cache: Any  # teacher_cache.TeacherCache or None
     log: MetricsLog
     position: dict[str, Any]
     plan: StepPlan
     report: PhaseProgress
     show: bool
-    captured: CapturedStep | None = None  # set right after construction
     fallback_reported: bool = False
     throughput: dict[str, float] = field(default_factory=lambda: {"seconds": 0.0, "images": 0})
-
-    def graph_status(self) -> str:
-        """How the steps ran: ``CUDA graph``, ``eager``, or ``eager (capture failed: ...)``."""
-        if self.captured is None or self.captured.fallback == "disabled":
-            return "eager"
-        return "CUDA graph" if self.captured.captured else f"eager (capture failed: {self.captured.fallback})"
 
     def train(self, started: float) -> dict[str, Any]:
         """Run the plan from ``position["step"]`` to its end, one evaluation round at a time; returns
@@ -332,7 +319,7 @@ class Loop:
             first, end = position["step"], plan.next_evaluation(position["step"])
             loader = DataLoader(train_set, batch_sampler=list(itertools.islice(stream, end - first)),
                                 num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
-            self.model.train()
+            self.distiller.train()
             for inputs, targets, indices in self.report.round(loader, first, end):
                 metrics = self.step(inputs, targets, indices)
                 for key, value in metrics.items():
@@ -353,8 +340,9 @@ class Loop:
     def step(self, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
         """One optimisation step; returns ``loss`` (weighted total), each term (unweighted) and ``lr``.
 
-        The forward and backward run through :attr:`captured` (a CUDA graph after warm-up, see
-        :mod:`jacplug.capture`); the finiteness check, the optimizer and the schedule run eagerly.
+        The gradients come from :meth:`jacplug.Distiller.compute_gradients` (a CUDA graph after
+        warm-up, see :mod:`jacplug.capture`); the finiteness check, the optimizer and the schedule run
+        eagerly.
         """
         runtime = self.run.runtime
         started = time.perf_counter()
@@ -362,40 +350,23 @@ class Loop:
         targets = targets.to(runtime.device, non_blocking=True)
         if runtime.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        cached = self.cache.lookup(indices) if self.cache is not None else {}
-        values = {k: float(v) for k, v in self.captured(inputs, targets, *cached.values()).items()}
+        cached = self.cache.lookup(indices) if self.cache is not None else None
+        out = self.distiller.compute_gradients(inputs, targets, cached=cached)
+        values = {k: float(v) for k, v in out.items() if k != "output"}
         # before the update: a non-finite step changes nothing; every rank stops at the same step
         _finite(values, self.position["step"] + 1, runtime)
-        average_gradients(self.run.loss.parameters(), runtime)  # DDP averages only the student's gradients
         self.optimizer.step()
         self.scheduler.step()
         self.position["step"] += 1
-        if self.captured.calls > WARMUP_STEPS:  # steady state: after cuDNN's autotuning and the capture
+        if self.distiller.steps_run > WARMUP_STEPS:  # steady state: after cuDNN's autotuning and the capture
             self.throughput["seconds"] += time.perf_counter() - started  # values were read: the GPU is done
             self.throughput["images"] += len(targets)
-        if self.captured.fallback not in (None, "disabled") and not self.fallback_reported:
+        fallback = self.distiller.capture_fallback
+        if fallback and not self.fallback_reported:
             self.fallback_reported = True
-            if self.run.runtime.is_main:
-                print(f"jacplug: CUDA graph capture failed, training eagerly: {self.captured.fallback}",
-                      file=sys.stderr)
+            if runtime.is_main:
+                print(f"jacplug: CUDA graph capture failed, training eagerly: {fallback}", file=sys.stderr)
         return {**values, "lr": self.optimizer.param_groups[0]["lr"]}
-
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, *cached: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gradients of the weighted loss in ``.grad`` (accumulated into zeroed tensors, which keeps
-        them the same tensors for a CUDA graph); returns the detached total and terms, no host sync.
-        On the run's first step the gradient-flow check runs first (eagerly: warm-up precedes capture)."""
-        run = self.run
-        loss = run.loss
-        entries = dict(zip(self.cache.keys, cached)) if cached else None
-        values = compute_terms(loss, self.model, run.teacher, inputs, targets, run.runtime, entries)
-        if self.position["step"] == 0 and run.config.check_gradients:
-            gradient_flow(values, self.trainable)  # a detached term fails here, before any update
-        total = weighted_total(loss, values)
-        if run.runtime.distributed:
-            total = with_every_parameter(total, self.trainable)
-        self.optimizer.zero_grad(set_to_none=False)
-        total.backward()
-        return {"loss": total.detach(), **{k: v.detach() for k, v in values.items()}}
 
     def evaluate(self, started: float) -> dict[str, Any]:
         """Evaluate, write the student checkpoints, the epoch record and the resume state; returns the record."""

@@ -1,4 +1,5 @@
-"""The step's DistillBatch preparation: teacher cache equivalence and the Jacobian term under bf16 autocast."""
+"""The teacher cache gives the Distiller the same terms and gradients as the live teacher; the Jacobian term under
+bf16 autocast stays float32 and close."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from jacplug.errors import UserError
 from jacplug.losses import JacobianLoss, KDLoss, WeightedLoss, jacobian_distillation
 from jacplug.pipeline import cache as teacher_cache
 from jacplug.pipeline.device import Runtime
-from jacplug.pipeline.step import compute_terms, weighted_total
+from jacplug.distiller import Distiller
 
 CPU = Runtime(device=torch.device("cpu"))
 
@@ -50,9 +51,9 @@ def test_cached_teacher_gives_the_same_terms_and_gradients(tmp_path, classes):
     results = []
     for cached in (None, cache.lookup(index)):
         student.zero_grad()
-        values = compute_terms(loss, student, teacher, x, y, CPU, cached)
-        weighted_total(loss, values).backward()
-        results.append(({k: float(v.detach()) for k, v in values.items()}, [p.grad.clone() for p in student.parameters()]))
+        out = Distiller(student, teacher, loss)(x, y, cached=cached)
+        out["loss"].backward()
+        results.append(({k: float(out[k].detach()) for k in loss.terms}, [p.grad.clone() for p in student.parameters()]))
     (live, live_grads), (hit, hit_grads) = results
     assert live == pytest.approx(hit, rel=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(live_grads, hit_grads))
@@ -75,13 +76,12 @@ def test_jacobian_term_under_bf16_autocast_stays_float32_and_close():
     student, teacher = convnet(), convnet().eval().requires_grad_(False)
     loss = jacobian_distillation()
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
-    bf16 = Runtime(device=torch.device("cpu"), amp_dtype=torch.bfloat16)
     out = {}
-    for name, runtime in (("fp32", CPU), ("bf16", bf16)):
+    for name, amp in (("fp32", False), ("bf16", torch.bfloat16)):
         student.zero_grad()
-        values = compute_terms(loss, student, teacher, x, y, runtime)
+        values = Distiller(student, teacher, loss, amp=amp)(x, y)
         assert all(v.dtype == torch.float32 for v in values.values())
-        weighted_total(loss, values).backward()
+        values["loss"].backward()
         grad = torch.cat([p.grad.flatten() for p in student.parameters()])
         assert torch.isfinite(grad).all()
         out[name] = (values["jacobian"].item(), grad)

@@ -1,0 +1,386 @@
+"""The distillation step, in one object that every loop calls: :class:`Distiller`.
+
+A correct Jacobian-matching step follows a handful of rules, and each forgotten one is silent or slow:
+
+- the inputs require grad *before* both forward passes, and only when a term needs input Jacobians;
+- the teacher is frozen and in eval mode (train-mode BatchNorm would couple the samples' Jacobians and
+  move its statistics), and runs with grad enabled only when a term takes its Jacobian rows, which
+  are then computed without a graph;
+- the student runs inside :func:`jacplug.double_differentiable` only when a term back-propagates
+  through its input Jacobian (fused attention and hard-sigmoid have no double backward; elsewhere the
+  fastest kernels stay);
+- feature terms get both models' maps from :class:`jacplug.FeatureTap`, token outputs as maps;
+- the loss terms run outside autocast on logits of at least float32 (:mod:`jacplug.outputs`);
+- extra evaluations of the models (forward mode, finite differences, noisy copies) leave BatchNorm's
+  running statistics alone and run in full precision (:func:`jacplug.losses.extra_evaluation`);
+- before the first update, every term is shown to reach the parameters it trains, and an op without
+  the derivative a term takes is named in one line (:mod:`jacplug.preflight`).
+
+``out = distiller(images, labels)`` applies them all and returns the shape of a timm training task's
+result, ``{"loss": total, "output": student logits, <term>: unweighted value, ...}``, on the graph;
+``out["loss"].backward()`` trains. ``distiller.step(optimizer, images, labels)`` is the whole
+training step (forward, backward, update), captured in a CUDA graph with ``capture=True``.
+
+Distributed: wrap the student in ``DistributedDataParallel`` before handing it over (the Distiller
+then broadcasts the loss terms' adapters from rank 0 and :meth:`Distiller.sync_gradients` averages
+their gradients, which :meth:`Distiller.step` does by itself), or wrap the whole Distiller (its
+trainable parameters are the student's and the adapters'; the teacher is not among them). Either
+way a loss that misses some parameter (a Jacobian-only loss never reaches the classifier's bias)
+reaches every one with a zero gradient, as DDP's bucketed all-reduce requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .capture import CapturedStep
+from .engine.substitutions import DOUBLE_BACKWARD, Substitution, double_differentiable
+from .errors import UserError
+from .features import FeatureTap
+from .graphcheck import TermFlow, gradient_flow, raise_for_detached
+from .losses.base import DistillBatch, as_scalar
+from .losses.composite import WeightedLoss
+from .losses.evaluation import extra_evaluation, isolated_running_stats
+from .outputs import at_least_float32, logits_of
+from .preflight import check_forward_mode, flow_of_terms
+
+#: keys of the result that are not loss terms
+RESERVED_KEYS = ("loss", "output")
+
+LossSpec = WeightedLoss | Sequence[str] | Mapping[str, float] | str | None
+Amp = bool | str | torch.dtype | None
+
+
+class Distiller(nn.Module):
+    """One distillation step of ``student`` towards the frozen ``teacher``.
+
+    ``loss``: the CLI's spec strings (``["kd=0.5", "jacobian=0.15:classes=label"]``), a
+    ``{name: weight}`` dict, a :class:`~jacplug.losses.WeightedLoss`, or ``None`` for the documented
+    preset (:func:`jacplug.losses.jacobian_distillation`). ``amp``: ``"auto"`` (bf16 autocast for the
+    forward passes on a CUDA device with bf16, none elsewhere), ``True`` (bf16), ``False``/``None``,
+    or a dtype. ``check_gradients``: run the gradient-flow check on the first call. ``capture``:
+    :meth:`step` and :meth:`compute_gradients` replay a CUDA graph after three eager calls (on CUDA,
+    single process; eager elsewhere, see :class:`jacplug.CapturedStep`). ``substitutions``: the op
+    substitutions the double-differentiable student forward applies (``None``: every registered one).
+    ``name``: the student's name in error messages.
+
+    The teacher is frozen (``requires_grad_(False)``) and kept in eval mode whatever ``train()`` is
+    called with; it moves with ``.to()`` but is not a sub-module, so ``parameters()``,
+    ``state_dict()`` and a ``DistributedDataParallel`` around the Distiller hold only what is trained:
+    the student and the loss terms' adapters.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        loss: LossSpec = None,
+        *,
+        amp: Amp = "auto",
+        check_gradients: bool = True,
+        capture: bool = False,
+        substitutions: Iterable[Substitution] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+            raise UserError(f"Distiller(student, teacher) takes two nn.Modules, got {type(student).__name__} "
+                            f"and {type(teacher).__name__}")
+        self._ddp = (student,) if isinstance(student, DistributedDataParallel) else ()
+        self.student = student.module if self._ddp else student
+        self.loss = as_weighted_loss(loss)
+        clashes = [key for key in self.loss.terms if key in RESERVED_KEYS]
+        if clashes:
+            raise UserError(f"loss term key(s) {clashes} clash with the result's {list(RESERVED_KEYS)}; rename them")
+        self._teacher = (teacher.eval().requires_grad_(False),)  # a tuple: not a registered sub-module
+        self.amp = _check_amp(amp)
+        self.check_gradients = check_gradients
+        self.substitutions = None if substitutions is None else list(substitutions)
+        self.name = name or type(self.student).__name__
+        self.checked = not check_gradients
+        self.capture = capture
+        self._layout: tuple[bool, tuple[str, ...]] = (True, ())
+        self._captured: CapturedStep | None = None  # made on the first step, which shows the device
+        if self._ddp:
+            for tensor in self.loss.state_dict().values():  # what DDP does for the student's own state
+                dist.broadcast(tensor, src=0)
+
+    # --------------------------------------------------------------------------------------------
+    # what is trained, and the teacher
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def trainable_parameters(self) -> list[Tensor]:
+        """The parameters an optimizer must train: the student's and the loss terms' (FitNet adapters)
+        that require grad, each once; never the teacher's."""
+        seen: set[int] = set()
+        params = []
+        for p in [*self.student.parameters(), *self.loss.parameters()]:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        return params
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double() move the teacher too
+        self.teacher._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"teacher={type(self.teacher).__name__} (frozen, eval), amp={self.amp!r}"
+
+    # --------------------------------------------------------------------------------------------
+    # the step
+
+    def forward(self, inputs: Tensor, targets: Tensor | None = None, *,
+                cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``{"loss": weighted total, "output": student logits [B, C], <term key>: unweighted value}``,
+        all on the student's graph, for ``inputs`` ``[B, *S]`` and ``targets`` ``[B]`` (optional when
+        no term reads labels). ``cached``: the teacher's precomputed entries for this batch
+        (``teacher_logits`` ``[B, C]``, and rows, see :mod:`jacplug.pipeline.cache`), which replace
+        its forward and backward. On the first call, the checks of :mod:`jacplug.preflight` run
+        (unless ``check_gradients=False``): a term that cannot train the student raises here, before
+        any update.
+        """
+        self._check_inputs(inputs, targets)
+        if not self.checked:
+            out = self._checked_forward(inputs, targets, cached)
+            self.checked = True
+            return out
+        values, logits = self._terms(inputs, targets, cached)
+        return {"loss": self._total(values), "output": logits, **values}
+
+    def compute_gradients(self, inputs: Tensor, targets: Tensor | None = None, *,
+                          cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The step without the update: ``.grad`` of every trainable parameter holds the gradient of
+        the weighted total (the tensors are zeroed and accumulated into, not replaced, so they stay the
+        same tensors for a CUDA graph); adapters outside a DDP student are averaged over the ranks.
+        Returns ``loss``, each term and ``output``, detached; with ``capture=True`` they are the
+        graph's own buffers, overwritten by the next call."""
+        if self._captured is None:
+            self._captured = CapturedStep(self._forward_backward,
+                                          enabled=self.capture and not self._ddp and inputs.is_cuda)
+        self._layout = (targets is not None, tuple(cached or ()))
+        tensors = (inputs, *([targets] if targets is not None else []), *(cached or {}).values())
+        values = self._captured(*tensors)
+        self.sync_gradients()
+        return dict(values)
+
+    def step(self, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor | None = None, *,
+             cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """One whole training step: :meth:`compute_gradients`, then ``optimizer.step()``; returns the
+        detached ``loss``, terms and ``output`` (read them before the next call)."""
+        values = self.compute_gradients(inputs, targets, cached=cached)
+        optimizer.step()
+        return values
+
+    def sync_gradients(self) -> None:
+        """Average the loss terms' adapter gradients over the ranks when the student is a
+        ``DistributedDataParallel`` (which averages only its own module's). A no-op otherwise; call
+        it after ``backward()`` in a loop of your own that wraps only the student."""
+        if not self._ddp:
+            return
+        params = [p for p in self.loss.parameters() if p.requires_grad]
+        if not params:
+            return
+        world = dist.get_world_size()
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in params:
+            mean = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = mean.clone()
+            else:
+                p.grad.copy_(mean)
+            offset += p.numel()
+
+    @property
+    def capture_status(self) -> str:
+        """How :meth:`step` runs: ``"CUDA graph"``, ``"eager"``, or ``"eager (capture failed: ...)"``."""
+        captured = self._captured
+        if captured is None or captured.fallback in (None, "disabled"):
+            return "CUDA graph" if captured is not None and captured.captured else "eager"
+        return f"eager (capture failed: {captured.fallback})"
+
+    @property
+    def steps_run(self) -> int:
+        """Calls of :meth:`compute_gradients` (and :meth:`step`) so far."""
+        return 0 if self._captured is None else self._captured.calls
+
+    @property
+    def capture_fallback(self) -> str | None:
+        """Why a requested CUDA graph is not used (one line), or ``None``."""
+        fallback = None if self._captured is None else self._captured.fallback
+        return None if fallback == "disabled" else fallback
+
+    def check(self, inputs: Tensor, targets: Tensor | None = None) -> list[TermFlow]:
+        """Every term once on ``inputs``, and each term's gradient-flow report; nothing is trained and
+        nothing changes (RNG state, running statistics and ``.grad`` are as before).
+
+        Raises a one-line :class:`jacplug.UserError` when the student lacks a derivative some term
+        needs (naming the op, the module and what works instead); a detached term is reported, not
+        raised (:func:`jacplug.graphcheck.raise_for_detached` raises it).
+        """
+        self._check_inputs(inputs, targets)
+        devices = [inputs.device] if inputs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), isolated_running_stats(self.student):
+            _, report = flow_of_terms(lambda: self._terms(inputs, targets, None)[0], self.trainable_parameters(),
+                                      self.loss, self.student, inputs, self.name)
+            check_forward_mode(self.loss, self.student, inputs, self.name)
+        return report
+
+    # --------------------------------------------------------------------------------------------
+
+    def _checked_forward(self, inputs: Tensor, targets: Tensor | None,
+                         cached: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        logits: list[Tensor] = []
+
+        def compute() -> dict[str, Tensor]:
+            values, output = self._terms(inputs, targets, cached)
+            logits.append(output)
+            return values
+
+        values, report = flow_of_terms(compute, self.trainable_parameters(), self.loss, self.student, inputs,
+                                       self.name)
+        raise_for_detached(report)
+        gradient_flow(values, self.trainable_parameters())  # warns about zero or non-finite gradients
+        check_forward_mode(self.loss, self.student, inputs, self.name)
+        return {"loss": self._total(values), "output": logits[0], **values}
+
+    def _terms(self, inputs: Tensor, targets: Tensor | None,
+               cached: Mapping[str, Tensor] | None) -> tuple[dict[str, Tensor], Tensor]:
+        """Each term's unweighted scalar value on the student's graph, and the student's logits."""
+        loss, teacher = self.loss, self.teacher
+        if teacher.training:  # the caller switched it back: BatchNorm would couple the samples' rows
+            teacher.eval()
+        needs, layers = loss.needs, loss.feature_layers
+        input_grad = "input_grad" in needs
+        x = inputs.detach().requires_grad_(input_grad)
+        model = self._ddp[0] if self._ddp else self.student  # DDP's forward registers the gradient all-reduce
+        with contextlib.ExitStack() as stack:
+            s_tap = stack.enter_context(FeatureTap(self.student, list(layers))) if layers else None
+            t_tap = stack.enter_context(FeatureTap(teacher, list(layers.values()), requires_grad=False)) if layers else None
+            with self._autocast(x.device), self._student_mode():
+                student_logits = at_least_float32(logits_of(model(x), "student"))
+            student_features = s_tap.maps() if s_tap else {}
+            cache: dict[str, Tensor] = {}
+            if cached is not None and not layers:
+                teacher_logits = cached["teacher_logits"]
+                cache = {k: v for k, v in cached.items() if k != "teacher_logits"}
+            else:
+                with torch.set_grad_enabled(input_grad), self._autocast(x.device):
+                    teacher_logits = at_least_float32(logits_of(teacher(x), "teacher"))
+            teacher_features = t_tap.maps() if t_tap else {}
+        batch = DistillBatch(
+            inputs=x,
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+            targets=targets,
+            student_fn=extra_evaluation(self.student) if "student_fn" in needs else None,
+            teacher_fn=extra_evaluation(teacher),
+            student_features=student_features,
+            teacher_features=teacher_features,
+            cache=cache,
+            logits_match_fns=self.amp_dtype(x.device) is None,
+        )
+        return {key: as_scalar(term(batch), term) for key, term in loss.terms.items()}, student_logits
+
+    def _total(self, values: Mapping[str, Tensor]) -> Tensor:
+        """``sum_i weight_i * term_i``; in a multi-process run plus ``0 * p[0]`` for every trainable
+        parameter ``p``, the same value and gradients, but every parameter is reached.
+
+        Why: DistributedDataParallel all-reduces gradients in buckets and waits for every parameter's
+        gradient; a loss whose terms miss some parameters would leave a bucket unreduced. One element
+        per parameter (not ``p.sum()``, whose gradient is an expanded, zero-stride tensor that does not
+        fit DDP's bucket layout).
+        """
+        total = torch.stack([self.loss.weights[key] * value for key, value in values.items()]).sum()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            total = total + 0.0 * torch.stack([p.reshape(-1)[0] for p in self.trainable_parameters()]).sum()
+        return total
+
+    def _forward_backward(self, *tensors: Tensor) -> dict[str, Tensor]:
+        has_targets, keys = self._layout
+        inputs, rest = tensors[0], list(tensors[1:])
+        targets = rest.pop(0) if has_targets else None
+        cached = dict(zip(keys, rest)) if keys else None
+        out = self(inputs, targets, cached=cached)
+        for p in self.trainable_parameters():  # zeroed, not set to None: a CUDA graph keeps the tensors
+            if p.grad is not None:
+                p.grad.zero_()
+        out["loss"].backward()
+        return {key: value.detach() for key, value in out.items()}
+
+    def _student_mode(self) -> contextlib.AbstractContextManager:
+        """Double-differentiable only when a term back-propagates through the student's input Jacobian;
+        forward-mode terms re-run the student themselves."""
+        if DOUBLE_BACKWARD in self.loss.higher_order:
+            return double_differentiable(self.substitutions)
+        return contextlib.nullcontext()
+
+    def amp_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of the forward passes on ``device`` (``None``: full precision)."""
+        if self.amp in (None, False):
+            return None
+        if self.amp == "auto":
+            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if bf16 else None
+        return torch.bfloat16 if self.amp is True else self.amp
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        dtype = self.amp_dtype(device)
+        if dtype is None:
+            return contextlib.nullcontext()
+        # autocast's cache of cast weights must not outlive a CUDA-graph capture (PyTorch's rule)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=not capturing)
+
+    def _check_inputs(self, inputs: Tensor, targets: Tensor | None) -> None:
+        if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
+            got = f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, Tensor) else type(inputs).__name__
+            raise UserError(f"the Distiller's inputs must be a floating-point batch [B, *S], got {got}")
+        if targets is None:
+            needing = [key for key, term in self.loss.terms.items() if "targets" in term.needs]
+            if needing:
+                raise UserError(f"loss terms {needing} read labels: call distiller(inputs, targets) with targets [B]")
+        elif not isinstance(targets, Tensor) or targets.shape[:1] != inputs.shape[:1]:
+            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise UserError(f"targets must be a tensor [B] with B = {inputs.shape[0]} (the inputs' batch), got {got}")
+
+
+def as_weighted_loss(loss: LossSpec) -> WeightedLoss:
+    """A :class:`WeightedLoss` from any form the Distiller takes (see :class:`Distiller`)."""
+    from .losses.presets import DEFAULT_SPECS, build_loss
+
+    if isinstance(loss, WeightedLoss):
+        return loss
+    if loss is None:
+        return build_loss(DEFAULT_SPECS)
+    if isinstance(loss, str):
+        return build_loss([loss])
+    if isinstance(loss, Mapping):
+        return build_loss([f"{name}={weight}" for name, weight in loss.items()])
+    if isinstance(loss, Sequence) and all(isinstance(spec, str) for spec in loss):
+        return build_loss(list(loss))
+    raise UserError(f"loss= takes spec strings such as ['kd=0.5', 'jacobian=0.15'], a {{name: weight}} dict or a "
+                    f"WeightedLoss, got {type(loss).__name__}")
+
+
+def _check_amp(amp: Amp) -> Amp:
+    if amp in (None, False, True, "auto") or isinstance(amp, torch.dtype) and amp.is_floating_point:
+        return amp
+    raise UserError(f"amp={amp!r}: expected 'auto', True (bf16), False or a floating dtype such as torch.float16")
