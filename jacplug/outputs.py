@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import UserError
 
@@ -41,3 +41,15 @@ def at_least_float32(tensor: Tensor) -> Tensor:
     if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits < 32:
         return tensor.float()
     return tensor
+
+
+class Logits(nn.Module):
+    """``model`` as a module whose forward returns :func:`logits_of` its output: for code that calls a
+    model as a function of its input (forward-mode products under ``torch.func``), which needs a tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return logits_of(self.model(x))

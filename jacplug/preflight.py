@@ -31,6 +31,7 @@ from .errors import UserError
 from .graphcheck import TermFlow, flow_report
 from .losses.composite import WeightedLoss
 from .losses.evaluation import isolated_running_stats
+from .outputs import Logits
 
 #: relative error of forward-mode parameter gradients above which forward mode is refused. The PyTorch
 #: defects this guards against give 0.1 to 1; float32 rounding in eval mode gives about 1e-5 (a float64
@@ -70,7 +71,7 @@ def check_forward_mode(loss: WeightedLoss, student: nn.Module, inputs: Tensor, s
     devices = [inputs.device] if inputs.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), running_statistics(student), isolated_running_stats(student):
-            error = forward_mode_error(student, inputs if inputs.dtype == torch.float64 else inputs.float())
+            error = forward_mode_error(Logits(student), inputs if inputs.dtype == torch.float64 else inputs.float())
     except RuntimeError as exc:
         op = missing_derivative(exc)
         if op is None:
