@@ -308,7 +308,7 @@ class Distiller(nn.Module):
         per parameter (not ``p.sum()``, whose gradient is an expanded, zero-stride tensor that does not
         fit DDP's bucket layout).
         """
-        total = torch.stack([self.loss.weights[key] * value for key, value in values.items()]).sum()
+        total = self.loss.weighted_sum(values)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             total = total + 0.0 * torch.stack([p.reshape(-1)[0] for p in self.trainable_parameters()]).sum()
         return total

@@ -100,6 +100,52 @@ def test_ddp_jacobian_gradients_equal_single_process(tmp_path):
     assert any(float(g.abs().sum()) > 0 for g in single.values())
 
 
+def every_gradient(distiller: Distiller) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+            for name, p in distiller.named_parameters()}
+
+
+def adapters_and_jacobian() -> WeightedLoss:
+    """KD, a FitNet hint (a learnable adapter) and the Eq. 10 term (a double backward)."""
+    return WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (FitNetLoss({"1": "1"}, {"1": (4, 4)}), 1.0),
+                         "jacobian": (JacobianLoss(), 10.0)}).double()
+
+
+def whole_distiller_worker(rank: int, port: int, out: str) -> None:
+    """``DistributedDataParallel(Distiller(...))``, the way a framework that wraps the module it trains
+    (Lightning's DDP strategy) uses it: one step on this rank's half of the batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        student, teacher = models()
+        torch.manual_seed(rank)  # each rank draws other adapter weights: DDP starts them as rank 0's
+        distiller = Distiller(student, teacher, adapters_and_jacobian())
+        ddp = nn.parallel.DistributedDataParallel(distiller)
+        x, y = global_batch()
+        shard = slice(rank * 4, (rank + 1) * 4)
+        ddp(x[shard], y[shard])["loss"].backward()
+        save_file(every_gradient(distiller), f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_whole_distiller_under_ddp_trains_like_one_process_adapters_included(tmp_path):
+    mp.spawn(whole_distiller_worker, args=(free_port(), str(tmp_path / "grads")), nprocs=WORLD, join=True)
+    student, teacher = models()
+    torch.manual_seed(0)
+    distiller = Distiller(student, teacher, adapters_and_jacobian())
+    distiller(*global_batch())["loss"].backward()
+    single = every_gradient(distiller)
+    assert "loss.terms.fitnet.adapters.0.weight" in single and not any(k.startswith("teacher") for k in single)
+    for rank in range(WORLD):
+        ddp = load_file(str(tmp_path / f"grads.{rank}"))
+        assert set(ddp) == set(single)
+        for name in single:
+            torch.testing.assert_close(ddp[name], single[name], rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {name}")
+
+
 def test_torchrun_two_processes_end_to_end(tmp_path):
     """The real launcher: 2 gloo processes, rank 0 trains the teacher and writes every file."""
     out = tmp_path / "run"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -17,8 +18,8 @@ from .base import DistillBatch, LossTerm, as_scalar
 class WeightedLoss(nn.Module):
     """``total = sum_i weight_i * term_i(batch)``.
 
-    ``forward`` returns ``(total, values)`` where ``values`` maps each term's key to its unweighted,
-    detached scalar, for logging. Weights must be finite and positive: a zero weight would still pay
+    ``forward`` returns ``(total, values)`` where ``values`` maps each term's key to its unweighted
+    value as a Python float, for logging (:class:`jacplug.Distiller` keeps them tensors). Weights must be finite and positive: a zero weight would still pay
     for the term's computation, so leave the term out instead.
     """
 
@@ -55,15 +56,13 @@ class WeightedLoss(nn.Module):
         return layers
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, float]]:
-        total: Tensor | None = None
-        values: dict[str, float] = {}
-        for key, term in self.terms.items():
-            value = as_scalar(term(batch), term)
-            values[key] = float(value.detach())
-            weighted = self.weights[key] * value
-            total = weighted if total is None else total + weighted
-        assert total is not None
-        return total, values
+        values = {key: as_scalar(term(batch), term) for key, term in self.terms.items()}
+        return self.weighted_sum(values), {key: float(value.detach()) for key, value in values.items()}
+
+    def weighted_sum(self, values: Mapping[str, Tensor]) -> Tensor:
+        """``sum_i weight_i * values[i]`` over each term's unweighted scalar value, on the graph; no host
+        synchronisation, so a CUDA graph can capture it."""
+        return torch.stack([self.weights[key] * value for key, value in values.items()]).sum()
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={w:g}" for k, w in self.weights.items())
