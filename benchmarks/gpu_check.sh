@@ -2,11 +2,13 @@
 # The GPU checks in one script (run it on a machine with one NVIDIA GPU, from the repository root):
 #   1. the CUDA-marked tests (tests/test_cuda.py);
 #   2. the step benchmark: eager and CUDA-graphed, bf16 + channels-last, for a 32 px ResNet pair,
-#      the 224 px ImageNet-sized case and a ViT student: first the exact Eq. 10 step with and without
+#      the 224 px ImageNet-sized case and a ViT student: first the exact Eq. 10 step (the Distiller's and one
+#      written by hand, for the Distiller's overhead) with and without
 #      each double backward jacplug substitutes for cost (BatchNorm, convolutions), then the other
 #      methods; then the float32 baseline of the first pair;
 #   3. single layers' double backward, PyTorch's against jacplug's, bf16 and float32;
-#   4. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed;
+#   4. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed, and one
+#      small `jacplug experiment` cell (its students' steps are CUDA-graphed);
 #   5. the top CUDA kernels of the exact Eq. 10 step at 32 and 224 px (benchmarks/gpu_profile.py).
 # Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, layers.txt,
 # train_*.json, kernels.txt; the tables are printed.
@@ -23,7 +25,7 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
 timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 
 BENCH="$JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs"
-timeout 200 $BENCH --amp --channels-last --methods eq10-top1 eq10-top1-native-bn eq10-top1-native-conv eq10-top1-native \
+timeout 200 $BENCH --amp --channels-last --methods eq10-top1 eq10-top1-by-hand eq10-top1-native-bn eq10-top1-native-conv eq10-top1-native \
     --json "$OUT/bench_amp.json" 2>&1 | grep -v "round"
 timeout 150 $BENCH --amp --channels-last --methods eq10-top1-cached projected-k1 direction-fd direction-forward \
     --json "$OUT/bench_amp_others.json" 2>&1 | grep -v "round"
@@ -53,4 +55,7 @@ for name in ("train_eager", "train_student_off", "train_student_on"):
     print(f"{name}: total {s['time_s']:.1f} s, student {s.get('student_images_per_s') or 0:.0f} img/s "
           f"({s.get('student_steps_run')}), student acc {s['student_last_test_acc']}")
 PYEOF
+timeout 60 $JACPLUG experiment --device cuda --samples-per-class 5 --methods kd kd+jacobian --seeds 1 --steps 50 \
+    --teacher-epochs 1 --select-at 5 --jacobian-weights 1 --workers 1 --out "$RUN/experiment" > "$OUT/experiment.txt" 2>&1 \
+    || tail -n 3 "$OUT/experiment.txt"
 timeout 60 $PY benchmarks/gpu_profile.py "$RUN/profile" --kernels-only > "$OUT/kernels.txt" 2>&1 || tail -n 3 "$OUT/kernels.txt"

@@ -217,6 +217,12 @@ class Distiller(nn.Module):
         return f"eager (capture failed: {captured.fallback})"
 
     @property
+    def captured_step(self) -> CapturedStep | None:
+        """The :class:`jacplug.CapturedStep` behind :meth:`step` (its calls, replays and fallback);
+        ``None`` before the first step."""
+        return self._captured
+
+    @property
     def steps_run(self) -> int:
         """Calls of :meth:`compute_gradients` (and :meth:`step`) so far."""
         return 0 if self._captured is None else self._captured.calls

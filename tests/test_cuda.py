@@ -37,7 +37,7 @@ def _losses(graphed: bool, steps: int = 8) -> tuple[list[float], list[torch.Tens
     out = []
     for x, y in batches:
         out.append(float(distiller.step(optimizer, x.to(device), y.to(device))["loss"]))
-    step = distiller.capture
+    step = distiller.captured_step
     assert step.captured == graphed and (step.replays == steps - 3 if graphed else step.replays == 0)
     return out, [p.detach().clone() for p in student.parameters()]
 
