@@ -32,7 +32,7 @@ reaches every one with a zero gradient, as DDP's bucketed all-reduce requires.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -68,7 +68,10 @@ class Distiller(nn.Module):
     :meth:`step` and :meth:`compute_gradients` replay a CUDA graph after three eager calls (on CUDA,
     single process; eager elsewhere, see :class:`jacplug.CapturedStep`). ``substitutions``: the op
     substitutions the double-differentiable student forward applies (``None``: every registered one).
-    ``name``: the student's name in error messages.
+    ``name``: the student's name in error messages. ``teacher_input``: a differentiable map from the
+    student's input to the teacher's (e.g. another normalisation), applied inside the step so the
+    teacher's Jacobian is taken w.r.t. the student's input, chain rule included; an ``nn.Module``
+    moves with the Distiller.
 
     The teacher is frozen (``requires_grad_(False)``) and kept in eval mode whatever ``train()`` is
     called with; it moves with ``.to()`` but is not a sub-module, so ``parameters()``,
@@ -87,6 +90,7 @@ class Distiller(nn.Module):
         capture: bool = False,
         substitutions: Iterable[Substitution] | None = None,
         name: str | None = None,
+        teacher_input: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
@@ -94,11 +98,13 @@ class Distiller(nn.Module):
                             f"and {type(teacher).__name__}")
         self._ddp = (student,) if isinstance(student, DistributedDataParallel) else ()
         self.student = student.module if self._ddp else student
+        self._wrapper: tuple[nn.Module, ...] = self._ddp
         self.loss = as_weighted_loss(loss)
         clashes = [key for key in self.loss.terms if key in RESERVED_KEYS]
         if clashes:
             raise UserError(f"loss term key(s) {clashes} clash with the result's {list(RESERVED_KEYS)}; rename them")
         self._teacher = (teacher.eval().requires_grad_(False),)  # a tuple: not a registered sub-module
+        self.teacher_input = teacher_input
         self.amp = _check_amp(amp)
         self.check_gradients = check_gradients
         self.substitutions = None if substitutions is None else list(substitutions)
@@ -117,6 +123,17 @@ class Distiller(nn.Module):
     @property
     def teacher(self) -> nn.Module:
         return self._teacher[0]
+
+    @property
+    def student_wrapper(self) -> nn.Module:
+        """The module the step calls for the student's forward: the ``DistributedDataParallel`` the
+        Distiller was given, a wrapper a framework made around the student afterwards (set it here),
+        or the student itself. Feature taps and extra evaluations always use the student itself."""
+        return self._wrapper[0] if self._wrapper else self.student
+
+    @student_wrapper.setter
+    def student_wrapper(self, module: nn.Module) -> None:
+        self._wrapper = () if module is self.student else (module,)  # a tuple: not a registered sub-module
 
     def trainable_parameters(self) -> list[Tensor]:
         """The parameters an optimizer must train: the student's and the loss terms' (FitNet adapters)
@@ -175,7 +192,8 @@ class Distiller(nn.Module):
         self._layout = (targets is not None, tuple(cached or ()))
         tensors = (inputs, *([targets] if targets is not None else []), *(cached or {}).values())
         values = self._captured(*tensors)
-        self.sync_gradients()
+        if self._ddp:
+            self.sync_gradients()
         return dict(values)
 
     def step(self, optimizer: torch.optim.Optimizer, inputs: Tensor, targets: Tensor | None = None, *,
@@ -187,10 +205,13 @@ class Distiller(nn.Module):
         return values
 
     def sync_gradients(self) -> None:
-        """Average the loss terms' adapter gradients over the ranks when the student is a
-        ``DistributedDataParallel`` (which averages only its own module's). A no-op otherwise; call
-        it after ``backward()`` in a loop of your own that wraps only the student."""
-        if not self._ddp:
+        """Average the loss terms' adapter gradients over the ranks of a multi-process run (a no-op in
+        one process or for a loss without parameters). Needed when only the student is wrapped in
+        ``DistributedDataParallel``, which averages its own module's gradients only: :meth:`step` and
+        :meth:`compute_gradients` do it by themselves; a loop of your own calls it after ``backward()``.
+        Averaging gradients that are already equal on every rank changes nothing, so a surplus call is
+        harmless."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         params = [p for p in self.loss.parameters() if p.requires_grad]
         if not params:
@@ -276,7 +297,7 @@ class Distiller(nn.Module):
         needs, layers = loss.needs, loss.feature_layers
         input_grad = "input_grad" in needs
         x = inputs.detach().requires_grad_(input_grad)
-        model = self._ddp[0] if self._ddp else self.student  # DDP's forward registers the gradient all-reduce
+        model = self.student_wrapper  # a DDP's forward registers the gradient all-reduce
         with contextlib.ExitStack() as stack:
             s_tap = stack.enter_context(FeatureTap(self.student, list(layers))) if layers else None
             t_tap = stack.enter_context(FeatureTap(teacher, list(layers.values()), requires_grad=False)) if layers else None
@@ -289,7 +310,7 @@ class Distiller(nn.Module):
                 cache = {k: v for k, v in cached.items() if k != "teacher_logits"}
             else:
                 with torch.set_grad_enabled(input_grad), self._autocast(x.device):
-                    teacher_logits = at_least_float32(logits_of(teacher(x), "teacher"))
+                    teacher_logits = at_least_float32(logits_of(teacher(self._teacher_view(x)), "teacher"))
             teacher_features = t_tap.maps() if t_tap else {}
         batch = DistillBatch(
             inputs=x,
@@ -297,13 +318,22 @@ class Distiller(nn.Module):
             teacher_logits=teacher_logits,
             targets=targets,
             student_fn=extra_evaluation(self.student) if "student_fn" in needs else None,
-            teacher_fn=extra_evaluation(teacher),
+            teacher_fn=self._teacher_fn(),
             student_features=student_features,
             teacher_features=teacher_features,
             cache=cache,
             logits_match_fns=self.amp_dtype(x.device) is None,
         )
-        return {key: as_scalar(term(batch), term) for key, term in loss.terms.items()}, student_logits
+        with torch.autocast(x.device.type, enabled=False):  # also when the caller's loop runs under autocast
+            values = {key: as_scalar(term(batch), term) for key, term in loss.terms.items()}
+        return values, student_logits
+
+    def _teacher_view(self, x: Tensor) -> Tensor:
+        return x if self.teacher_input is None else self.teacher_input(x)
+
+    def _teacher_fn(self) -> Callable[[Tensor], Tensor]:
+        evaluate = extra_evaluation(self.teacher)
+        return evaluate if self.teacher_input is None else (lambda x: evaluate(self.teacher_input(x)))
 
     def _total(self, values: Mapping[str, Tensor]) -> Tensor:
         """``sum_i weight_i * term_i``; in a multi-process run plus ``0 * p[0]`` for every trainable

@@ -317,3 +317,39 @@ def test_the_student_is_double_differentiable_only_when_a_term_needs_it(monkeypa
     assert DOUBLE_BACKWARD in loss.higher_order
     Distiller(cnn(), cnn(), loss)(x, y)
     assert len(entered) >= 1
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return 2.0 * x - 1.0
+
+
+def test_teacher_input_is_part_of_the_teachers_function():
+    """A map from the student's input to the teacher's (another normalisation) is differentiated through:
+    the same step as a teacher that applies the map itself."""
+    x, y = batch()
+    results = []
+    for inside in (False, True):
+        torch.manual_seed(0)
+        student, teacher = cnn(), cnn(8)
+        if inside:
+            out = Distiller(student, nn.Sequential(Scale(), teacher), ["kd=1", "jacobian=1", "noisy-distill=1"])(x, y)
+        else:
+            out = Distiller(student, teacher, ["kd=1", "jacobian=1", "noisy-distill=1"], teacher_input=Scale())(x, y)
+        torch.manual_seed(3)
+        results.append({k: v.detach() for k, v in out.items()})
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-6, atol=1e-7)
+
+
+def test_terms_stay_float32_under_the_callers_own_autocast():
+    """Loops that wrap the step in autocast themselves (timm's train.py, the Hugging Face Trainer, Lightning's
+    bf16 precision): the terms still run outside it, on float32 logits."""
+    torch.manual_seed(0)
+    x, y = batch()
+    student, teacher = cnn(), cnn()
+    reference = Distiller(student, teacher, ["kd=1", "jacobian=1"], amp=False)(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = Distiller(student, teacher, ["kd=1", "jacobian=1"], amp=False)(x, y)
+    assert out["output"].dtype == torch.float32 and out["jacobian"].dtype == torch.float32
+    assert out["jacobian"].item() == pytest.approx(reference["jacobian"].item(), rel=0.05)

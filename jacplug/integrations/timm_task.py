@@ -1,0 +1,209 @@
+"""``JacobianDistillationTask``: timm's logit-distillation task with jacplug's Jacobian terms.
+
+timm (1.0.23 and later) trains through tasks: its ``train.py`` builds one (``LogitDistillationTask``
+for ``--kd-model-name``) and its loop only calls ``result = task(input, target)``,
+``result["loss"].backward()``, plus ``get_trainable_module()``, ``get_eval_model()``,
+``prepare_distributed()``, ``setup_ema()`` / ``update_ema()`` and the checkpoint-state methods. timm's
+own distillation tasks run the teacher under ``torch.no_grad()``, so none can match a Jacobian.
+
+This task takes ``LogitDistillationTask``'s arguments (so swapping the class name is the whole change
+in ``train.py``) plus ``loss=``, jacplug's extra terms (default: the Eq. 10 ``jacobian`` term at 0.3
+times the distillation weight). The total is ``task_loss_weight * criterion(student, target) +
+distill_loss_weight * KD(T) + <the jacplug terms>``, the weights resolved exactly as timm resolves them.
+The distillation terms are one :class:`jacplug.Distiller`, which is the trainable module: its
+parameters are the student's and the loss terms' adapters, never the teacher's.
+
+Teacher and student may be normalised differently (timm's pretrained configurations): the teacher
+sees the student's input renormalised with its own mean and std (the Distiller's ``teacher_input``),
+so its Jacobian is taken w.r.t. the student's input, chain rule included.
+
+``compile()`` compiles the eval model only: PyTorch's compiler does not support the double backward
+that the Jacobian terms take, so the training step stays eager (one log line says so).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..distiller import Distiller, as_weighted_loss
+from ..errors import UserError
+from ..losses.composite import WeightedLoss
+from ..losses.distill import KDLoss
+
+try:
+    from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss
+    from timm.utils import unwrap_model
+    from timm.utils.model_ema import ModelEmaV3
+except ImportError as exc:  # pragma: no cover - exercised only with an old timm
+    raise ImportError("jacplug.integrations.timm_task needs timm's task API (timm>=1.0.23): "
+                      "pip install -U 'timm>=1.0.23'") from exc
+
+_logger = logging.getLogger(__name__)
+
+#: the Jacobian term's weight per unit of distillation weight when ``loss`` is not given: the ratio
+#: lambda of jacplug's default preset (docs/results.md)
+DEFAULT_JACOBIAN_RATIO = 0.3
+
+
+class Renormalize(nn.Module):
+    """``[B, C, H, W]`` normalised with the student's mean and std -> normalised with the teacher's:
+    ``(x * std_S + mean_S - mean_T) / std_T``, an affine map the teacher's Jacobian rows go through."""
+
+    def __init__(self, student_mean: Tensor, student_std: Tensor, teacher_mean: Tensor, teacher_std: Tensor) -> None:
+        super().__init__()
+        for name, value in (("student_mean", student_mean), ("student_std", student_std),
+                            ("teacher_mean", teacher_mean), ("teacher_std", teacher_std)):
+            self.register_buffer(name, value.reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
+
+
+class JacobianDistillationTask(TrainingTask):
+    """Logit distillation plus jacplug's terms, as a timm training task.
+
+    Arguments as timm's ``LogitDistillationTask`` (``student_model``, ``teacher_model`` as a timm name,
+    a module or a ``DistillationTeacher``, ``criterion`` / ``criterion_kwargs``,
+    ``teacher_pretrained_path``, ``teacher_pretrained_cfg_overlay``, ``loss_type`` (``"kl"``),
+    ``distill_loss_weight``, ``task_loss_weight``, ``temperature``, ``device``, ``dtype``, ``verbose``),
+    plus ``loss``: jacplug's terms besides KD, as spec strings, a ``{name: weight}`` dict or a
+    ``WeightedLoss`` (default ``["jacobian=W"]`` with ``W = 0.3 * distill_loss_weight``), and
+    ``check_gradients`` (the Distiller's first-call check).
+
+    ``task(input, target)`` returns ``{"loss", "output", "task_loss", "kd", <each jacplug term>}``.
+    """
+
+    def __init__(
+        self,
+        student_model: nn.Module,
+        teacher_model: Union[str, nn.Module, DistillationTeacher],
+        criterion: Optional[nn.Module] = None,
+        criterion_kwargs: Optional[Dict[str, Any]] = None,
+        teacher_pretrained_path: Optional[str] = None,
+        teacher_pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        loss_type: str = "kl",
+        distill_loss_weight: Optional[float] = None,
+        task_loss_weight: Optional[float] = None,
+        temperature: float = 1.0,
+        loss: Union[WeightedLoss, Sequence[str], Mapping[str, float], None] = None,
+        check_gradients: bool = True,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        if loss_type != "kl":
+            raise UserError(f"loss_type={loss_type!r}: JacobianDistillationTask distils logits with 'kl' (as timm's "
+                            f"LogitDistillationTask); add other jacplug terms through loss=")
+        self.task_loss_weight, self.distill_loss_weight = _weights(distill_loss_weight, task_loss_weight)
+        self.temperature = temperature
+        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+        student = unwrap_model(student_model)
+        teacher = teacher_model if isinstance(teacher_model, DistillationTeacher) else DistillationTeacher(
+            teacher_model, num_classes=student.num_classes, in_chans=getattr(student, "in_chans", 3),
+            pretrained_path=teacher_pretrained_path, pretrained_cfg_overlay=teacher_pretrained_cfg_overlay,
+            device=self.device, dtype=self.dtype)
+        terms = as_weighted_loss(loss if loss is not None else
+                                 [f"jacobian={DEFAULT_JACOBIAN_RATIO * (self.distill_loss_weight or 1.0):g}"])
+        if "kd" in terms.terms:
+            raise UserError("loss= holds a 'kd' term: the task's KD term is set by distill_loss_weight and "
+                            "temperature (as in timm's LogitDistillationTask); leave 'kd' out of loss=")
+        if self.distill_loss_weight > 0:
+            terms = WeightedLoss({"kd": (KDLoss(temperature=temperature), self.distill_loss_weight),
+                                  **{key: (term, terms.weights[key]) for key, term in terms.terms.items()}})
+        self.trainable_module = Distiller(student_model, teacher.model, terms.to(self.device), amp=False,
+                                          check_gradients=check_gradients, name=type(student).__name__,
+                                          teacher_input=self._renormalize(student, teacher))
+        if self.verbose:
+            _logger.info(f"JacobianDistillationTask: task_weight={self.task_loss_weight}, loss={terms.extra_repr()}, "
+                         f"temperature={temperature}")
+
+    def _renormalize(self, student: nn.Module, teacher: DistillationTeacher) -> Optional[Renormalize]:
+        """The map from the student's input normalisation to the teacher's (timm's pretrained
+        configurations), or ``None`` when they agree."""
+        config = getattr(student, "pretrained_cfg", None) or {}
+        mean, std = (torch.tensor(config.get(key, default), device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
+                     for key, default in (("mean", (0.485, 0.456, 0.406)), ("std", (0.229, 0.224, 0.225))))
+        if torch.equal(mean, teacher.mean_kd) and torch.equal(std, teacher.std_kd):
+            return None
+        return Renormalize(mean, std, teacher.mean_kd, teacher.std_kd)
+
+    @property
+    def distiller(self) -> Distiller:
+        """The :class:`jacplug.Distiller` behind the task (the trainable module, unwrapped)."""
+        return unwrap_model(self.trainable_module)
+
+    def forward(self, input: Tensor, target: Tensor) -> Dict[str, Tensor]:
+        distiller = self.distiller
+        reads_labels = any("targets" in term.needs for term in distiller.loss.terms.values())
+        if reads_labels and target.dim() != 1:
+            raise UserError(f"a jacplug term reads class labels, but the targets are {tuple(target.shape)} (mixup or "
+                            f"cutmix soft targets?); turn those off or use terms without labels")
+        out = self.trainable_module(input, target if reads_labels else None)
+        task_loss = self.criterion(out["output"], target)
+        total = self.task_loss_weight * task_loss + out["loss"]
+        return {**out, "loss": total, "task_loss": task_loss}
+
+    # ---- timm's task protocol -------------------------------------------------------------------
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs: Any) -> "JacobianDistillationTask":
+        """Wrap the Distiller (student and adapters; the teacher is not among its parameters) in DDP."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.trainable_module = DistributedDataParallel(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any) -> nn.Module:
+        """Compile the eval model only: the training step's double backward cannot be compiled."""
+        if self.verbose:
+            _logger.info("JacobianDistillationTask: compiling the eval model only; torch.compile does not support "
+                         "the double backward of the Jacobian terms, so training runs eagerly")
+        self.eval_model = torch.compile(self.distiller.student, backend=backend, mode=mode, **compile_kwargs)
+        return self.eval_model
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        """The student (or its EMA copy), for validation and checkpoints; never the Distiller."""
+        if module is not None:
+            return module
+        if ema:
+            if hasattr(self, "eval_model_ema"):
+                return self.eval_model_ema
+            ema_module = self.get_trainable_module(ema=True)
+            return None if ema_module is None else ema_module.module
+        return self.eval_model if hasattr(self, "eval_model") else self.distiller.student
+
+    def setup_ema(self, decay: float = 0.9999, use_warmup: bool = False, device: Optional[torch.device] = None,
+                  **kwargs: Any) -> nn.Module:
+        """An EMA copy of the student (not of the Distiller, which would copy the teacher too)."""
+        self.trainable_module_ema = ModelEmaV3(self.distiller.student, decay=decay, use_warmup=use_warmup,
+                                               device=device, **kwargs)
+        return self.trainable_module_ema
+
+    def update_ema(self, step: Optional[int] = None) -> None:
+        if self.has_ema():
+            self.trainable_module_ema.update(self.distiller.student, step=step)
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The loss terms' learnable state (FitNet adapters), saved beside the student's weights."""
+        state = self.distiller.loss.state_dict()
+        return {"jacplug_loss": dict(state)} if state and not ema else {}
+
+    def load_task_state(self, state: Optional[Dict[str, Any]], strict: bool = True, module: Optional[nn.Module] = None,
+                        ema: bool = False) -> None:
+        if state and "jacplug_loss" in state:
+            self.distiller.loss.load_state_dict(state["jacplug_loss"], strict=strict)
+
+
+def _weights(distill: Optional[float], task: Optional[float]) -> tuple[float, float]:
+    """``(task weight, distillation weight)`` resolved as timm's ``LogitDistillationTask`` does: both
+    given or only the distillation weight: independent (task 1.0 by default); only the task weight:
+    complementary (distillation ``1 - task``); neither: both 1.0."""
+    if distill is not None:
+        return (1.0 if task is None else task), distill
+    if task is not None:
+        return task, 1.0 - task
+    return 1.0, 1.0

@@ -1,0 +1,129 @@
+"""``JacobianDistillationTask`` driven the way timm's ``train.py`` drives a task: the optimizer over
+``get_trainable_module()``, ``task(input, target)``, ``result["loss"].backward()``, the EMA update, the
+eval model and the checkpoint state; for a CNN and a ViT student."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+from jacplug import UserError
+from jacplug.integrations.timm_task import JacobianDistillationTask
+from jacplug.losses import FitNetLoss, JacobianLoss, WeightedLoss
+
+SIZE, CLASSES = 16, 4
+STUDENTS = {
+    "cnn": ("test_resnet", {}),
+    "vit": ("vit_tiny_patch16_224", dict(img_size=SIZE, patch_size=8, depth=1, embed_dim=24, num_heads=2)),
+}
+
+
+def teacher() -> nn.Module:
+    torch.manual_seed(1)
+    return timm.create_model("test_resnet", num_classes=CLASSES)
+
+
+def student(kind: str) -> nn.Module:
+    name, kwargs = STUDENTS[kind]
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=CLASSES, **kwargs)
+
+
+def batches(steps: int = 3):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(6, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (6,), generator=g))
+            for _ in range(steps)]
+
+
+def loss_for(kind: str, model: nn.Module) -> WeightedLoss:
+    """Eq. 10, and for the CNN a FitNet hint whose adapter the task must train and save."""
+    terms = {"jacobian": (JacobianLoss(), 1.0)}
+    if kind == "cnn":
+        terms["fitnet"] = (FitNetLoss({"layer1": "layer1"}, {"layer1": (32, 32)}), 0.5)
+    return WeightedLoss(terms)
+
+
+@pytest.mark.parametrize("kind", list(STUDENTS))
+def test_a_train_py_style_loop_trains_the_student_with_ema_and_checkpoint_state(kind):
+    model, frozen = student(kind), teacher()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    teacher_state = {k: v.clone() for k, v in frozen.state_dict().items()}
+    task = JacobianDistillationTask(model, frozen, criterion=nn.CrossEntropyLoss(), distill_loss_weight=0.5,
+                                    task_loss_weight=0.5, temperature=4.0, loss=loss_for(kind, model), verbose=False)
+    optimizer = create_optimizer_v2(task.get_trainable_module(), opt="adamw", lr=1e-2, weight_decay=0.0)
+    task.setup_ema(decay=0.5)
+    task.train()
+    for step, (x, y) in enumerate(batches(), start=1):
+        result = task(x, y)
+        optimizer.zero_grad()
+        result["loss"].backward()
+        optimizer.step()
+        task.update_ema(step)
+
+    expected = {"loss", "output", "task_loss", "kd", "jacobian", *(["fitnet"] if kind == "cnn" else [])}
+    assert set(result) == expected and result["output"].shape == (6, CLASSES)
+    terms = task.distiller.loss
+    by_weight = 0.5 * result["task_loss"] + sum(terms.weights[k] * result[k] for k in terms.terms)
+    torch.testing.assert_close(result["loss"], by_weight)
+    torch.testing.assert_close(result["task_loss"], F.cross_entropy(result["output"], y))
+
+    assert task.get_eval_model() is model and not frozen.training
+    assert all(torch.equal(teacher_state[k], v) for k, v in frozen.state_dict().items())  # never trained
+    moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(initial[k], v)]
+    assert len(moved) > len(initial) // 2
+    ema = task.get_eval_model(ema=True)
+    assert ema is not model and any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(),
+                                                                             model.state_dict().values()))
+
+    state = task.get_checkpoint_state()
+    assert set(state["state_dict"]) == set(model.state_dict())
+    if kind == "cnn":  # the adapter is the task's own state
+        assert set(state["task_state"]["jacplug_loss"]) == {"terms.fitnet.adapters.0.weight"}
+    twin = JacobianDistillationTask(student(kind), teacher(), loss=loss_for(kind, model), verbose=False)
+    twin.load_checkpoint_state(state["state_dict"], state.get("task_state"))
+    for a, b in zip(twin.distiller.parameters(), task.distiller.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_compile_compiles_the_eval_model_only_and_training_still_runs():
+    task = JacobianDistillationTask(student("cnn"), teacher(), verbose=False)
+    compiled = task.compile(backend="eager")
+    assert task.get_eval_model() is compiled and compiled is not task.distiller.student
+    x, y = batches(1)[0]
+    task(x, y)["loss"].backward()  # the training step is not compiled: its double backward works
+    assert task.distiller.student.conv1[0].weight.grad is not None
+
+
+def test_weights_follow_timm_and_bad_input_is_one_line():
+    model, frozen = student("cnn"), teacher()
+    complementary = JacobianDistillationTask(model, frozen, task_loss_weight=0.3, verbose=False)
+    assert (complementary.task_loss_weight, complementary.distill_loss_weight) == (0.3, pytest.approx(0.7))
+    assert complementary.distiller.loss.weights == {"kd": pytest.approx(0.7), "jacobian": pytest.approx(0.21)}
+    with pytest.raises(UserError, match="did you mean 'jacobian'"):
+        JacobianDistillationTask(model, frozen, loss=["jacobain=1"], verbose=False)
+    with pytest.raises(UserError, match="loss_type='mse'"):
+        JacobianDistillationTask(model, frozen, loss_type="mse", verbose=False)
+    with pytest.raises(UserError, match="leave 'kd' out of loss="):
+        JacobianDistillationTask(model, frozen, loss=["kd=1"], verbose=False)
+    labels = JacobianDistillationTask(model, frozen, loss=["jacobian=1:classes=label"], verbose=False)
+    x, y = batches(1)[0]
+    with pytest.raises(UserError, match="soft targets"):
+        labels(x, F.one_hot(y, CLASSES).float())
+
+
+def test_the_teacher_sees_the_student_input_in_its_own_normalisation():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=CLASSES, **STUDENTS["vit"][1])  # mean 0.5
+    frozen = timm.create_model("resnet10t", num_classes=CLASSES)  # ImageNet mean and std
+    task = JacobianDistillationTask(model, frozen, verbose=False)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.pretrained_cfg["mean"], model.pretrained_cfg["std"]))
+    imagenet_mean, imagenet_std = (torch.tensor(v).view(1, 3, 1, 1) for v in (frozen.pretrained_cfg["mean"],
+                                                                            frozen.pretrained_cfg["std"]))
+    torch.testing.assert_close(task.distiller.teacher_input(x), (x * std + mean - imagenet_mean) / imagenet_std)
+    assert JacobianDistillationTask(student("cnn"), teacher(), verbose=False).distiller.teacher_input is None  # same
+    x, y = batches(1)[0]
+    task(x, y)["loss"].backward()  # the teacher's rows go through the renormalisation
