@@ -46,3 +46,22 @@ def test_requires_python_and_the_tomli_dependency_agree():
         assert [d.replace('"', "'").split(";")[1].strip() for d in tomli] == ["python_version < '3.11'"]
     else:
         assert tomli == []
+
+
+def test_the_library_and_the_distiller_import_no_training_framework():
+    """The integrations are imported only when asked for: ``import jacplug`` and a Distiller step load
+    neither transformers nor Lightning (seconds of start-up, and optional dependencies)."""
+    probe = textwrap.dedent(
+        """
+        import sys
+        import torch
+        import jacplug
+        from torch import nn
+        step = jacplug.Distiller(nn.Linear(4, 3), nn.Linear(4, 3), ["kd=1", "jacobian=1"])
+        step(torch.randn(2, 4))["loss"].backward()
+        loaded = [name for name in ("transformers", "lightning", "accelerate", "jacplug.integrations") if name in sys.modules]
+        assert not loaded, loaded
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

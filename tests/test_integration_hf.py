@@ -1,0 +1,110 @@
+"""``JacobianDistillationTrainer`` through the real Hugging Face ``Trainer``: a tiny randomly initialised
+``ViTForImageClassification`` student (SDPA attention, exact Eq. 10) and a timm CNN student train for two
+steps; every term reaches the parameters, each term is in the Trainer's own logs, the adapters train."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")  # installed by `make test` ([huggingface] extra)
+from transformers import TrainingArguments, ViTConfig, ViTForImageClassification  # noqa: E402
+
+from jacplug import UserError  # noqa: E402
+from jacplug.integrations.hf_trainer import JacobianDistillationTrainer  # noqa: E402
+from jacplug.losses import FitNetLoss, JacobianLoss, KDLoss, WeightedLoss  # noqa: E402
+
+SIZE, CLASSES = 16, 4
+
+
+class Images(torch.utils.data.Dataset):
+    """What an image-classification dataset gives the Trainer: ``{"pixel_values", "labels"}``."""
+
+    def __init__(self, n: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": int(self.y[i])}
+
+
+def vit_student() -> ViTForImageClassification:
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=SIZE, patch_size=8, num_channels=3, hidden_size=24, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=48, num_labels=CLASSES, attn_implementation="sdpa")
+    return ViTForImageClassification(config)
+
+
+def teacher() -> nn.Module:
+    torch.manual_seed(1)
+    return timm.create_model("test_resnet", num_classes=CLASSES)
+
+
+def arguments(tmp_path, **overrides) -> TrainingArguments:
+    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0)
+    return TrainingArguments(**{**options, **overrides})
+
+
+def test_a_vit_for_image_classification_student_trains_with_the_exact_term(tmp_path):
+    student, frozen = vit_student(), teacher()
+    assert student.config._attn_implementation == "sdpa"  # fused attention: no double backward without jacplug
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer = JacobianDistillationTrainer(model=student, teacher_model=frozen, loss=["kd=1", "jacobian=1"],
+                                          args=arguments(tmp_path), train_dataset=Images())
+    trainer.train()  # the first step's check proves that kd and jacobian reach the student
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all({"kd", "jacobian"} <= set(entry) for entry in logged)
+    assert all(entry["jacobian"] > 0 for entry in logged)
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(before[k], v)]
+    assert any("attention" in k for k in changed) and any("patch_embeddings" in k for k in changed)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_a_timm_cnn_student_trains_with_an_adapter_and_evaluates(tmp_path):
+    torch.manual_seed(0)
+    student, frozen = timm.create_model("test_resnet", num_classes=CLASSES), teacher()
+    fitnet = FitNetLoss({"layer1": "layer1"}, {"layer1": (32, 32)})
+    loss = WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (fitnet, 1.0), "jacobian": (JacobianLoss(), 1.0)})
+    adapter = next(fitnet.parameters()).detach().clone()
+    trainer = JacobianDistillationTrainer(model=student, teacher_model=frozen, loss=loss, train_dataset=Images(),
+                                          eval_dataset=Images(4), args=arguments(tmp_path, remove_unused_columns=False))
+    trainer.train()
+    assert not torch.equal(adapter, next(fitnet.parameters()))  # the adapter joined the Trainer's optimizer
+    assert {"kd", "fitnet", "jacobian"} <= set(trainer.state.log_history[0])
+    metrics = trainer.evaluate()  # the student's cross-entropy, under no_grad
+    assert metrics["eval_loss"] > 0
+
+
+def test_a_batch_without_the_images_is_one_line(tmp_path):
+    torch.manual_seed(0)
+    trainer = JacobianDistillationTrainer(model=timm.create_model("test_resnet", num_classes=CLASSES),
+                                          teacher_model=teacher(), args=arguments(tmp_path), train_dataset=Images())
+    with pytest.raises(UserError, match=r"the batch has no 'pixel_values'.*remove_unused_columns=False"):
+        trainer.train()  # the default removes every column the timm model's forward(x) does not name
+
+
+class Pair(nn.Module):
+    """A model whose output has no logits: a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = timm.create_model("test_resnet", num_classes=CLASSES)
+
+    def forward(self, pixel_values):
+        return self.net(pixel_values), self.net(pixel_values)
+
+
+def test_a_bad_loss_spec_and_an_output_without_logits_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="did you mean 'jacobian'"):
+        JacobianDistillationTrainer(model=vit_student(), teacher_model=teacher(), loss=["kd=1", "jacobain=1"],
+                                    args=arguments(tmp_path), train_dataset=Images())
+    trainer = JacobianDistillationTrainer(model=Pair(), teacher_model=teacher(), args=arguments(tmp_path),
+                                          train_dataset=Images())
+    with pytest.raises(UserError, match=r"^the student's forward returned a tuple, not logits"):
+        trainer.train()
