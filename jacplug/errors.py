@@ -11,7 +11,24 @@ from typing import Iterable
 
 
 class UserError(Exception):
-    """A problem with the user's input (names, paths, shapes, weights, checkpoints)."""
+    """A problem with the user's input (names, paths, shapes, weights, checkpoints).
+
+    Every subclass survives pickling whatever its constructor takes: an error raised in a worker
+    process (``jacplug experiment``'s pool) reaches the parent as itself, with its message. Pickle
+    would otherwise rebuild it by calling the constructor with the message alone, which fails for a
+    constructor with other arguments, and a pool's result thread that fails that way leaves its
+    parent waiting forever.
+    """
+
+    def __reduce__(self):
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> UserError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class UnknownNameError(UserError, LookupError):

@@ -340,3 +340,50 @@ def test_bad_experiment_flags_are_one_line_errors(flags, message, capsys, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith(f"jacplug: error: {message}") and err.count("\n") == 1
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_names_and_options_are_checked_before_the_teacher_is_trained(tmp_path, monkeypatch):
+    import jacplug.experiment as experiment
+    from jacplug.errors import UnknownNameError, UserError
+
+    trained = []
+    monkeypatch.setattr(experiment, "prepare_teacher", lambda *args: trained.append(args))
+    for change, error, message in [
+        (dict(student="tset_resnet"), UnknownNameError, "did you mean 'test_resnet'"),
+        (dict(methods=["kd+attention"], attention_layers="layer9"), UnknownNameError, "unknown module 'layer9'"),
+        (dict(samples_per_class=[5000]), UserError, "--samples-per-class 5000 is more than class"),
+    ]:
+        config = tiny_config(tmp_path / "out")
+        for key, value in change.items():
+            setattr(config, key, value)
+        with pytest.raises(error, match=message):
+            run_experiment(config, echo=lambda line: None)
+    assert trained == []
+
+
+def test_an_error_in_a_worker_process_ends_the_experiment_with_that_error(tmp_path, monkeypatch):
+    """A jacplug error whose constructor takes other arguments than its message (UnknownNameError),
+    raised in a worker: it reached the parent's result thread unpicklable, and the parent waited forever."""
+    import threading
+
+    import jacplug.experiment as experiment
+    from jacplug.errors import UnknownNameError
+    from jacplug.experiment import RunSpec
+
+    config = tiny_config(tmp_path)
+    config.workers, config.methods, config.attention_layers = 2, ["kd"], "layer9"
+    specs = [RunSpec("kd", 2, 0, ()), RunSpec("kd+attention", 2, 0, (("attention", 1.0),))]  # the latter fails
+    monkeypatch.setattr(experiment, "main_specs", lambda config, chosen: specs)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_experiment(config, echo=lambda line: None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the experiment waits forever for a failed worker"
+    assert len(raised) == 1 and isinstance(raised[0], UnknownNameError) and "layer9" in str(raised[0])

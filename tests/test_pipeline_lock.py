@@ -102,3 +102,24 @@ def test_train_takes_over_the_directory_of_a_run_killed_with_sigkill(holder, cap
                "--no-progress", "--out", str(run)])
     assert rc == 0, capsys.readouterr().err
     assert (run / "student_last.safetensors").is_file()
+
+
+def test_a_directory_that_cannot_be_created_is_one_line_not_a_spin(tmp_path):
+    """Under /proc, mkdir raises FileNotFoundError, the same error as a directory removed by a finishing
+    holder; retrying it forever spun at 100 % CPU."""
+    import threading
+
+    result: list = []
+
+    def enter() -> None:
+        try:
+            with RunDirLock("/proc/jacplug-run"):
+                result.append("entered")
+        except UserError as exc:
+            result.append(str(exc))
+
+    worker = threading.Thread(target=enter, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the lock kept retrying"
+    assert result and result[0].startswith("cannot use '/proc/jacplug-run' as the run directory") and "\n" not in result[0]

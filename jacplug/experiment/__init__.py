@@ -28,6 +28,7 @@ from . import report
 from .runs import (
     ExperimentConfig,
     Executor,
+    check_before_training,
     RunSpec,
     choose_weights,
     hardware,
@@ -89,6 +90,7 @@ def _run_locked(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[s
         raise UserError(f"dataset {config.dataset!r} has no validation split; the loss weights must be chosen on one")
     full_per_class = len(full.train) / full.num_classes
     sizes = [size_label(n) for n in config.samples_per_class]
+    check_before_training(config, full, runtime)
 
     teacher_path, teacher_source = prepare_teacher(config, full, runtime, out)
     teacher = load_teacher(config, full, teacher_path, runtime)

@@ -41,9 +41,11 @@ import dataclasses
 import itertools
 import math
 import multiprocessing
+import pickle
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..distiller import RESERVED_KEYS, Distiller
 from ..errors import UserError
+from ..graphcheck import raise_for_detached
 from ..losses import build_loss
 from ..pipeline.checkpoint import load_model, save_model
 from ..pipeline.config import TrainConfig
@@ -62,6 +65,7 @@ from ..pipeline.device import Runtime, init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.metrics import MetricsLog
 from ..pipeline.optim import create_adamw
+from ..pipeline.probe import probe_batch
 from ..pipeline.steps import batch_stream, stream_plan
 from ..pipeline.teacher import build_model, cosine_schedule, train_teacher
 from ..registry import create_dataset
@@ -223,6 +227,29 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     return record
 
 
+def check_before_training(config: ExperimentConfig, full: DatasetSplits, runtime: Runtime) -> None:
+    """Everything a run could refuse, checked once before the teacher is trained (which may take long):
+    every sample size, both model names and kwargs (a given teacher checkpoint against the teacher),
+    and each method's loss on a few training images (:meth:`jacplug.Distiller.check`: options, feature
+    layers, ops without the derivatives a term takes). Leaves no trace (RNG state included)."""
+    for n in {*config.samples_per_class, *config.select_at} - {None}:
+        few_sample_subset(full, n, config.seeds[0])
+    devices = [runtime.device] if runtime.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        student = build_model(config.student, full, kwargs=config.student_kwargs, role="student").to(runtime.device)
+        if config.teacher_checkpoint:
+            teacher = load_teacher(config, full, Path(config.teacher_checkpoint), runtime)
+        else:
+            teacher = build_model(config.teacher, full, role="teacher").to(runtime.device)
+        inputs, targets = probe_batch(full, runtime.device)
+        for name in config.methods:
+            method = get_method(name)
+            specs = method.specs({key: config.grid(key)[0] for key in method.uses}, config)
+            distiller = Distiller(student.train(), teacher, build_loss(specs).to(runtime.device),
+                                  amp=runtime.amp_dtype, name=config.student)
+            raise_for_detached(distiller.check(inputs, targets))
+
+
 def loader_workers(config: ExperimentConfig, runtime: Runtime) -> int:
     """Processes that load and augment training batches: ``config.loader_workers``, or by default none
     on CPU (the run's own worker processes already use every core) and 4 on a GPU, where loading
@@ -303,6 +330,20 @@ def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
     return run_one(spec, _WORKER["config"], _WORKER["full"], _WORKER["teacher"], _WORKER["runtime"])
 
 
+def _run_in_pool(spec: RunSpec) -> dict[str, Any]:
+    """:func:`_run_in_worker` in a pool process, whose errors must reach the parent: an error that
+    cannot be unpickled there would kill the pool's result thread and leave the parent waiting forever,
+    so such an error travels as a ``RuntimeError`` carrying its type, message and traceback."""
+    try:
+        return _run_in_worker(spec)
+    except Exception as error:
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            raise RuntimeError(f"{type(error).__name__}: {error}\n{traceback.format_exc()}") from None
+        raise
+
+
 class Executor:
     """Runs :class:`RunSpec` lists; ``workers > 1`` on CPU uses a spawn pool of that many processes."""
 
@@ -324,7 +365,7 @@ class Executor:
                 done(results[i])
         else:
             ordered = [specs[i] for i in order]
-            for i, record in zip(order, self.pool.imap(_run_in_worker, ordered)):
+            for i, record in zip(order, self.pool.imap(_run_in_pool, ordered)):
                 results[i] = record
                 done(record)
         return [results[i] for i in range(len(specs))]

@@ -27,6 +27,9 @@ from pathlib import Path
 from ..errors import UserError
 
 LOCK_FILE = ".jacplug.lock"
+#: attempts when the directory vanishes between its creation and the lock file's: a race with a finishing
+#: holder is lost a few times at most
+VANISHED_RETRIES = 20
 
 
 class RunDirBusy(UserError):
@@ -47,11 +50,18 @@ class RunDirLock:
         self._created = False
 
     def __enter__(self) -> "RunDirLock":
+        vanished = 0
         while True:
             try:
                 fd = self._open()
-            except FileNotFoundError:
-                continue  # a finishing holder removed the directory between our mkdir and open
+            except FileNotFoundError as exc:
+                # a finishing holder removed the directory between our mkdir and open: try again, but a
+                # directory that cannot be made at all (under /proc, say) would make this loop forever
+                vanished += 1
+                if vanished < VANISHED_RETRIES:
+                    continue
+                raise UserError(f"cannot use {str(self.directory)!r} as the run directory ({exc.strerror}: "
+                                "it cannot be created there); choose another --out") from None
             except OSError as exc:
                 raise UserError(f"cannot use {str(self.directory)!r} as the run directory ({exc.strerror})") from None
             try:
