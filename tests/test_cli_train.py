@@ -440,3 +440,42 @@ def test_config_file_options_are_overridden_by_flags(tmp_path):
     assert config.loss == ["kd=1", "jacobian=3"] and config.cache_teacher and config.student == "resnet18"
     args = build_parser().parse_args(["train", "--config", str(path), "--loss", "kd=2"])
     assert resolve_config(args).loss == ["kd=2"]  # a repeated flag replaces the file's list
+
+
+def test_a_bad_teacher_checkpoint_is_refused_before_anything_is_written(tmp_path, capsys, teacher_file):
+    """Each problem ends in one line, exit 2, and no run directory is left behind (not even config.json)."""
+    valid = open(teacher_file, "rb").read()
+    (tmp_path / "truncated.safetensors").write_bytes(valid[: len(valid) // 2])
+    (tmp_path / "random.safetensors").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "text.safetensors").write_text("not a checkpoint\n")
+    (tmp_path / "folder").mkdir()
+    for name, classes, chans in (("classes", 5, 1), ("rgb", 10, 3)):
+        torch.manual_seed(0)
+        model = timm.create_model("test_resnet", num_classes=classes, in_chans=chans)
+        save_model(tmp_path / f"{name}.safetensors", model, role="teacher", name="test_resnet", num_classes=classes,
+                   input_shape=(chans, 8, 8), mean=(0.5,) * chans, std=(0.25,) * chans, config={})
+    cases = [
+        ([str(tmp_path / "none.safetensors")], "does not exist"),
+        ([str(tmp_path / "truncated.safetensors")], "is corrupt or not a safetensors file"),
+        ([str(tmp_path / "random.safetensors")], "is corrupt or not a safetensors file"),
+        ([str(tmp_path / "text.safetensors")], "is corrupt or not a safetensors file"),
+        ([str(tmp_path / "folder")], "is a directory"),
+        ([teacher_file, "--teacher", "resnet10t"], "holds a 'test_resnet' model, but 'resnet10t' was requested"),
+        ([str(tmp_path / "classes.safetensors")], "was trained for 5 classes, but the dataset has 10"),
+        ([str(tmp_path / "rgb.safetensors")], "expects 3 input channels, but the dataset has 1"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "run"
+        rc, _, err = cli(capsys, "--teacher-checkpoint", *args, "--epochs", "1", "--out", str(out))
+        assert rc == 2 and message in err and err.count("\n") == 1, (args, err)
+        assert not out.exists(), (args, sorted(p.name for p in out.iterdir()))
+
+
+def test_a_teacher_checkpoint_names_its_model_unless_the_teacher_is_given(tmp_path, capsys, teacher_file):
+    args = ["train", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8", "--no-progress",
+            "--teacher-checkpoint", teacher_file, "--steps", "1", "--samples-per-class", "2", "--loss", "kd=1", "--json"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0  # no --teacher: the checkpoint's test_resnet
+    assert json.loads(capsys.readouterr().out)["teacher"] == "test_resnet"
+    assert main([*args, "--teacher", "resnet50", "--out", str(tmp_path / "other")]) == 2  # given: it must match
+    assert "holds a 'test_resnet' model, but 'resnet50' was requested" in capsys.readouterr().err

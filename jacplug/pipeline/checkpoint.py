@@ -150,6 +150,8 @@ def pretrained_cfg(
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; a missing or unreadable file is a one-line UserError."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {str(path)!r} is a directory; pass the .safetensors file in it")
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -169,12 +171,24 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
 def checkpoint_model_kwargs(path: str | Path) -> dict[str, Any] | None:
     """The constructor kwargs a model checkpoint records, or None (none recorded, or no readable file:
     :func:`load_model` then says what is wrong)."""
+    recorded = _recorded(path, "model_kwargs")
+    try:
+        return json.loads(recorded) if recorded else None
+    except ValueError:
+        return None
+
+
+def checkpoint_model_name(path: str | Path) -> str | None:
+    """The registered model name a model checkpoint records, or None (see :func:`checkpoint_model_kwargs`)."""
+    return _recorded(path, "model")
+
+
+def _recorded(path: str | Path, key: str) -> str | None:
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
-            recorded = (fh.metadata() or {}).get("model_kwargs")
-        return json.loads(recorded) if recorded else None
+            return (fh.metadata() or {}).get(key)
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None
 

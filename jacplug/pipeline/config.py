@@ -180,11 +180,18 @@ def _check_type(name: str, value: Any) -> None:
 
 
 def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainConfig:
-    """Defaults, then the file, then every CLI option the user actually gave (not ``None``)."""
+    """Defaults, then the file, then every CLI option the user actually gave (not ``None``). Without a
+    ``teacher``, a ``teacher_checkpoint`` that records its model names the teacher."""
     given = {k for k, v in cli_options.items() if v is not None}
     replaced = {other for pair in LENGTHS for name, other in (pair, pair[::-1]) if name in given}
     file_side = {k: v for k, v in file_options.items() if k not in replaced}
     merged = merge_options(file_side, {k: v for k, v in cli_options.items() if k in FIELDS})
+    if "teacher" not in merged and merged.get("teacher_checkpoint"):  # the checkpoint says which model it holds
+        from .checkpoint import checkpoint_model_name
+
+        recorded = checkpoint_model_name(merged["teacher_checkpoint"])
+        if recorded:
+            merged["teacher"] = recorded
     for name, value in merged.items():
         _check_type(name, value)
     return TrainConfig(**merged).validate()

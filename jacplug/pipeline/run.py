@@ -49,7 +49,7 @@ from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..registry import create_dataset, get_host, model_pair
 from . import cache as teacher_cache
-from .checkpoint import atomic_write_text, load_resume, remove_stale_temp_files, save_model, save_resume
+from .checkpoint import atomic_write_text, load_model, load_resume, remove_stale_temp_files, save_model, save_resume
 from .config import TrainConfig
 from .data import DatasetSplits, Indexed, few_sample_subset
 from .device import Runtime, any_rank, barrier, distribute, init_runtime, shutdown
@@ -218,7 +218,12 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     student_built = build("student", config.student, splits, config.student_kwargs)
     student = student_built.module
     with torch.random.fork_rng(devices=[]):  # a throwaway build must not shift the run's seeds
-        probe_teacher = build_teacher(config, full, run_dir).module  # a bad name, kwarg or input size fails now
+        built_teacher = build_teacher(config, full, run_dir)  # a bad name, kwarg or input size fails now
+    probe_teacher = built_teacher.module
+    if config.teacher_checkpoint and not (config.resume and (run_dir / TEACHER_FILE).is_file()):
+        # a missing, corrupt or mismatched checkpoint is refused before anything is written
+        load_model(config.teacher_checkpoint, probe_teacher, expected_name=config.teacher,
+                   num_classes=full.num_classes, in_chans=full.in_chans, model_kwargs=built_teacher.kwargs)
     if config.cache_teacher:
         teacher_cache.check_cacheable(loss, splits.augment, config.dataset)
     if not config.resume:
