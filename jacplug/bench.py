@@ -407,6 +407,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines + [f"# {f}" for f in fallbacks])
 
 
+def _check_writable(path: str) -> None:
+    """Open ``path`` for appending (and remove it again when it did not exist): the one check that
+    also holds for root, for whom permission bits say nothing."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--json {path!r} cannot be written ({exc.strerror}); choose another path") from None
+    if not existed:
+        os.remove(path)
+
+
 def parse_config(spec: str, default_size: int) -> tuple[str, int, int]:
     """``"TEACHER->STUDENT:C[@SIZE]"`` or ``"mlp:C"`` -> ``(models, C, size)``; a model may carry
     keyword arguments, ``NAME(key=value,...)``; names are checked when built."""
@@ -420,6 +433,14 @@ def parse_config(spec: str, default_size: int) -> tuple[str, int, int]:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
+    for option, value, least in (("--repeats", args.repeats, 1), ("--full-repeats", args.full_repeats, 1),
+                                 ("--batch-size", args.batch_size, 2), ("--image-size", args.image_size, 1),
+                                 ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            why = " (train-mode BatchNorm needs two samples)" if option == "--batch-size" else ""
+            raise UserError(f"{option} must be at least {least}{why}, got {value}")
+    if args.json:
+        _check_writable(args.json)  # before measuring: the results would be lost after minutes of work
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"

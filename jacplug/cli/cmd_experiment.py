@@ -96,7 +96,9 @@ def with_config_file(args: argparse.Namespace, argv: list[str]) -> argparse.Name
     keeps a file value unless the flag is given. Values are checked with the flag's own type."""
     from ..pipeline.config import read_mapping
 
-    parser = argparse.ArgumentParser(prog="jacplug experiment")
+    from .parser import Parser
+
+    parser = Parser(prog="jacplug experiment")
     add_arguments(parser)
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     namespace = argparse.Namespace()

@@ -13,6 +13,8 @@ import warnings
 
 from .._version import __version__
 from ..errors import UserError
+from .parser import Parser
+
 
 #: command name -> module under jacplug.cli
 COMMANDS = {
@@ -27,7 +29,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="jacplug",
         description="Jacobian-matching knowledge distillation for PyTorch.",
     )
@@ -46,16 +48,25 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments, for a second parse
     try:
+        args = parser.parse_args(argv)
+        args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments, for a second parse
         return int(args.run(args) or 0)
     except UserError as exc:
+        if _quiet_rank():
+            return 2  # every rank checks the same options: rank 0 says it once
         print(f"jacplug: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("jacplug: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_rank() -> bool:
+    """Under torchrun, ranks other than 0 leave the error line to rank 0 (each would print the same)."""
+    import os
+
+    return os.environ.get("WORLD_SIZE", "1") != "1" and os.environ.get("RANK", "0") != "0"
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from ..losses import build_loss
 from ..pipeline.checkpoint import load_model, save_model
 from ..pipeline.config import TrainConfig
 from ..pipeline.data import DatasetSplits, few_sample_subset
-from ..pipeline.device import Runtime, init_runtime
+from ..pipeline.device import Runtime, check_device, init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.metrics import MetricsLog
 from ..pipeline.optim import create_adamw
@@ -115,6 +115,7 @@ class ExperimentConfig:
     out: str = "runs/few-shot"
 
     def validate(self) -> "ExperimentConfig":
+        check_device(self.device)
         for name in ("steps", "batch_size", "teacher_epochs", "workers", "threads"):
             if int(getattr(self, name)) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")

@@ -24,6 +24,10 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, published as the to
     import tomli as tomllib
 
 
+#: the largest --image-size: one 4096 px image's activations and their double backward exceed a GPU's memory
+MAX_IMAGE_SIZE = 4096
+
+
 @dataclass
 class TrainConfig:
     """The resolved options of one run; saved as ``config.json`` in the run directory."""
@@ -85,6 +89,9 @@ class TrainConfig:
             raise UserError(f"--samples-per-class must be a positive integer, got {self.samples_per_class}")
         if self.image_size is not None and self.image_size <= 0:
             raise UserError(f"--image-size must be a positive integer, got {self.image_size}")
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+            raise UserError(f"--image-size {self.image_size} is larger than {MAX_IMAGE_SIZE} px, beyond what a "
+                            "training batch with a double backward fits in memory; use a smaller size")
         if self.save_every < 0:
             raise UserError(f"--save-every must be >= 0, got {self.save_every}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:

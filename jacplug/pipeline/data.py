@@ -180,12 +180,20 @@ class TensorImages(Dataset):
         return image, self.targets[index]
 
 
+#: the largest size the embedded digits are upsampled to: 1,797 images of 512 x 512 floats are 1.9 GB
+DIGITS_MAX_SIZE = 512
+
+
 def digits(*, image_size: int | None = None, augment: bool | None = None, **_: object) -> DatasetSplits:
     """The embedded handwritten digits, upsampled to ``image_size`` (default 16), normalised with the
     train split's mean/std. ``augment`` (default off) shifts training images by up to 2 pixels."""
     size = image_size or 16
     if size < 8:
         raise UserError(f"--image-size for digits must be at least 8 (the source is 8x8), got {size}")
+    if size > DIGITS_MAX_SIZE:
+        gigabytes = 1797 * size * size * 4 / 1e9
+        raise UserError(f"--image-size {size} would upsample the 8x8 digits to {gigabytes:,.1f} GB of float32 "
+                        f"images; use at most {DIGITS_MAX_SIZE}")
     images, labels = _read_digits()
     if size != 8:
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)

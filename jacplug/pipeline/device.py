@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 import torch
@@ -55,7 +56,9 @@ class Runtime:
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``cuda`` without CUDA is an error."""
+    """``auto`` -> ``cuda:LOCAL_RANK`` when CUDA is available, else CPU; ``cuda`` without CUDA is an error,
+    and so is any other name (``tpu`` would otherwise run on the CPU and record "tpu")."""
+    check_device(requested)
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
@@ -63,6 +66,13 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
             raise UserError("--device cuda was requested but CUDA is not available here; use --device cpu or auto")
         return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
     return torch.device("cpu")
+
+
+def check_device(requested: str) -> None:
+    """A one-line :class:`UserError` unless ``requested`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if requested in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(requested)):
+        return
+    raise UserError(f"--device {requested!r} is not a device jacplug runs on; use auto, cpu, cuda or cuda:N")
 
 
 def init_runtime(requested: str) -> Runtime:

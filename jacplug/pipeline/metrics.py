@@ -20,16 +20,29 @@ PLOT = "curves.png"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All complete records of ``RUN_DIR/metrics.jsonl`` (empty when the file does not exist)."""
+    """All complete records of ``RUN_DIR/metrics.jsonl`` (empty when the file does not exist).
+
+    A torn last line (a run killed mid-write) is left out; any other line that is not a JSON record
+    is a one-line :class:`UserError` naming it, rather than a plot or a resume built on a part of it."""
+    from ..errors import UserError
+
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{str(path)!r} cannot be read as text ({exc}); it is not a jacplug metrics file") from None
     records = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn line from a killed run
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number < len(lines) or record is not None:
+            raise UserError(f"{str(path)!r} line {number} is not a JSON record ({line[:40]!r}); the file is corrupt")
     return records
 
 
@@ -103,6 +116,10 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     target = Path(out) if out else run_dir / PLOT
-    atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    try:
+        atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    except OSError as exc:
+        raise UserError(f"cannot write the plot to {str(target)!r} ({exc.strerror or exc}); choose another --out") from None
+    finally:
+        plt.close(fig)
     return target
