@@ -18,10 +18,12 @@ DESCRIPTIONS = {
     "jacobian-direction": "all-class ||J_S - J_T||_F^2 estimated by k random input directions (JVP); k=1, "
     "method=forward|finite-difference, scheme=forward|central (finite differences), step=none, normalize=false",
     "noisy-distill": "logit MSE on Gaussian-noised inputs (= Jacobian matching to first order); sigma=0.1, samples=1",
-    "fitnet": "FitNet hint MSE through learnable 1x1 adapters; layers=..., channels={student: (t_ch, s_ch)}",
-    "attention": "attention transfer (normalised channel mean of |f|^p); layers=..., p=2",
+    "fitnet": "FitNet hint MSE through learnable 1x1 adapters; layers=..., channels={student: (t_ch, s_ch)}; "
+    "e.g. fitnet=1:layers=layer3 for a registered model pair such as resnet50->resnet18, which supplies the channels",
+    "attention": "attention transfer (normalised channel mean of |f|^p); layers=..., p=2; e.g. attention=1:layers=layer3 "
+    "or attention=1:layers=blocks.11>layer3 (student>teacher)",
     "feature-jacobian": "matching of an attention map's input gradient; layers=..., summary=projection|energy, "
-    "squared=true",
+    "squared=true; e.g. feature-jacobian=1:layers=layer3",
 }
 
 

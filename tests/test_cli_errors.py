@@ -78,3 +78,35 @@ def test_plot_refuses_an_unwritable_target_and_a_corrupt_metrics_file(capsys, tm
     torn = run_dir_with_metrics(tmp_path / "t", good + "\n" + good[:10])  # a run killed mid-write: still plots
     capsys.readouterr()
     assert main(["plot", str(torn)]) == 0
+
+
+@pytest.mark.parametrize("argv, present, absent", [
+    (["train", "--cache-teacher", "--augment"], "is augmented here (random changes of every training image", "flip"),
+    (["check", "--student", "resnet18:patch_size=4"], "(from --student NAME:KEY=VALUE or --student-kwargs)", None),
+    (["check", "--dataset", "imagefolder:"], "--dataset 'imagefolder:' names no folder", "'.'"),
+    (["check", "--teacher", "resnet10t", "--student", "test_resnet", "--loss", "fitnet=1"],
+     "e.g. fitnet=1:layers=layer3 for a registered model pair", None),
+])
+def test_hints_name_the_right_option(capsys, tmp_path, argv, present, absent):
+    err = one_line_error(capsys, [*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])])
+    assert present in err and (absent is None or absent not in err), err
+
+
+def test_under_torchrun_only_rank_0_prints_an_error(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        assert main(["train", "--steps", "abc"]) == 2
+        assert capsys.readouterr().err.count("\n") == lines
+
+
+def test_the_experiments_teacher_warning_names_the_experiments_option(tmp_path):
+    from jacplug.experiment import ExperimentConfig
+    from jacplug.experiment.runs import load_splits, prepare_teacher
+    from jacplug.pipeline.device import init_runtime
+    from jacplug.pipeline.steps import FewStepsWarning
+
+    config = ExperimentConfig(teacher="test_resnet", image_size=8, teacher_epochs=1, out=str(tmp_path))
+    with pytest.warns(FewStepsWarning, match="pass --teacher-epochs N"):
+        prepare_teacher(config, load_splits(config), init_runtime("cpu"), tmp_path)

@@ -51,9 +51,10 @@ def test_imagefolder_reads_class_folders(tmp_path):
     assert splits.train[0][0].shape == (3, 16, 16)
 
 
-@pytest.mark.parametrize("name", ["imagefolder:/no/such/dir", "imagefolder:"])
-def test_imagefolder_missing_path_is_a_user_error(name):
-    with pytest.raises(UserError, match="does not exist"):
+@pytest.mark.parametrize("name, message", [("imagefolder:/no/such/dir", "'/no/such/dir' does not exist"),
+                                           ("imagefolder:", "'imagefolder:' names no folder")])
+def test_imagefolder_missing_path_is_a_user_error(name, message):
+    with pytest.raises(UserError, match=message):
         create_dataset(name)
 
 

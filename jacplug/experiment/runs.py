@@ -300,7 +300,7 @@ def prepare_teacher(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
                                eval_batch_size=config.eval_batch_size, workers=loader_workers(config, runtime))
     torch.manual_seed(0)
     model = build_model(config.teacher, splits).to(runtime.device)
-    train_teacher(model, splits, train_config, runtime, MetricsLog(out), show=False)
+    train_teacher(model, splits, train_config, runtime, MetricsLog(out), show=False, length_option="--teacher-epochs")
     path = out / TEACHER_FILE
     save_model(path, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
                input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=train_config.to_dict())

@@ -129,6 +129,7 @@ def build_loss(specs: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] 
             signature.bind(*([name] if entry.is_pattern else []), **options)
         except TypeError as exc:
             accepted = ", ".join(p for p in signature.parameters if p not in ("self", "args", "kwargs")) or "none"
-            raise UserError(f"bad options for loss term {name!r} in {spec!r}: {exc}; it accepts: {accepted}") from None
+            usage = f" ({entry.description})" if entry.description else ""
+            raise UserError(f"bad options for loss term {name!r} in {spec!r}: {exc}; it accepts: {accepted}{usage}") from None
         terms[name] = (create_loss(name, **options), weight)
     return WeightedLoss(terms)

@@ -56,9 +56,9 @@ def check_cacheable(loss: WeightedLoss, augment: bool, dataset: str) -> None:
     """Refuse a cache that would be wrong (augmented inputs) or useless (feature terms)."""
     if augment:
         raise UserError(
-            f"--cache-teacher needs un-augmented training data, but dataset {dataset!r} augments it (random crop "
-            "and flip change the input every epoch, so cached teacher outputs would not match); pass --no-augment "
-            "or drop --cache-teacher"
+            f"--cache-teacher needs un-augmented training data, but dataset {dataset!r} is augmented here (random "
+            "changes of every training image each epoch, so cached teacher outputs would not match); pass "
+            "--no-augment or drop --cache-teacher"
         )
     if loss.feature_layers:
         raise UserError(

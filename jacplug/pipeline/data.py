@@ -325,6 +325,9 @@ def imagefolder(
     from torchvision import datasets
 
     raw = name.split(":", 1)[1]
+    if not raw.strip():
+        raise UserError(f"--dataset {name!r} names no folder; pass --dataset imagefolder:PATH with class sub-folders "
+                        "under PATH (or PATH/train, PATH/val, PATH/test)")
     path = Path(raw).expanduser()
     if not raw or not path.is_dir():
         raise UserError(f"image folder {str(path)!r} does not exist or is not a directory; expected class "

@@ -140,7 +140,7 @@ def _construction_failed(role: str, name: str, splits: DatasetSplits, user: dict
     key = _unexpected_key(exc)
     if key is not None and key in user:
         raise UserError(
-            f"{role} model {name!r} does not take the keyword argument {key!r} (from {_kwargs_flag(role)}); "
+            f"{role} model {name!r} does not take the keyword argument {key!r} (from --{role} NAME:KEY=VALUE or {_kwargs_flag(role)}); "
             "drop it, or check the model's constructor for the right name"
         ) from exc
     if pretrained:

@@ -87,7 +87,8 @@ def teacher_length(config: TrainConfig) -> tuple[int | None, int | None]:
 
 
 def train_teacher(
-    model: nn.Module, splits: DatasetSplits, config: TrainConfig, runtime: Runtime, log: MetricsLog, show: bool
+    model: nn.Module, splits: DatasetSplits, config: TrainConfig, runtime: Runtime, log: MetricsLog, show: bool,
+    length_option: str = "--teacher-steps",
 ) -> dict[str, Any]:
     """Cross-entropy training on the full training split (the teacher is trained on all of it even
     when ``--samples-per-class`` restricts the student's data: the paper's regime is a strong teacher
@@ -106,7 +107,7 @@ def train_teacher(
     epochs, steps = teacher_length(config)
     plan = plan_steps(samples=samples, batch=min(config.batch_size, samples), steps_per_epoch=len(loader),
                       epochs=epochs, steps=steps, max_steps_per_epoch=config.max_steps_per_epoch)
-    warn_if_few(plan, "teacher", "--teacher-steps")
+    warn_if_few(plan, "teacher", length_option)  # the caller's own option for a longer teacher phase
     optimizer = create_adamw({"teacher": model}, lr=config.teacher_lr, weight_decay=config.weight_decay)
     scheduler = cosine_schedule(optimizer, plan.total)
     report = PhaseProgress(f"teacher {config.teacher}", plan, bars=show)
