@@ -174,3 +174,27 @@ def test_cli_model_errors_are_one_line_and_come_before_training(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (out / "teacher.safetensors").exists()  # nothing was trained
+
+
+def test_a_metaformer_builds_and_checks_through_the_cli(digits, capsys):
+    """timm's MetaFormer family takes **kwargs and words its refusal of img_size in its own way: whether a
+    model takes img_size comes from its class's signature, so PoolFormer builds without it."""
+    from jacplug.cli.main import main
+
+    built = build("student", "poolformer_s12", digits[32])
+    assert "img_size" not in built.kwargs
+    assert main(["check", "--teacher", "test_resnet", "--student", "poolformer_s12", "--image-size", "32",
+                 "--loss", "kd=1", "--loss", "jacobian=1"]) == 0
+    assert "jacobian" in capsys.readouterr().out
+
+
+def test_a_model_rebuilt_for_img_size_has_the_weights_of_a_single_build(digits):
+    import timm
+
+    torch.manual_seed(3)
+    built = build("student", "test_vit", digits[32])
+    assert built.kwargs == {"img_size": 32}
+    torch.manual_seed(3)
+    direct = timm.create_model("test_vit", num_classes=10, in_chans=1, img_size=32)
+    for a, b in zip(built.module.state_dict().values(), direct.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

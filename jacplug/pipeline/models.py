@@ -2,9 +2,9 @@
 they run at the data's input size before anything is trained.
 
 - ``img_size``: models whose constructor takes it (timm's ViT, DeiT, CaiT, Swin, PiT, LeViT, Mixer,
-  ...) get the run's input size unless the kwargs set it. Whether a constructor takes it is found by
-  trying: one that does not raises ``TypeError: ... unexpected keyword argument 'img_size'`` before
-  it builds anything, and the model is then built without it. The kwargs a model was built with,
+  ...) get the run's input size unless the kwargs set it. Whether a constructor takes it is read from
+  the built model's class signature (:func:`takes_img_size`); such a model is built again with it,
+  from the same random state, so the weights are those a single build at that size gives. The kwargs a model was built with,
   ``img_size`` included, are what checkpoints record (:attr:`BuiltModel.kwargs`).
 - A kwarg the constructor does not take, or a construction that fails on the user's kwargs, is a
   one-line :class:`UserError` naming the model and the key.
@@ -17,6 +17,7 @@ they run at the data's input size before anything is trained.
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
@@ -57,6 +58,16 @@ def describe(role: str, name: str, kwargs: dict[str, Any]) -> str:
 def _unexpected_key(exc: BaseException) -> str | None:
     match = _UNEXPECTED.search(str(exc)) if isinstance(exc, TypeError) else None
     return match.group(1) if match else None
+
+
+def takes_img_size(model: nn.Module) -> bool:
+    """Whether the model's class declares an ``img_size`` constructor parameter (timm's ViT, Swin, PiT,
+    LeViT, Mixer, ...). From the signature, not from trying: a constructor that takes ``**kwargs`` may
+    word its refusal of an unknown key in any way (timm's MetaFormer family does)."""
+    try:
+        return "img_size" in inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):  # a signature Python cannot read (a builtin class)
+        return False
 
 
 def _one_line(exc: BaseException) -> str:
@@ -112,21 +123,19 @@ def build(
     user = dict(kwargs or {})
     height, width = splits.input_shape[1:]
     auto_size = "img_size" not in user
-    chosen = {**user, "img_size": height if height == width else [height, width]} if auto_size else user
+    chosen = user
+    state = torch.random.get_rng_state()
     try:
-        model = _create(name, splits, chosen, pretrained)
+        model = _create(name, splits, user, pretrained)
+        if auto_size and takes_img_size(model):  # build it again for the run's size, from the same seed
+            chosen = {**user, "img_size": height if height == width else [height, width]}
+            torch.random.set_rng_state(state)
+            model = _create(name, splits, chosen, pretrained)
     except UserError:
         raise
     except Exception as exc:
-        if not (auto_size and _unexpected_key(exc) == "img_size"):
-            _construction_failed(role, name, splits, user, auto_size, pretrained, exc)
-        auto_size, chosen = False, user  # the constructor takes no img_size: build without it
-        try:
-            model = _create(name, splits, chosen, pretrained)
-        except UserError:
-            raise
-        except Exception as exc:
-            _construction_failed(role, name, splits, user, auto_size, pretrained, exc)
+        _construction_failed(role, name, splits, user, auto_size and chosen is not user, pretrained, exc)
+    auto_size = chosen is not user  # img_size was set here: the size search rebuilds at each size
     if height == width:  # every built-in dataset is square; the size search assumes it
         failure = _runs_at(model, splits.in_chans, height)
         if failure is not None:
