@@ -132,3 +132,22 @@ def test_image_folder_with_train_and_val_only_has_no_validation_split(tmp_path):
     root = image_tree(tmp_path, {"train": ["ant", "bee"], "val": ["ant", "bee"]})
     splits = create_dataset(f"imagefolder:{root}", image_size=8)
     assert splits.val is None and splits.test.root == str(tmp_path / "val")
+
+
+def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(tmp_path):
+    from jacplug.pipeline.data import UnreadableImageWarning
+
+    root = image_tree(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]}, per_class=3)
+    bad = root / "train" / "a" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated mid-file
+    splits = create_dataset(f"imagefolder:{root}", image_size=8, augment=False)
+    with pytest.warns(UnreadableImageWarning, match=r"image '.*train/a/1.png' cannot be read"):
+        image, label = splits.train[1]
+    torch.testing.assert_close(image, splits.train[2][0])  # the next image took its place, with its label
+    assert label == splits.train[2][1] and len(splits.train) == 6
+    for path in (root / "test" / "a").iterdir():
+        path.write_text("not an image")
+    for path in (root / "test" / "b").iterdir():
+        path.write_text("not an image")
+    with pytest.warns(UnreadableImageWarning), pytest.raises(UserError, match="no image under .* can be read"):
+        create_dataset(f"imagefolder:{root}", image_size=8, augment=False).test[0]

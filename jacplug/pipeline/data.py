@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import urllib.error
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -297,6 +298,41 @@ def cifar(
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class UnreadableImageWarning(UserWarning):
+    """An image of an image folder could not be read; another image took its place."""
+
+
+class SkipUnreadable(Dataset):
+    """An ``ImageFolder`` whose unreadable images (truncated, corrupt, not an image) are skipped with a
+    warning naming the file: sample ``i`` is then the next readable sample, with its own label.
+
+    Why skip rather than refuse before training: finding a truncated JPEG means decoding every image,
+    minutes for a large folder, on every run; one bad file among thousands should not end a long run
+    halfway (it did, with PIL's ``OSError`` and no file name). The warning says which file to replace;
+    its place in the epoch goes to a duplicate of a neighbour."""
+
+    def __init__(self, folder: Dataset) -> None:
+        self.folder = folder
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getattr__(self, name: str):  # the folder's own attributes (root, classes, class_to_idx, samples)
+        if name == "folder":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.folder, name)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.folder)):
+            i = (index + offset) % len(self.folder)
+            try:
+                return self.folder[i]
+            except (OSError, SyntaxError) as exc:  # PIL: truncated (OSError), not an image (UnidentifiedImageError)
+                warnings.warn(f"image {self.folder.samples[i][0]!r} cannot be read ({' '.join(str(exc).split())}); "
+                              "the next image takes its place: replace or remove the file", UnreadableImageWarning)
+        raise UserError(f"no image under {self.folder.root!r} can be read")
+
+
 def _same_classes(split, train):
     """``split`` (an ``ImageFolder``), checked to hold exactly ``train``'s classes.
 
@@ -350,14 +386,16 @@ def imagefolder(
         # epoch is then chosen on the test split, which the summary says
         val_dir = path / "val" if (path / "test").is_dir() and (path / "val").is_dir() else None
         test_dir = path / "test" if (path / "test").is_dir() else path / "val"
-        val = _same_classes(folder(val_dir, eval_tf), train) if val_dir else None
-        test = _same_classes(folder(test_dir, eval_tf), train)
+        val = SkipUnreadable(_same_classes(folder(val_dir, eval_tf), train)) if val_dir else None
+        test = SkipUnreadable(_same_classes(folder(test_dir, eval_tf), train))
         targets, classes = list(train.targets), train.classes
+        train = SkipUnreadable(train)
     else:
         full, plain = folder(path, train_tf), folder(path, eval_tf)
         train_idx, val_idx, test_idx = stratified_split(full.targets, (0.8, 0.1, 0.1))
-        train, val, test = Subset(full, train_idx), Subset(plain, val_idx), Subset(plain, test_idx)
         targets, classes = [full.targets[i] for i in train_idx], full.classes
+        full, plain = SkipUnreadable(full), SkipUnreadable(plain)
+        train, val, test = Subset(full, train_idx), Subset(plain, val_idx), Subset(plain, test_idx)
     return DatasetSplits(
         name=name,
         train=train,
