@@ -92,6 +92,8 @@ class Registry:
         self.kind = kind
         self.label = KINDS[kind][1] if kind in KINDS else kind
         self._entries: dict[str, Entry] = {}
+        #: name -> (plugin whose registration was replaced, plugin that replaced it with override=True)
+        self.overrides: dict[str, tuple[str, str]] = {}
 
     def add(self, name: str, factory: Callable[..., Any], plugin: str, **metadata: Any) -> None:
         """Register ``name``; a second registration is an error naming both plugins unless the
@@ -117,6 +119,8 @@ class Registry:
                     f"registered again by plugin {plugin!r}; pass override=True in the later register() call "
                     "to replace it"
                 )
+        elif name in self._entries and self._entries[name].plugin != plugin:
+            self.overrides[name] = (self._entries[name].plugin, plugin)
         self._entries[name] = entry
 
     def remove_plugin(self, plugin: str) -> None:

@@ -388,3 +388,14 @@ def test_an_error_in_a_worker_process_ends_the_experiment_with_that_error(tmp_pa
     thread.join(timeout=240)
     assert not thread.is_alive(), "the experiment waits forever for a failed worker"
     assert len(raised) == 1 and isinstance(raised[0], UnknownNameError) and "layer9" in str(raised[0])
+
+
+def test_an_experiment_does_not_overwrite_earlier_results(tmp_path):
+    from jacplug.errors import UserError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"runs": []}')  # a finished (or interrupted) experiment's
+    with pytest.raises(UserError, match=r"already holds an experiment's results \(results.json\)"):
+        run_experiment(tiny_config(out), echo=lambda line: None)
+    assert (out / "results.json").read_text() == '{"runs": []}'

@@ -21,6 +21,7 @@ from jacplug.pipeline.steps import (
     FewStepsWarning,
     batch_stream,
     default_length,
+    plan_steps,
     stream_plan,
     warn_if_few,
 )
@@ -143,3 +144,34 @@ def test_help_and_docs_state_the_default_budget_the_code_uses():
     assert f"{FEW_SAMPLE_STEPS} steps" in train.help
     page = (Path(__file__).parent.parent / "docs" / "pipeline.md").read_text()
     assert f"**{FEW_SAMPLE_STEPS} steps**" in page and f"fewer than {FEW_STEPS} optimizer steps" in page
+
+
+def test_piped_progress_says_when_a_phase_starts_and_never_stays_silent_for_long(capsys, monkeypatch):
+    from jacplug.pipeline import progress as module
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(module.time, "perf_counter", lambda: clock["now"])
+    plan = plan_steps(samples=640, batch=64, steps_per_epoch=10, steps=200)
+    report = module.PhaseProgress("student x", plan, bars=False)
+    list(report.round(range(3), 0, 3))
+    assert capsys.readouterr().err.startswith("student x: starting, 200 optimizer steps x 64 images")
+    clock["now"] = 10.0
+    report.step(1, 1.0)
+    assert capsys.readouterr().err == ""  # neither 50 steps nor 30 s yet
+    clock["now"] = 41.0
+    report.step(2, 0.5)
+    assert capsys.readouterr().err.startswith("student x: step 2/200")  # 31 s of silence: a line
+
+
+def test_the_summary_says_why_a_training_speed_is_missing():
+    from jacplug.cli.cmd_train import format_summary
+
+    summary = {"teacher": "t", "teacher_source": "run/teacher.safetensors (trained here: 3 optimizer steps)",
+               "student": "s", "dataset": "digits", "train_samples": 20, "optimizer_steps": 3, "batch": 20,
+               "images_seen": 60, "epochs": 3, "teacher_test_acc": 0.5, "student_last_test_acc": 0.5,
+               "student_best_test_acc": 0.5, "best_chosen_on": "val", "student_best_step": 3, "student_best_epoch": 3,
+               "final_losses": {}, "teacher_images_per_s": None, "student_images_per_s": None,
+               "student_steps_run": "eager", "time_s": 1.0, "checkpoints": {}}
+    table = format_summary(summary)
+    assert "teacher training speed" in table and "student training speed" in table
+    assert table.count("not measured: the first 4 steps are warm-up") == 2

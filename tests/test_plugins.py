@@ -175,6 +175,23 @@ def test_duplicate_names_name_both_plugins(host, monkeypatch):
     assert host.registry("losses").get("kd").plugin == "replacer"
 
 
+def test_plugins_listing_says_which_builtin_a_plugin_overrode(host, capsys):
+    """A plugin may replace a built-in with override=True, but the listing must say so on both sides."""
+    import json
+
+    from jacplug.cli.main import main
+
+    host.register(_Dup("kd", override=True), name="replacer")
+    capsys.readouterr()
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.strip().startswith("kd ") and "(overridden by plugin 'replacer': not in use)" in line for line in lines)
+    assert any(line.strip().startswith("kd") and "(overrides plugin 'jacplug.losses')" in line for line in lines)
+    assert main(["plugins", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overrides"]["losses"]["kd"] == {"replaced": "jacplug.losses",
+                                                                              "by": "replacer"}
+
+
 def test_registry_duplicate_and_unknown_names():
     reg = Registry("losses")
     reg.add("jacobian", object, "a")

@@ -20,8 +20,11 @@ def run(args: argparse.Namespace) -> int:
         host.registry(kind)
     loaded = [info.as_dict() for info in host.plugins.values()]
     failed = [info.as_dict() for info in host.failed.values()]
+    overrides = {kind: host.registry(kind).overrides for kind in KINDS}
     if args.json:
-        print(json.dumps({"plugins": loaded, "failed": failed}, indent=2))
+        replaced = {kind: {name: {"replaced": old, "by": new} for name, (old, new) in found.items()}
+                    for kind, found in overrides.items() if found}
+        print(json.dumps({"plugins": loaded, "failed": failed, "overrides": replaced}, indent=2))
         return 0
     for info in loaded:
         origin = f"{info['distribution']} {info['version']}" if info["distribution"] else "registered in-process"
@@ -32,10 +35,21 @@ def run(args: argparse.Namespace) -> int:
             described = info["descriptions"].get(kind, {})
             width = max(map(len, names))
             for name in names:
-                print(f"    {name:<{width}}  {described.get(name, '')}".rstrip())
+                print(f"    {name:<{width}}  {described.get(name, '')}{_override_note(overrides, kind, name, info['name'])}"
+                      .rstrip())
     for info in failed:
         origin = f"{info['distribution']} {info['version']}" if info["distribution"] else "in-process"
         print(f"{info['name']}  ({origin}) FAILED: {info['error']}")
     if not loaded and not failed:
         print("no plugins loaded (is JACPLUG_PLUGINS set to an empty list?)")
     return 0
+
+
+def _override_note(overrides: dict, kind: str, name: str, plugin: str) -> str:
+    """`` (overridden by plugin 'x': not in use)`` or `` (overrides plugin 'y')``, or nothing."""
+    old, new = overrides.get(kind, {}).get(name, (None, None))
+    if plugin == old:
+        return f"  (overridden by plugin {new!r}: not in use)"
+    if plugin == new:
+        return f"  (overrides plugin {old!r})"
+    return ""

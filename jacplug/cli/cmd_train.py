@@ -116,11 +116,18 @@ def format_summary(summary: dict) -> str:
         rows.append(("note", "no validation split: the best epoch was chosen on the test split, so its accuracy "
                              "is optimistic; the last epoch's is the unbiased one"))
     rows += [(f"final loss: {k}", f"{v:.4g}") for k, v in summary["final_losses"].items()]
+    from ..pipeline.steps import WARMUP_STEPS
+
+    too_short = f"not measured: the first {WARMUP_STEPS} steps are warm-up, and the phase was not longer"
     if summary.get("teacher_images_per_s"):
         rows.append(("teacher training speed", f"{summary['teacher_images_per_s']:.0f} images/s after warm-up"))
+    elif "trained here" in str(summary.get("teacher_source")):
+        rows.append(("teacher training speed", too_short))
     if summary.get("student_images_per_s"):
         rows.append(("student training speed", f"{summary['student_images_per_s']:.0f} images/s after warm-up "
                                                f"({summary['student_steps_run']})"))
+    else:
+        rows.append(("student training speed", f"{too_short} ({summary['student_steps_run']})"))
     minutes, seconds = divmod(summary["time_s"], 60)
     rows.append(("time", f"{int(minutes)}m {seconds:.1f}s"))
     rows += [(f"checkpoint: {k}", v) for k, v in summary["checkpoints"].items()]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backward_pass import is_vmapped, will_use_gradient
+from .backward_pass import autocast_dtype, is_vmapped, will_use_gradient
 
 
 def _attach(t: Tensor | None) -> Tensor | None:
@@ -128,7 +128,7 @@ def _convolution(native, spatial: int, input: Tensor, weight: Tensor, bias: Tens
         return native(input, weight, bias, stride, padding, dilation, groups)  # string padding, unbatched
     expand = lambda v: [v] * spatial if isinstance(v, int) else list(v)  # noqa: E731
     device = input.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    dtype = autocast_dtype(device)
     input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
     return _Convolution.apply(input, _attach(weight), _attach(bias), expand(stride), expand(padding),
                               expand(dilation), groups)

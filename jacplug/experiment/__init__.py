@@ -77,6 +77,10 @@ def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any
     """The protocol, holding ``config.out``'s run-directory lock: a second experiment writing the same
     files at the same time is refused in one line (see :mod:`jacplug.pipeline.lock`)."""
     with RunDirLock(config.out):
+        done = Path(config.out) / report.RESULTS_JSON
+        if done.exists():  # a finished or interrupted experiment: its results must not be overwritten unasked
+            raise UserError(f"{str(config.out)!r} already holds an experiment's results ({done.name}); choose "
+                            "another --out, or move the old results away to run it again")
         return _run_locked(config, echo)
 
 

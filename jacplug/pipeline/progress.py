@@ -2,7 +2,8 @@
 
 A training phase reports in optimizer steps and images seen (:class:`PhaseProgress`). With bars (stderr
 is a terminal, or ``--progress``) each evaluation round gets a bar; without them (a log file, CI, or
-``--no-progress``) one line is printed every :data:`LINE_EVERY` steps, so a long run shows it is alive.
+``--no-progress``) one line is printed when the phase starts, then every :data:`LINE_EVERY` steps or
+:data:`LINE_SECONDS` seconds, whichever comes first, so a piped or logged run shows it is alive.
 Either way every evaluation prints one line with the step, the images seen, the loss and the accuracies.
 """
 
@@ -20,6 +21,8 @@ T = TypeVar("T")
 
 #: steps between progress lines when bars are off
 LINE_EVERY = 50
+#: the longest silence between progress lines when bars are off (slow steps: large models, a CPU)
+LINE_SECONDS = 30.0
 
 
 def want_progress(setting: bool | None, is_main: bool = True) -> bool:
@@ -47,7 +50,7 @@ class PhaseProgress:
     def __init__(self, name: str, plan: StepPlan, *, bars: bool, enabled: bool = True, every: int = LINE_EVERY) -> None:
         self.name, self.plan = name, plan
         self.bars, self.enabled, self.every = bars and enabled, enabled, every
-        self.started = time.perf_counter()
+        self.started = self._last_line = time.perf_counter()
         self._bar: Any = None
 
     def _where(self, step: int) -> str:
@@ -55,6 +58,7 @@ class PhaseProgress:
         return f"step {step}/{plan.total} (epoch {plan.epoch_of(step)}/{plan.epochs}), {step * plan.batch:,} images"
 
     def _line(self, text: str) -> None:
+        self._last_line = time.perf_counter()
         if self.bars:
             tqdm.write(text, file=sys.stderr)
         else:
@@ -62,6 +66,8 @@ class PhaseProgress:
 
     def round(self, iterable: Iterable[T], first: int, last: int) -> Iterable[T]:
         """Wrap the batches of steps ``first + 1 .. last`` (a bar when bars are on)."""
+        if self.enabled and not self.bars and first == 0:
+            self._line(f"{self.name}: starting, {self.plan.describe()}")
         self._bar = progress(iterable, desc=f"{self.name} steps {first + 1}-{last}/{self.plan.total}",
                              show=self.bars, total=last - first)
         return self._bar
@@ -72,7 +78,8 @@ class PhaseProgress:
             return
         if self.bars and self._bar is not None:
             self._bar.set_postfix(images=f"{step * self.plan.batch:,}", loss=f"{loss:.4g}")
-        elif step % self.every == 0 and not self.plan.evaluates_at(step):
+        elif not self.bars and not self.plan.evaluates_at(step) and (
+                step % self.every == 0 or time.perf_counter() - self._last_line >= LINE_SECONDS):
             self._line(f"{self.name}: {self._where(step)}, loss {loss:.4g}")
 
     def evaluated(self, step: int, record: dict[str, Any]) -> None:
