@@ -65,3 +65,19 @@ def test_the_library_and_the_distiller_import_no_training_framework():
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_make_test_installs_every_framework_the_integration_tests_need():
+    """The integration tests skip where their framework is missing (an environment without the extras);
+    the environment `make test` builds must have them, so that CI runs them against the real libraries."""
+    import importlib.util
+    import re
+
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        import pytest
+
+        pytest.skip("not the environment `make test` builds")
+    extras = re.search(r"pip install --quiet -e '\.\[([^\]]+)\]'", (ROOT / "Makefile").read_text()).group(1).split(",")
+    modules = {"torchdistill": "torchdistill", "huggingface": "transformers", "lightning": "lightning"}
+    assert {"torchdistill", "huggingface", "lightning"} <= set(extras)
+    assert [m for m in modules.values() if importlib.util.find_spec(m) is None] == []
