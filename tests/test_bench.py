@@ -27,6 +27,12 @@ def test_cli_runs_every_method_by_default_and_reports_ratios_to_kd(tmp_path, cap
     assert all(f" {r['method']} " in printed for r in rows)
 
 
+def test_the_method_names_the_command_line_shows_are_the_benchmarks_methods():
+    from jacplug.bench import METHOD_NAMES
+
+    assert METHOD_NAMES == tuple(methods())
+
+
 def test_bad_bench_arguments_are_one_line_errors(capsys):
     for configs, message in [("resnet34:10", "bad --configs entry 'resnet34:10'"),
                              ("mlp:x", "bad --configs entry 'mlp:x'"),

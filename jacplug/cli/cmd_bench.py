@@ -1,34 +1,15 @@
 """``jacplug bench``: the Jacobian step benchmark (same as benchmarks/jacobian_step.py).
 
-The argument definitions live here, free of torch, so building the CLI parser stays fast; the
-measuring code is :mod:`jacplug.bench`, imported only when the command runs.
+The argument definitions live here, free of torch, so building the CLI parser stays fast; their
+defaults and the method names come from :mod:`jacplug.bench`, whose measuring code is imported only
+when the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 
-#: must equal the keys of jacplug.bench.methods() (a test checks it)
-METHODS = (
-    "kd",
-    "forum-eq10-top1",
-    "eq10-top1",
-    "eq10-top1-by-hand",
-    "eq10-top1-cached",
-    "eq10-top1-native-bn",
-    "eq10-top1-native-conv",
-    "eq10-top1-native",
-    "projected-k1",
-    "direction-fd",
-    "direction-forward",
-    "full-forum-loop",
-    "full-loop",
-    "full-batched",
-)
-DEFAULT_CONFIGS = ["resnet34->resnet18:10", "resnet34->resnet18:100", "mlp:10"]
-#: --device cuda: the small CNN case, ImageNet-sized inputs and classes, and a ViT student
-DEFAULT_CUDA_CONFIGS = ["resnet34->resnet18:10@32", "resnet50->resnet18:1000@224",
-                        "resnet34->vit_tiny_patch16_224(patch_size=4):10@32"]
+from ..bench import DEFAULT_CONFIGS, DEFAULT_CUDA_CONFIGS, METHOD_NAMES as METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +41,59 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import main_from_args
+    """Check every option, measure (:func:`jacplug.bench.run`), print the table, write the JSON."""
+    import json
 
-    return main_from_args(args)
+    import torch
+
+    from .. import bench
+    from ..errors import UserError
+
+    for option, value, least in (("--repeats", args.repeats, 1), ("--full-repeats", args.full_repeats, 1),
+                                 ("--batch-size", args.batch_size, 2), ("--image-size", args.image_size, 1),
+                                 ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            why = " (train-mode BatchNorm needs two samples)" if option == "--batch-size" else ""
+            raise UserError(f"{option} must be at least {least}{why}, got {value}")
+    if args.json:
+        _check_writable(args.json)  # before measuring: the results would be lost after minutes of work
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if (args.amp or args.channels_last or args.cuda_graphs) and not cuda:
+        raise UserError("--amp, --channels-last and --cuda-graphs measure the GPU step; add --device cuda")
+    specs = args.configs or (DEFAULT_CUDA_CONFIGS if cuda else DEFAULT_CONFIGS)
+    configs = [bench.parse_config(spec, args.image_size) for spec in specs]
+    device = torch.device(args.device)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # static shapes: time cuDNN's algorithms once
+    card = f" ({torch.cuda.get_device_name(device)})" if cuda else ""
+    print(f"# jacplug bench: torch {torch.__version__}, device {device}{card}, threads {torch.get_num_threads()}, "
+          f"batch {args.batch_size}, {args.repeats} rounds, amp {'bf16' if args.amp else 'off'}, channels-last "
+          f"{'on' if args.channels_last else 'off'}, memory: {'peak allocated' if cuda else args.memory}")
+    rows = bench.run(configs, args.methods, args.repeats, args.full_repeats, args.batch_size, device,
+                     memory_mode=args.memory, amp=args.amp, channels_last=args.channels_last, graphs=args.cuda_graphs)
+    print(bench.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": card.strip(" ()") or "cpu", "torch": torch.__version__, "rows": rows}, fh, indent=2)
+    return 0
+
+
+def _check_writable(path: str) -> None:
+    """Open ``path`` for appending (and remove it again when it did not exist): the one check that
+    also holds for root, for whom permission bits say nothing."""
+    import os
+
+    from ..errors import UserError
+
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--json {path!r} cannot be written ({exc.strerror}); choose another path") from None
+    if not existed:
+        os.remove(path)

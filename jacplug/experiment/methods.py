@@ -28,14 +28,19 @@ pair is not tuned jointly, to keep selection cheap).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 from ..errors import UserError
 
-if TYPE_CHECKING:
-    from .runs import ExperimentConfig
-
 Weights = Mapping[str, float]
+
+
+class Options(Protocol):
+    """What a method's specs read from the experiment's options (an :class:`~.config.ExperimentConfig`)."""
+
+    temperature: float
+    attention_layers: str
+    noisy_sigma: float
 
 
 @dataclass(frozen=True)
@@ -46,16 +51,16 @@ class Method:
 
     name: str
     label: str
-    specs: Callable[[Weights, "ExperimentConfig"], list[str]]
+    specs: Callable[[Weights, Options], list[str]]
     uses: tuple[str, ...] = ()
     tunes: str | None = None
 
 
-def _kd(c: "ExperimentConfig", weight: float = 1.0) -> str:
+def _kd(c: Options, weight: float = 1.0) -> str:
     return f"kd={weight:g}:temperature={c.temperature:g}"
 
 
-def _attention(w: Weights, c: "ExperimentConfig") -> str:
+def _attention(w: Weights, c: Options) -> str:
     return f"attention={w['attention']:g}:layers={c.attention_layers}"
 
 

@@ -1,4 +1,4 @@
-"""Cost of Jacobian-matching training steps, as ratios to a plain KD step measured in the same run.
+"""The measurements behind :mod:`jacplug.bench`: setups, methods, interleaved timing, memory.
 
 Why ratios, interleaved, medians: absolute step times move with the machine and its load; running
 every method once per round, in rotating order, and taking medians over rounds cancels most drift.
@@ -14,9 +14,7 @@ reports the growth of the peak resident set over three steps, the real high-wate
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import os
 import re
 import statistics
@@ -29,18 +27,18 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .capture import CapturedStep
-from .engine import jacobian
-from .distiller import Distiller
-from .engine.substitutions import Substitution, double_differentiable, registered_substitutions
-from .errors import UserError
-from .losses import DistillBatch, KDLoss, WeightedLoss
-from .losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss, row_distance
-from .losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
-from .outputs import at_least_float32
-from .pipeline.device import Runtime
-from .pipeline.model_options import parse_kwargs
-from .registry import create_model
+from ..capture import CapturedStep
+from ..engine import jacobian
+from ..distiller import Distiller
+from ..engine.substitutions import Substitution, double_differentiable, registered_substitutions
+from ..errors import UserError
+from ..losses import DistillBatch, KDLoss, WeightedLoss
+from ..losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss, row_distance
+from ..losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
+from ..outputs import at_least_float32
+from ..pipeline.device import Runtime
+from ..pipeline.model_options import parse_kwargs
+from ..registry import create_model
 
 Step = Callable[[], object]
 Builder = Callable[["Setup", bool], Step]  # (setup, graphed) -> a whole training step
@@ -407,19 +405,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines + [f"# {f}" for f in fallbacks])
 
 
-def _check_writable(path: str) -> None:
-    """Open ``path`` for appending (and remove it again when it did not exist): the one check that
-    also holds for root, for whom permission bits say nothing."""
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise UserError(f"--json {path!r} cannot be written ({exc.strerror}); choose another path") from None
-    if not existed:
-        os.remove(path)
-
-
 def parse_config(spec: str, default_size: int) -> tuple[str, int, int]:
     """``"TEACHER->STUDENT:C[@SIZE]"`` or ``"mlp:C"`` -> ``(models, C, size)``; a model may carry
     keyword arguments, ``NAME(key=value,...)``; names are checked when built."""
@@ -430,39 +415,3 @@ def parse_config(spec: str, default_size: int) -> tuple[str, int, int]:
         raise UserError(f"bad --configs entry {spec!r}; expected TEACHER->STUDENT:C[@SIZE] (e.g. "
                         f"resnet34->resnet18:10 or resnet50->resnet18:1000@224) or mlp:C, with C >= 2 classes")
     return models, int(classes), int(size) if size else default_size
-
-
-def main_from_args(args: argparse.Namespace) -> int:
-    for option, value, least in (("--repeats", args.repeats, 1), ("--full-repeats", args.full_repeats, 1),
-                                 ("--batch-size", args.batch_size, 2), ("--image-size", args.image_size, 1),
-                                 ("--threads", args.threads, 1)):
-        if value is not None and value < least:
-            why = " (train-mode BatchNorm needs two samples)" if option == "--batch-size" else ""
-            raise UserError(f"{option} must be at least {least}{why}, got {value}")
-    if args.json:
-        _check_writable(args.json)  # before measuring: the results would be lost after minutes of work
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    if (args.amp or args.channels_last or args.cuda_graphs) and not cuda:
-        raise UserError("--amp, --channels-last and --cuda-graphs measure the GPU step; add --device cuda")
-    from .cli.cmd_bench import DEFAULT_CONFIGS, DEFAULT_CUDA_CONFIGS
-
-    specs = args.configs or (DEFAULT_CUDA_CONFIGS if cuda else DEFAULT_CONFIGS)
-    configs = [parse_config(spec, args.image_size) for spec in specs]
-    device = torch.device(args.device)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # static shapes: time cuDNN's algorithms once
-    card = f" ({torch.cuda.get_device_name(device)})" if cuda else ""
-    print(f"# jacplug bench: torch {torch.__version__}, device {device}{card}, threads {torch.get_num_threads()}, "
-          f"batch {args.batch_size}, {args.repeats} rounds, amp {'bf16' if args.amp else 'off'}, channels-last "
-          f"{'on' if args.channels_last else 'off'}, memory: {'peak allocated' if cuda else args.memory}")
-    rows = run(configs, args.methods, args.repeats, args.full_repeats, args.batch_size, device,
-               memory_mode=args.memory, amp=args.amp, channels_last=args.channels_last, graphs=args.cuda_graphs)
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": card.strip(" ()") or "cpu", "torch": torch.__version__, "rows": rows}, fh, indent=2)
-    return 0
