@@ -22,7 +22,7 @@ from jacplug.losses import jacobian_distillation
 from jacplug.pipeline import cache as teacher_cache
 from jacplug.pipeline.data import few_sample_subset
 from jacplug.pipeline.device import init_runtime
-from jacplug.pipeline.teacher import build_model
+from jacplug.pipeline.models import build
 from jacplug.registry import create_dataset
 
 
@@ -38,8 +38,8 @@ def main() -> None:
     torch.manual_seed(0)
     runtime = init_runtime(args.device)
     splits = few_sample_subset(create_dataset("digits"), 10, seed=0)
-    teacher = build_model(args.teacher, splits).to(runtime.device).eval().requires_grad_(False)
-    student = build_model(args.student, splits).to(runtime.device).train()
+    teacher = build("teacher", args.teacher, splits).module.to(runtime.device).eval().requires_grad_(False)
+    student = build("student", args.student, splits).module.to(runtime.device).train()
     loss = jacobian_distillation()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,7 +46,7 @@ from .features import FeatureTap
 from .graphcheck import TermFlow, gradient_flow, raise_for_detached
 from .losses.base import DistillBatch, as_scalar
 from .losses.composite import WeightedLoss
-from .losses.evaluation import extra_evaluation, isolated_running_stats
+from .losses.extra_evaluation import extra_evaluation, isolated_running_stats
 from .outputs import at_least_float32, logits_of
 from .preflight import check_forward_mode, flow_of_terms
 

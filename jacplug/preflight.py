@@ -30,7 +30,7 @@ from .engine.substitutions import DOUBLE_BACKWARD, FORWARD_AD, double_differenti
 from .errors import UserError
 from .graphcheck import TermFlow, flow_report
 from .losses.composite import WeightedLoss
-from .losses.evaluation import isolated_running_stats
+from .losses.extra_evaluation import isolated_running_stats
 from .outputs import Logits
 
 #: relative error of forward-mode parameter gradients above which forward mode is refused. The PyTorch

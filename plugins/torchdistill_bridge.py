@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from jacplug.engine.substitutions import double_differentiable
-from jacplug.losses.evaluation import extra_evaluation
+from jacplug.losses.extra_evaluation import extra_evaluation
 
 try:
     import torchdistill  # noqa: F401  (only to fail early with an install hint)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from jacplug.engine.diagnose import missing_derivative, module_calling
 from jacplug.engine.substitutions import DOUBLE_BACKWARD, double_differentiable
 from jacplug.losses.base import DistillBatch, LossTerm, as_scalar
-from jacplug.losses.evaluation import isolated_running_stats
+from jacplug.losses.extra_evaluation import isolated_running_stats
 
 from .torchdistill_step import STUDENT_PROC, TEACHER_PROC, BridgeConfigError, StepRecord, record_of
 

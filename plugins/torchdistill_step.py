@@ -42,7 +42,7 @@ class StepRecord:
     by teacher and student (the Jacobian terms differentiate both models' logits w.r.t. this one
     tensor). ``fn``: the model as a callable for terms that re-run it (forward mode, finite
     differences, noisy copies), in full precision and without moving BatchNorm's running statistics
-    (:func:`jacplug.losses.evaluation.extra_evaluation`). ``model``: the model itself, for messages.
+    (:func:`jacplug.losses.extra_evaluation.extra_evaluation`). ``model``: the model itself, for messages.
     ``graph_logits`` (teacher only): the teacher's logits ``[B, C]`` with a graph to ``inputs``
     (``None`` when the teacher ran without grad). ``cache`` (teacher only): shared by every jacplug
     term of the step, so teacher Jacobian rows are computed once and the teacher's graph is consumed

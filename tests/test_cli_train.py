@@ -319,7 +319,7 @@ def test_train_steps_reproduces_an_experiment_cell(tmp_path, teacher_file):
     """One implementation of the step logic: the experiment's run and ``jacplug train --steps`` with the
     cell's options train the same student."""
     from jacplug.experiment import ExperimentConfig, RunSpec, run_one
-    from jacplug.experiment.runs import load_teacher
+    from jacplug.experiment.protocol import load_teacher
     from jacplug.pipeline import TrainConfig, train
     from jacplug.pipeline.device import init_runtime
 

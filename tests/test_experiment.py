@@ -15,7 +15,7 @@ import torch
 
 from jacplug.cli.cmd_experiment import sample_size
 from jacplug.experiment import ExperimentConfig, choose_weights, run_experiment
-from jacplug.experiment import runs as runs_module
+from jacplug.experiment import protocol as runs_module
 
 
 def tiny_config(out) -> ExperimentConfig:
@@ -139,7 +139,7 @@ def test_bad_experiment_options_are_named(change, message):
 def test_noise_is_one_fixed_direction_for_every_model_and_sigma():
     """Each sigma shows the model ``x + sigma * z`` with the same ``z`` (for every model, so curves are
     comparable), in eval mode (restored), and sigma 0 is the clean accuracy."""
-    from jacplug.experiment.runs import noisy_accuracy
+    from jacplug.experiment.protocol import noisy_accuracy
     from jacplug.pipeline.device import init_runtime
     from jacplug.pipeline.evaluate import accuracy
 
@@ -311,13 +311,13 @@ def test_loading_batches_in_worker_processes_changes_nothing_but_speed(tmp_path)
     """``loader_workers`` (4 by default on CUDA) must train the same student as loading in the run's
     own process: same batches, and the run's random draws (here the projections) untouched."""
     from jacplug.experiment import RunSpec, run_one
-    from jacplug.experiment.runs import load_splits, prepare_teacher, load_teacher
+    from jacplug.experiment.protocol import load_splits, teacher_weights, load_teacher
     from jacplug.pipeline.device import init_runtime
 
     config = tiny_config(tmp_path)
     runtime = init_runtime("cpu")
     full = load_splits(config)
-    teacher_path, _ = prepare_teacher(config, full, runtime, tmp_path)
+    teacher_path, _ = teacher_weights(config, full, runtime, tmp_path)
     teacher = load_teacher(config, full, teacher_path, runtime)
     spec = RunSpec("kd+projected", 3, seed=1, weights=(("projected", 1.0),))
     records = [run_one(spec, dataclasses.replace(config, loader_workers=workers), full, teacher, runtime)
@@ -348,7 +348,7 @@ def test_names_and_options_are_checked_before_the_teacher_is_trained(tmp_path, m
     from jacplug.errors import UnknownNameError, UserError
 
     trained = []
-    monkeypatch.setattr(experiment, "prepare_teacher", lambda *args: trained.append(args))
+    monkeypatch.setattr(experiment, "teacher_weights", lambda *args: trained.append(args))
     for change, error, message in [
         (dict(student="tset_resnet"), UnknownNameError, "did you mean 'test_resnet'"),
         (dict(methods=["kd+attention"], attention_layers="layer9"), UnknownNameError, "unknown module 'layer9'"),

@@ -17,7 +17,7 @@ from jacplug.losses import (
     options_from_pair,
 )
 from jacplug.losses.feature_terms import layer_map
-from jacplug.losses.teacher import CACHE_GRAPH_USED
+from jacplug.losses.teacher_rows import CACHE_GRAPH_USED
 from jacplug.registry import ModelPair
 
 B, C = 3, 4

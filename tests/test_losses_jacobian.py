@@ -16,7 +16,7 @@ from jacplug.losses import (
     NoisyDistillLoss,
     ProjectedJacobianLoss,
 )
-from jacplug.losses.teacher import CACHE_GRAPH_USED, CACHE_JACOBIAN_ROWS, CACHE_ROWS
+from jacplug.losses.teacher_rows import CACHE_GRAPH_USED, CACHE_JACOBIAN_ROWS, CACHE_ROWS
 
 B, D, C = 4, 6, 4
 

@@ -34,11 +34,11 @@ from ..engine.substitutions import Substitution, double_differentiable, register
 from ..errors import UserError
 from ..losses import DistillBatch, KDLoss, WeightedLoss
 from ..losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss, row_distance
-from ..losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
+from ..losses.teacher_rows import CACHE_JACOBIAN_ROWS, CACHE_ROWS
 from ..outputs import at_least_float32
 from ..pipeline.device import Runtime
 from ..pipeline.model_options import parse_kwargs
-from ..registry import create_model
+from ..pipeline.models import ModelInput, build
 
 Step = Callable[[], object]
 Builder = Callable[["Setup", bool], Step]  # (setup, graphed) -> a whole training step
@@ -65,16 +65,13 @@ _MODEL_SPEC = re.compile(r"^([\w.\-]+)(?:\((.*)\))?$")
 
 
 def build_model(spec: str, classes: int, size: int) -> nn.Module:
-    """``NAME`` or ``NAME(key=value,...)`` (e.g. ``vit_tiny_patch16_224(patch_size=4)``); models whose
-    constructor takes ``img_size`` get the benchmark's image size."""
+    """``NAME`` or ``NAME(key=value,...)`` (e.g. ``vit_tiny_patch16_224(patch_size=4)``), built by the
+    pipeline's one model factory (:func:`jacplug.pipeline.models.build`) for RGB ``size`` px inputs."""
     match = _MODEL_SPEC.match(spec)
     if match is None:
         raise UserError(f"bad model {spec!r} in --configs; expected NAME or NAME(key=value,...)")
     kwargs = parse_kwargs(match.group(2) or "", f"--configs model {spec!r}")  # the values --student-kwargs takes
-    try:
-        return create_model(match.group(1), num_classes=classes, img_size=size, **kwargs)
-    except TypeError:  # the model has no img_size
-        return create_model(match.group(1), num_classes=classes, **kwargs)
+    return build("model", match.group(1), ModelInput(classes, (3, size, size)), kwargs).module
 
 
 def make_setup(name: str, classes: int, batch: int, size: int, device: torch.device, seed: int = 0,
@@ -332,6 +329,8 @@ def measure_rss(model_name: str, classes: int, batch: int, size: int, method: st
 
 
 def _time(setup: Setup, step: Callable[[Setup], None]) -> float:
+    """One timed call. Not ``torch.utils.benchmark.Timer``, which times one statement in a loop: the
+    methods here are timed in interleaved rounds, so that drift in the machine's load hits all alike."""
     sync = torch.cuda.synchronize if setup.inputs.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()

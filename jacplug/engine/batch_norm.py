@@ -2,9 +2,9 @@
 
 An exact Jacobian term back-propagates through the student's backward pass, so every train-mode
 BatchNorm layer is differentiated twice. PyTorch's derivative of ``native_batch_norm_backward`` is a
-generic composite (about 80 kernels per layer, most of them full-size products, reductions and
-dtype copies); on an H200 it took 40 % of the host time of an eager step and a sixth of the kernel time
-of a 224 px step. :func:`batch_norm` computes the same forward and first backward with the native
+generic composite (dozens of kernels per layer, most of them full-size products, reductions and
+dtype copies), a large share of an exact step's time on a GPU (docs/jacobian.md has the measured
+profile). :func:`batch_norm` computes the same forward and first backward with the native
 kernels and differentiates the backward with the closed form below: three reductions and five
 fused multiply-adds over the feature map.
 

@@ -115,9 +115,8 @@ def _autocast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 
 def _native_is_faster(input: Tensor, groups: int) -> bool:
     """Grouped convolutions of contiguous (not channels-last) maps on a CPU: there oneDNN's grouped
-    backward-filter kernel is slower than PyTorch's per-group derivative (a depthwise 7x7 layer,
-    [32, 96, 28, 28], forward, Jacobian row and double backward: 86 against 55 ms; channels-last,
-    where jacplug's wins, 20 against 76 ms)."""
+    backward-filter kernel is slower than PyTorch's per-group derivative, while in channels-last
+    jacplug's wins (measured on a depthwise layer; the figures are in docs/jacobian.md)."""
     return groups > 1 and input.device.type == "cpu" and not input.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -4,7 +4,7 @@
 validation split, runs every method x samples-per-class x seed, and writes ``results.json``,
 ``table.md`` and the plots to ``config.out``. The same protocol, with options, also measures
 robustness to input noise (``noise_sigmas``), a ViT student (``student_kwargs``) and the default
-preset's weight (method ``preset``). See :mod:`.runs` for the protocol, :mod:`.methods` for the
+preset's weight (method ``preset``). See :mod:`.protocol` for the protocol, :mod:`.methods` for the
 compared losses, :mod:`.report` for the outputs. ``jacplug experiment`` is its command line, and
 ``benchmarks/`` holds one script per published experiment (docs/results.md).
 """
@@ -25,7 +25,7 @@ from ..pipeline.device import init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.lock import RunDirLock
 from . import report
-from .runs import (
+from .protocol import (
     ExperimentConfig,
     Executor,
     check_before_training,
@@ -36,7 +36,7 @@ from .runs import (
     load_teacher,
     main_specs,
     noisy_accuracy,
-    prepare_teacher,
+    teacher_weights,
     run_one,
     selection_score,
     selection_specs,
@@ -96,7 +96,7 @@ def _run_locked(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[s
     sizes = [size_label(n) for n in config.samples_per_class]
     check_before_training(config, full, runtime)
 
-    teacher_path, teacher_source = prepare_teacher(config, full, runtime, out)
+    teacher_path, teacher_source = teacher_weights(config, full, runtime, out)
     teacher = load_teacher(config, full, teacher_path, runtime)
     scored = {name: getattr(full, name) for name in ("val", "test")}
     teacher_record: dict[str, Any] = {"model": config.teacher, "source": teacher_source}

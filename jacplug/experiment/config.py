@@ -1,5 +1,5 @@
 """What an experiment is: its options (:class:`ExperimentConfig`, recorded in the results JSON) and one
-student run of its grid (:class:`RunSpec`). Kept apart from the protocol (:mod:`.runs`) and the methods
+student run of its grid (:class:`RunSpec`). Kept apart from the protocol (:mod:`.protocol`) and the methods
 (:mod:`.methods`), which both read them, so neither imports the other."""
 
 from __future__ import annotations

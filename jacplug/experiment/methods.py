@@ -3,7 +3,7 @@
 Why specs rather than term objects: the same strings work with ``jacplug train --loss``, so a reader
 can rerun any cell of the table as one training run, and the JSON records exactly what ran.
 
-Hyper-parameters (chosen on the validation split, see :mod:`.runs`):
+Hyper-parameters (chosen on the validation split, see :mod:`.protocol`):
 
 - ``jacobian``: weight ``lambda`` of the Eq. 10 term (top-1 teacher row, squared distance of
   unit-normalised rows, values in ``[0, 4]``) added to ``kd`` at weight 1;

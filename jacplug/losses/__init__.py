@@ -7,7 +7,7 @@ Every term is an ``nn.Module`` taking a :class:`DistillBatch` and returning a sc
 
 from .base import NEEDS, DistillBatch, LossTerm
 from .composite import WeightedLoss
-from .evaluation import extra_evaluation, isolated_running_stats
+from .extra_evaluation import extra_evaluation, isolated_running_stats
 from .distill import CrossEntropyLoss, KDLoss, SoftMSELoss, TeacherCELoss
 from .feature_terms import AttentionTransferLoss, FeatureJacobianLoss, FitNetLoss, options_from_pair
 from .jacobian_terms import DirectionalJacobianLoss, JacobianLoss, NoisyDistillLoss, ProjectedJacobianLoss

@@ -26,7 +26,7 @@ from ..registry import ModelPair
 from .base import DistillBatch, LossTerm
 from .jacobian_terms import row_distance
 from .options import choice, positive_float
-from .teacher import CACHE_GRAPH_USED
+from .teacher_rows import CACHE_GRAPH_USED
 
 
 def layer_map(term: str, layers: Mapping[str, str] | Iterable[str] | str) -> dict[str, str]:

@@ -8,7 +8,7 @@
 Caller contract for terms that need ``input_grad``: ``inputs`` require grad, ``student_logits`` are
 computed from them, and ``teacher_logits`` are computed with grad enabled w.r.t. ``inputs`` (teacher
 parameters frozen). Teacher rows are computed without a graph and cached in ``batch.cache``; see
-:mod:`jacplug.losses.teacher` for the keys. In train mode, BatchNorm couples the samples of a batch,
+:mod:`jacplug.losses.teacher_rows` for the keys. In train mode, BatchNorm couples the samples of a batch,
 so the student's "per-sample" rows are the batched VJP's rows (the sum over the batch column), which
 is what double-backprop code gets too; keep the teacher in eval mode.
 """
@@ -23,7 +23,7 @@ from ..engine.substitutions import DOUBLE_BACKWARD, FORWARD_AD
 from ..errors import UserError
 from .base import DistillBatch, LossTerm, require
 from .options import choice, positive_float, positive_int
-from .teacher import teacher_jacobian_rows, teacher_vjp
+from .teacher_rows import teacher_jacobian_rows, teacher_vjp
 
 CLASS_CHOICES = ("top1", "label", "topk", "all")
 JVP_METHODS = ("forward", "finite-difference")
@@ -71,7 +71,7 @@ class JacobianLoss(LossTerm):
     input size, and is smooth, while the plain norm's gradient keeps unit size even when the rows
     nearly agree.
 
-    Teacher rows come without a graph from :mod:`jacplug.losses.teacher` (cached); student rows
+    Teacher rows come without a graph from :mod:`jacplug.losses.teacher_rows` (cached); student rows
     from ``jacobian(..., create_graph=True)`` so the term trains the student's parameters.
     """
 

@@ -9,7 +9,7 @@ sample's position in the training split):
   every term with a ``rows(batch)`` method selects (the ``jacobian`` term: top-1, label, top-k or
   all classes), concatenated over such terms.
 
-These are exactly the ``batch.cache`` keys of :mod:`jacplug.losses.teacher`, so later steps skip the
+These are exactly the ``batch.cache`` keys of :mod:`jacplug.losses.teacher_rows`, so later steps skip the
 teacher's forward and backward. Terms that draw fresh random projections each step
 (``jacobian-projected``, ``jacobian-direction``, ``noisy-distill``) still call the teacher; feature
 terms need the teacher's feature maps every step and are refused.
@@ -41,7 +41,7 @@ from ..errors import UserError
 from ..engine import jacobian
 from ..losses.base import DistillBatch
 from ..losses.composite import WeightedLoss
-from ..losses.teacher import CACHE_JACOBIAN_ROWS, CACHE_ROWS
+from ..losses.teacher_rows import CACHE_JACOBIAN_ROWS, CACHE_ROWS
 from ..outputs import at_least_float32, logits_of
 from .checkpoint import atomic_write
 from .data import Indexed

@@ -10,6 +10,9 @@ The lock is taken without waiting: a second ``jacplug train --out DIR`` (or ``--
 first still runs is refused with one line naming the holder. A run that created the directory and
 ends before writing anything into it (say, an unknown model name) removes the directory again.
 
+Not the ``filelock`` package: it locks, but does not name the holder in the refusal, nor remove a
+directory the run created and never used, which are the two things users see here.
+
 Limits: ``flock`` needs a POSIX system; on network file systems it is only as good as the server's
 lock support (NFSv4 on Linux honours it across clients).
 """

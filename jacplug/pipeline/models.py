@@ -37,6 +37,19 @@ _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
 
 
 @dataclass(frozen=True)
+class ModelInput:
+    """What building a model needs to know of its data, for callers without a dataset (the benchmark):
+    the class count and the input shape ``(C, H, W)``; :class:`~.data.DatasetSplits` has the same."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+    @property
+    def in_chans(self) -> int:
+        return self.input_shape[0]
+
+
+@dataclass(frozen=True)
 class BuiltModel:
     """A model and every keyword argument its factory received besides ``num_classes``,
     ``in_chans`` and ``pretrained`` (the user's kwargs plus an automatic ``img_size``)."""
@@ -110,7 +123,7 @@ def smallest_working_size(make: Callable[[int], nn.Module], in_chans: int, skip:
 def build(
     role: str,
     name: str,
-    splits: DatasetSplits,
+    splits: DatasetSplits | ModelInput,
     kwargs: dict[str, Any] | None = None,
     *,
     pretrained: bool = False,

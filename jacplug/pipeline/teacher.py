@@ -52,13 +52,6 @@ class InputSizeWarning(UserWarning):
     """The teacher checkpoint was trained at another input size than the run feeds it."""
 
 
-def build_model(
-    name: str, splits: DatasetSplits, pretrained: bool = False, *, kwargs: dict | None = None, role: str = "model"
-) -> nn.Module:
-    """A registered model sized for ``splits``, checked to run at their input size (see :func:`.models.build`)."""
-    return build(role, name, splits, kwargs, pretrained=pretrained).module
-
-
 def teacher_kwargs(config: TrainConfig, run_dir: Path | None = None) -> dict:
     """The teacher's constructor kwargs: ``--teacher-kwargs``, or, when none are given and the teacher
     comes from ``--teacher-checkpoint``, the kwargs that checkpoint records (so it rebuilds the same model)."""
@@ -74,7 +67,10 @@ def build_teacher(config: TrainConfig, splits: DatasetSplits, run_dir: Path | No
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay from the base learning rate to zero over ``total_steps`` (JSON-serialisable state)."""
+    """Cosine decay from the base learning rate to zero over ``total_steps`` (JSON-serialisable state).
+
+    Not ``CosineAnnealingLR``: its recursive (chainable) form rounds differently at every step, which
+    would change every published run, and a closed form resumes from the step count alone."""
     total = max(total_steps, 1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 

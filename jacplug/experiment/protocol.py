@@ -65,7 +65,8 @@ from ..pipeline.metrics import MetricsLog
 from ..pipeline.optim import create_adamw
 from ..pipeline.probe import probe_batch
 from ..pipeline.steps import batch_stream, stream_plan
-from ..pipeline.teacher import TEACHER_FILE, build_model, cosine_schedule, train_teacher
+from ..pipeline.models import build
+from ..pipeline.teacher import TEACHER_FILE, cosine_schedule, train_teacher
 from ..registry import create_dataset
 from .config import ExperimentConfig, RunSpec
 from .methods import METHODS, get_method
@@ -92,7 +93,7 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     method = get_method(spec.method)
     specs = method.specs(dict(spec.weights), config)
     torch.manual_seed(spec.seed)
-    student = build_model(config.student, splits, kwargs=config.student_kwargs, role="student")
+    student = build("student", config.student, splits, config.student_kwargs).module
     student = student.to(runtime.device).train()
     loss = build_loss(specs).to(runtime.device)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
@@ -145,11 +146,11 @@ def check_before_training(config: ExperimentConfig, full: DatasetSplits, runtime
         few_sample_subset(full, n, config.seeds[0])
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        student = build_model(config.student, full, kwargs=config.student_kwargs, role="student").to(runtime.device)
+        student = build("student", config.student, full, config.student_kwargs).module.to(runtime.device)
         if config.teacher_checkpoint:
             teacher = load_teacher(config, full, Path(config.teacher_checkpoint), runtime)
         else:
-            teacher = build_model(config.teacher, full, role="teacher").to(runtime.device)
+            teacher = build("teacher", config.teacher, full).module.to(runtime.device)
         inputs, targets = probe_batch(full, runtime.device)
         for name in config.methods:
             method = get_method(name)
@@ -198,7 +199,7 @@ def noisy_accuracy(model: nn.Module, split: Dataset, config: ExperimentConfig, r
 # teacher
 
 
-def prepare_teacher(config: ExperimentConfig, splits: DatasetSplits, runtime: Runtime, out: Path) -> tuple[Path, str]:
+def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Runtime, out: Path) -> tuple[Path, str]:
     """Train the teacher on the full training split (or copy the given checkpoint's path); returns
     the weights file every worker loads, and where it came from."""
     if config.teacher_checkpoint:
@@ -207,7 +208,7 @@ def prepare_teacher(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
                                teacher_lr=config.teacher_lr, weight_decay=config.weight_decay, seed=0,
                                eval_batch_size=config.eval_batch_size, workers=loader_workers(config, runtime))
     torch.manual_seed(0)
-    model = build_model(config.teacher, splits).to(runtime.device)
+    model = build("teacher", config.teacher, splits).module.to(runtime.device)
     train_teacher(model, splits, train_config, runtime, MetricsLog(out), show=False, length_option="--teacher-epochs")
     path = out / TEACHER_FILE
     save_model(path, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
@@ -216,7 +217,7 @@ def prepare_teacher(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
 
 
 def load_teacher(config: ExperimentConfig, splits: DatasetSplits, path: Path, runtime: Runtime) -> nn.Module:
-    model = build_model(config.teacher, splits)
+    model = build("teacher", config.teacher, splits).module
     load_model(path, model, expected_name=config.teacher, num_classes=splits.num_classes, in_chans=splits.in_chans)
     return model.to(runtime.device).eval().requires_grad_(False)
 
@@ -254,7 +255,11 @@ def _run_in_pool(spec: RunSpec) -> dict[str, Any]:
 
 
 class Executor:
-    """Runs :class:`RunSpec` lists; ``workers > 1`` on CPU uses a spawn pool of that many processes."""
+    """Runs :class:`RunSpec` lists; ``workers > 1`` on CPU uses a spawn pool of that many processes.
+
+    A ``multiprocessing`` pool rather than ``concurrent.futures.ProcessPoolExecutor``: on an error,
+    Ctrl-C or ``kill``, ``Pool.terminate`` stops the running workers at once, while the executor can
+    only cancel queued work and waits for the running runs to finish."""
 
     def __init__(self, config: ExperimentConfig, teacher_path: Path, runtime: Runtime) -> None:
         self.pool = None
