@@ -116,10 +116,11 @@ def every_gradient(distiller: Distiller) -> dict[str, torch.Tensor]:
             for name, p in distiller.named_parameters()}
 
 
-def adapters_and_jacobian() -> WeightedLoss:
-    """KD, a FitNet hint (a learnable adapter) and the Eq. 10 term (a double backward)."""
-    return WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (FitNetLoss({"1": "1"}, {"1": (4, 4)}), 1.0),
-                         "jacobian": (JacobianLoss(), 10.0)}).double()
+def adapters_and_jacobian(without_kd: bool = False) -> WeightedLoss:
+    """KD (unless ``without_kd``: a timm task adds its own), a FitNet hint (a learnable adapter) and the
+    Eq. 10 term (a double backward)."""
+    terms = {"fitnet": (FitNetLoss({"1": "1"}, {"1": (4, 4)}), 1.0), "jacobian": (JacobianLoss(), 10.0)}
+    return WeightedLoss({**({} if without_kd else {"kd": (KDLoss(), 1.0)}), **terms}).double()
 
 
 def whole_distiller_worker(rank: int, port: int, out: str) -> None:
@@ -283,3 +284,45 @@ def test_ddp_run_directory_held_elsewhere_is_refused_on_every_rank(ddp_results):
         result = Path(f"{ddp_results}.lock.{rank}").read_text()
         assert result.startswith("UserError: run directory ") and "is in use by another jacplug run" in result, result
         assert f"pid {os.getpid()} on host" in result
+
+
+def timm_task_worker(rank: int, port: int, out: str) -> None:
+    """timm's task protocol under DDP: ``prepare_distributed()`` wraps the Distiller; one step on this
+    rank's half of the batch."""
+    from jacplug.integrations.timm_task import JacobianDistillationTask
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        student, teacher = models()
+        torch.manual_seed(rank)  # other adapter weights on each rank: DDP starts them as rank 0's
+        task = JacobianDistillationTask(student, teacher, criterion=nn.CrossEntropyLoss(), distill_loss_weight=1.0,
+                                        loss=adapters_and_jacobian(without_kd=True), verbose=False)
+        task.prepare_distributed()
+        x, y = global_batch()
+        shard = slice(rank * 4, (rank + 1) * 4)
+        task(x[shard], y[shard])["loss"].backward()
+        save_file(every_gradient(task.distiller), f"{out}.{rank}")
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    leave()
+
+
+def test_the_timm_task_under_ddp_trains_like_one_process(tmp_path):
+    from jacplug.integrations.timm_task import JacobianDistillationTask
+
+    mp.spawn(timm_task_worker, args=(free_port(), str(tmp_path / "grads")), nprocs=WORLD, join=True)
+    student, teacher = models()
+    torch.manual_seed(0)
+    task = JacobianDistillationTask(student, teacher, criterion=nn.CrossEntropyLoss(), distill_loss_weight=1.0,
+                                    loss=adapters_and_jacobian(without_kd=True), verbose=False)
+    task(*global_batch())["loss"].backward()
+    single = every_gradient(task.distiller)
+    assert "loss.terms.fitnet.adapters.0.weight" in single
+    for rank in range(WORLD):
+        ddp = load_file(str(tmp_path / f"grads.{rank}"))
+        for name in single:
+            torch.testing.assert_close(ddp[name], single[name], rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {name}")

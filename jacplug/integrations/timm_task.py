@@ -103,10 +103,15 @@ class JacobianDistillationTask(TrainingTask):
         self.temperature = temperature
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
         student = unwrap_model(student_model)
-        teacher = teacher_model if isinstance(teacher_model, DistillationTeacher) else DistillationTeacher(
-            teacher_model, num_classes=student.num_classes, in_chans=getattr(student, "in_chans", 3),
-            pretrained_path=teacher_pretrained_path, pretrained_cfg_overlay=teacher_pretrained_cfg_overlay,
-            device=self.device, dtype=self.dtype)
+        if isinstance(teacher_model, str):  # a timm name: built with pretrained weights, sized like the student
+            teacher = DistillationTeacher(teacher_model, num_classes=student.num_classes,
+                                          in_chans=getattr(student, "in_chans", 3), pretrained_path=teacher_pretrained_path,
+                                          pretrained_cfg_overlay=teacher_pretrained_cfg_overlay, device=self.device,
+                                          dtype=self.dtype)
+        elif isinstance(teacher_model, DistillationTeacher):
+            teacher = teacher_model
+        else:  # any module: the student need not be a timm model either
+            teacher = DistillationTeacher(teacher_model, device=self.device, dtype=self.dtype)
         terms = as_weighted_loss(loss if loss is not None else
                                  [f"jacobian={DEFAULT_JACOBIAN_RATIO * (self.distill_loss_weight or 1.0):g}"])
         if "kd" in terms.terms:
