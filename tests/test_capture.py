@@ -39,5 +39,5 @@ def test_bad_cuda_graphs_value_in_a_config_file_is_named(tmp_path):
 
     path = tmp_path / "run.yaml"
     path.write_text("cuda-graphs: sometimes\n")
-    with pytest.raises(UserError, match="--cuda-graphs must be auto, on or off, got 'sometimes'"):
+    with pytest.raises(UserError, match="option 'cuda-graphs' has 'sometimes', not one of auto, on, off"):
         resolve(read_config_file(path), {})

@@ -37,7 +37,7 @@ def test_toml_config_files_load_without_tomllib(tmp_path):
 
 
 def test_requires_python_and_the_tomli_dependency_agree():
-    from jacplug.pipeline.config import tomllib
+    from jacplug.options import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     floor = tuple(int(part) for part in project["requires-python"].removeprefix(">=").split("."))

@@ -9,7 +9,10 @@ configurations), so ``jacplug --help`` stays fast. It knows nothing of the comma
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any
+
+from ..options import option
 
 #: every method :func:`.measure.methods` builds, in its order (a test keeps the two equal)
 METHOD_NAMES = (
@@ -34,10 +37,35 @@ DEFAULT_CONFIGS = ["resnet34->resnet18:10", "resnet34->resnet18:100", "mlp:10"]
 DEFAULT_CUDA_CONFIGS = ["resnet34->resnet18:10@32", "resnet50->resnet18:1000@224",
                         "resnet34->vit_tiny_patch16_224(patch_size=4):10@32"]
 
+@dataclass
+class BenchConfig:
+    """What ``jacplug bench`` measures; each field is also its flag and config-file key (:mod:`jacplug.options`)."""
+
+    configs: list[str] = option(default_factory=list, metavar="MODELS:CLASSES[@SIZE]",
+                                help="TEACHER->STUDENT:C[@SIZE] (timm names, optionally NAME(key=value,...)) or "
+                                     f"mlp:C (none: on CPU {' '.join(DEFAULT_CONFIGS)}; on CUDA "
+                                     f"{' '.join(DEFAULT_CUDA_CONFIGS)})")
+    methods: list[str] = option(default_factory=lambda: list(METHOD_NAMES), choices=METHOD_NAMES, metavar="METHOD",
+                                help="methods to measure besides kd: " + ", ".join(METHOD_NAMES))
+    repeats: int = option(7, help="interleaved rounds; medians are reported")
+    full_repeats: int = option(1, help="rounds for the expensive full-* methods")
+    batch_size: int = option(16, help="images per step")
+    image_size: int = option(32, help="input size for configs without @SIZE")
+    device: str = option("cpu", choices=("cpu", "cuda"), help="where to measure")
+    threads: int | None = option(None, help="torch.set_num_threads (none: torch's)")
+    memory: str = option("saved", choices=("saved", "rss"),
+                         help="CPU memory measure: autograd saved bytes (fast upper bound) or peak RSS growth in a "
+                              "fresh process per method (slower, the real high-water mark)")
+    amp: bool = option(False, help="bf16 autocast for the forward passes (CUDA)")
+    channels_last: bool = option(False, help="channels-last models and inputs (CUDA)")
+    cuda_graphs: bool = option(False, help="also measure every method captured in a CUDA graph, beside the eager step")
+    json: str | None = option(None, metavar="PATH", help="also write the rows as JSON to PATH")
+
+
 _MEASURE = ("Runner", "Setup", "format_table", "make_setup", "measure_memory", "methods", "parse_config",
             "peak_rss_growth", "run")
 
-__all__ = ["METHOD_NAMES", "DEFAULT_CONFIGS", "DEFAULT_CUDA_CONFIGS", *_MEASURE]
+__all__ = ["BenchConfig", "METHOD_NAMES", "DEFAULT_CONFIGS", "DEFAULT_CUDA_CONFIGS", *_MEASURE]
 
 
 def __getattr__(name: str) -> Any:

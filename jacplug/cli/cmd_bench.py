@@ -1,37 +1,20 @@
 """``jacplug bench``: the Jacobian step benchmark (same as benchmarks/jacobian_step.py).
 
-The argument definitions live here, free of torch, so building the CLI parser stays fast; their
-defaults and the method names come from :mod:`jacplug.bench`, whose measuring code is imported only
-when the command runs.
+The flags are made from :class:`jacplug.bench.BenchConfig`'s fields (torch-free), so building the CLI
+parser stays fast; the measuring code is imported only when the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from ..bench import DEFAULT_CONFIGS, DEFAULT_CUDA_CONFIGS, METHOD_NAMES as METHODS
+from ..bench import DEFAULT_CONFIGS, DEFAULT_CUDA_CONFIGS, BenchConfig
+from ..options import add_options, given_flags, read_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--configs", nargs="+", metavar="MODELS:CLASSES[@SIZE]",
-                        help="TEACHER->STUDENT:C[@SIZE] (timm names, optionally NAME(key=value,...)) or mlp:C "
-                             f"(default on CPU: {' '.join(DEFAULT_CONFIGS)}; on CUDA: {' '.join(DEFAULT_CUDA_CONFIGS)})")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
-                        help="methods to measure besides kd (default: all): " + ", ".join(METHODS))
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds; medians are reported")
-    parser.add_argument("--full-repeats", type=int, default=1, help="rounds for the expensive full-* methods")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=32, help="for configs without @SIZE (default 32)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--memory", default="saved", choices=["saved", "rss"],
-                        help="CPU memory measure: autograd saved bytes (fast upper bound) or peak RSS growth "
-                             "in a fresh process per method (slower, the real high-water mark)")
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes (CUDA)")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last models and inputs (CUDA)")
-    parser.add_argument("--cuda-graphs", action="store_true",
-                        help="also measure every method captured in a CUDA graph, beside the eager step")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    add_options(parser, BenchConfig)
+    parser.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON file with any of these options; flags win")
 
 
 def add_parser(sub) -> None:
@@ -49,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import bench
     from ..errors import UserError
 
+    file_values = read_options(BenchConfig, args.config) if args.config else {}
+    args = BenchConfig(**{**file_values, **given_flags(BenchConfig, args)})
     for option, value, least in (("--repeats", args.repeats, 1), ("--full-repeats", args.full_repeats, 1),
                                  ("--batch-size", args.batch_size, 2), ("--image-size", args.image_size, 1),
                                  ("--threads", args.threads, 1)):

@@ -11,6 +11,9 @@ import json
 import os
 from pathlib import Path
 
+from ..options import add_options
+from ..pipeline.config import TrainConfig
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -20,55 +23,9 @@ def add_parser(sub) -> None:
         "dataset; without a teacher checkpoint it trains the teacher first. Options may also come from "
         "--config FILE (YAML or TOML, same names); flags given here override the file.",
     )
-    add = p.add_argument
-    add("--teacher", metavar="NAME[:KEY=VAL,...]",
-        help="teacher model name (any timm name; default resnet50), optionally with constructor kwargs")
-    add("--student", metavar="NAME[:KEY=VAL,...]",
-        help="student model name (any timm name; default resnet18), optionally with constructor kwargs, "
-        "e.g. vit_tiny_patch16_224:patch_size=4,depth=6")
-    add("--teacher-kwargs", metavar="KEY=VAL,...",
-        help="keyword arguments for the teacher's constructor (values read as Python/YAML literals); "
-        "img_size is set from --image-size for models that take it")
-    add("--student-kwargs", metavar="KEY=VAL,...", help="keyword arguments for the student's constructor")
-    add("--dataset", help="digits (embedded, default), cifar10, cifar100, imagefolder:PATH, or a plugin's dataset")
-    add("--data-root", help="where torchvision datasets live (default ./data)")
-    add("--download", action="store_true", default=None, help="download a torchvision dataset (needs internet)")
-    add("--samples-per-class", type=int, metavar="N", help="train the student on N images per class (seeded)")
-    add("--image-size", type=int, metavar="PX", help="input size (digits: 16, CIFAR: 32, imagefolder: 64)")
-    add("--augment", action=argparse.BooleanOptionalAction, default=None,
-        help="random crop/flip on the training split (default: on for CIFAR and image folders, off for digits)")
-    add("--loss", action="append", metavar="NAME=WEIGHT[:OPT=VAL,...]",
-        help="a loss term and its weight, repeatable (default: kd=0.5 + jacobian=0.15, the documented preset)")
-    add("--epochs", type=int, help="student epochs (default 4; with --samples-per-class, 150 steps when 4 epochs "
-        "would make fewer)")
-    add("--steps", type=int, metavar="N", help="total student optimizer steps, instead of --epochs")
-    add("--batch-size", type=int, help="batch size (default 64)")
-    add("--lr", type=float, help="student learning rate, AdamW with cosine decay (default 2e-3)")
-    add("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
-    add("--seed", type=int, help="seed for initialisation, shuffling and the few-sample subset (default 0)")
-    add("--device", help="auto (CUDA when available, default), cpu, cuda or cuda:N")
-    add("--out", metavar="DIR", help="run directory (default runs/TEACHER-STUDENT-TIMESTAMP)")
-    add("--resume", action="store_true", default=None, help="continue the interrupted run in --out DIR")
-    add("--teacher-checkpoint", metavar="PATH", help="teacher weights (.safetensors) instead of training one")
-    add("--pretrained", action="store_true", default=None,
-        help="start the teacher from timm's pretrained weights (needs internet), then fine-tune it")
-    add("--teacher-epochs", type=int, metavar="N", help="epochs to train the teacher when no checkpoint is given (default 4)")
-    add("--teacher-steps", type=int, metavar="N", help="total teacher optimizer steps, instead of --teacher-epochs")
-    add("--teacher-lr", type=float, help="teacher learning rate (default 2e-3)")
-    add("--config", metavar="FILE", help="YAML or TOML file with any of these options")
-    add("--cache-teacher", action="store_true", default=None,
-        help="compute the teacher's logits and Jacobian rows once (un-augmented data only)")
-    add("--no-check-gradients", dest="check_gradients", action="store_false", default=None,
-        help="skip the gradient-flow check of every loss term on the first batch")
-    add("--save-every", type=int, metavar="STEPS", help="also save resume state every STEPS steps (default 50; 0: only at evaluations)")
-    add("--max-steps-per-epoch", type=int, metavar="N", help="cap the steps per epoch, teacher's and student's (smoke tests)")
-    add("--cuda-graphs", choices=("auto", "on", "off"),
-        help="capture the training step in a CUDA graph (auto, the default: on for one CUDA device)")
-    add("--workers", type=int, help="data-loader worker processes (default 0)")
-    add("--progress", action=argparse.BooleanOptionalAction, default=None,
-        help="progress bars (default: only when stderr is a terminal; without them a line every 50 steps and "
-        "one per evaluation)")
-    add("--json", action="store_true", help="print the summary as JSON instead of a table")
+    add_options(p, TrainConfig)
+    p.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON file with any of these options (same names)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.set_defaults(run=run)
 
 

@@ -4,54 +4,121 @@ student run of its grid (:class:`RunSpec`). Kept apart from the protocol (:mod:`
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from ..errors import UserError
-from ..pipeline.device import check_device
-from .methods import FEW_SHOT_METHODS, get_method
+from ..options import option
+from ..pipeline.config import check_device
+from ..pipeline.model_options import kwargs_option
+from .methods import FEW_SHOT_METHODS, METHODS, get_method
+
+
+def sample_size(text: str) -> int | None:
+    """One sample size from the command line: ``"all"`` -> ``None`` (every training image), else an integer."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+
+
+def _sizes(values: list) -> list[int | None]:
+    """Sample sizes from a flag or a file: integers, ``"all"`` or null."""
+    try:
+        return [sample_size(v) if isinstance(v, str) else v for v in values]
+    except argparse.ArgumentTypeError as exc:
+        raise UserError(f"samples per class: {exc}") from None
+
+
+def _seed_count(first: int, flag: str) -> Callable[[Any], list[int]]:
+    """A number of seeds ``N`` (flag or file) -> ``[first, ..., first + N - 1]``; a list stays as it is."""
+
+    def convert(value: Any) -> list[int]:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value <= 0:
+                raise UserError(f"{flag} must be a positive integer, got {value}")
+            return list(range(first, first + value))
+        return value
+
+    return convert
+
+
+def _kwargs(value: Any) -> dict[str, Any]:
+    return kwargs_option(value, "--student-kwargs")
 
 
 @dataclass
 class ExperimentConfig:
     """Every option of the experiment (recorded in the results JSON). ``samples_per_class``: ``None``
-    stands for all training images."""
+    stands for all training images. Each field is also the ``jacplug experiment`` flag and config-file
+    key of the same name (:mod:`jacplug.options`)."""
 
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    image_size: int | None = None
-    teacher: str = "resnet10t"
-    student: str = "test_resnet"
-    student_kwargs: dict[str, Any] = field(default_factory=dict)  # timm constructor kwargs (img_size: automatic)
-    teacher_checkpoint: str | None = None
-    teacher_epochs: int = 10
-    teacher_lr: float = 2e-3
-    samples_per_class: list[int | None] = field(default_factory=lambda: [1, 5, 10, 50, None])
-    methods: list[str] = field(default_factory=lambda: list(FEW_SHOT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    steps: int = 100
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    temperature: float = 4.0
-    attention_layers: str = "layer1+layer2"
-    jacobian_grid: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0])
-    attention_grid: list[float] = field(default_factory=lambda: [1.0, 10.0, 30.0])
-    noisy_grid: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    noisy_sigma: float = 0.2
-    select_at: list[int | None] = field(default_factory=lambda: [5, 50])
-    select_seeds: list[int] = field(default_factory=lambda: [1000])
-    select_on: str = "clean"
-    noise_sigmas: list[float] = field(default_factory=list)
-    noise_seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    threads: int = 1
-    loader_workers: int | None = None  # None: 0 on CPU, 4 on CUDA (see loader_workers())
-    eval_batch_size: int = 512
-    out: str = "runs/few-shot"
+    dataset: str = option("digits", group="data and models",
+                          help="digits (embedded), cifar10, cifar100, imagefolder:PATH, ...")
+    data_root: str | None = option(None, group="data and models", help="where torchvision datasets live (none: data)")
+    download: bool = option(False, group="data and models", help="download the dataset (needs internet)")
+    image_size: int | None = option(None, group="data and models",
+                                    help="input size (none: the dataset's, digits 16, CIFAR 32)")
+    teacher: str = option("resnet10t", group="data and models", help="any timm name")
+    student: str = option("test_resnet", group="data and models", help="any timm name")
+    student_kwargs: dict[str, Any] = option(default_factory=dict, metavar="KEY=VALUE,...", convert=_kwargs,
+                                            group="data and models",
+                                            help="student constructor kwargs, e.g. patch_size=4 for a ViT (img_size "
+                                                 "is set automatically)")
+    teacher_checkpoint: str | None = option(None, group="data and models",
+                                            help="teacher weights (safetensors) instead of training one")
+    teacher_epochs: int = option(10, group="data and models", help="epochs of the teacher trained here")
+    teacher_lr: float = option(2e-3, group="data and models", help="the teacher's learning rate")
+    samples_per_class: list[int | None] = option(default_factory=lambda: [1, 5, 10, 50, None], metavar="N",
+                                                 item=sample_size, convert=_sizes, group="grid",
+                                                 help="student training images per class; 'all' = the whole split")
+    methods: list[str] = option(default_factory=lambda: list(FEW_SHOT_METHODS), metavar="METHOD",
+                                choices=tuple(METHODS), group="grid", help=f"any of {', '.join(METHODS)}")
+    seeds: list[int] = option(default_factory=lambda: [0, 1, 2, 3, 4], metavar="N", single=True,
+                              convert=_seed_count(0, "--seeds"), group="grid",
+                              help="N seeds per cell, 0..N-1 (a config file may also list them)")
+    steps: int = option(100, group="grid", help="optimisation steps per student run")
+    batch_size: int = option(32, group="grid", help="batch size")
+    lr: float = option(2e-3, group="grid", help="the students' learning rate")
+    weight_decay: float = option(0.05, group="grid", help="AdamW weight decay")
+    temperature: float = option(4.0, group="grid", help="KD temperature")
+    attention_layers: str = option("layer1+layer2", group="grid",
+                                   help="attention transfer layers (the same names in both models)")
+    jacobian_weights: list[float] = option(default_factory=lambda: [0.1, 0.3, 1.0, 3.0, 10.0], metavar="W",
+                                           group="selection on the validation split",
+                                           help="grid for the Jacobian, projected-Jacobian and preset weights")
+    attention_weights: list[float] = option(default_factory=lambda: [1.0, 10.0, 30.0], metavar="W",
+                                            group="selection on the validation split",
+                                            help="grid for the attention weight")
+    noisy_weights: list[float] = option(default_factory=lambda: [0.01, 0.1, 1.0], metavar="W",
+                                        group="selection on the validation split",
+                                        help="grid for the noisy-input distillation weight")
+    noisy_sigma: float = option(0.2, group="selection on the validation split",
+                                help="training noise of kd+noisy, in units of the pixel std")
+    select_at: list[int | None] = option(default_factory=lambda: [5, 50], metavar="N", item=sample_size,
+                                         convert=_sizes, group="selection on the validation split",
+                                         help="sample sizes at which weights are chosen")
+    select_seeds: list[int] = option(default_factory=lambda: [1000], metavar="N", single=True,
+                                     convert=_seed_count(1000, "--select-seeds"), group="selection on the validation split",
+                                     help="N seeds 1000..1000+N-1 per grid point; the best mean wins")
+    select_on: str = option("clean", choices=("clean", "noise"), group="selection on the validation split",
+                            help="validation score: clean accuracy, or the mean over --noise-sigmas")
+    noise_sigmas: list[float] = option(default_factory=list, metavar="SIGMA", group="robustness",
+                                       help="also score val/test accuracy with additive Gaussian input noise of "
+                                            "these std (units of the pixel std; 0 = clean); writes noise.png")
+    noise_seed: int = option(0, group="robustness", help="seed of the scoring noise")
+    device: str = option("auto", group="execution", help="auto, cpu, cuda, cuda:N")
+    workers: int = option(2, group="execution", help="processes on CPU (GPU: one)")
+    threads: int = option(1, group="execution", help="torch threads per process")
+    loader_workers: int | None = option(None, group="execution",
+                                        help="processes loading training batches in each run (none: 0 on CPU, "
+                                             "4 on CUDA)")
+    eval_batch_size: int = option(512, group="execution", help="batch size of evaluations")
+    out: str = option("runs/few-shot", group="execution", help="output directory")
 
     def validate(self) -> "ExperimentConfig":
         check_device(self.device)
@@ -64,9 +131,9 @@ class ExperimentConfig:
             raise UserError("need at least one seed, one --samples-per-class value and one method")
         for name in self.methods:
             get_method(name)
-        for grid_name in ("jacobian_grid", "attention_grid", "noisy_grid"):
+        for grid_name in ("jacobian_weights", "attention_weights", "noisy_weights"):
             if not getattr(self, grid_name) or any(not (w > 0 and math.isfinite(w)) for w in getattr(self, grid_name)):
-                raise UserError(f"--{grid_name.replace('_grid', '-weights')} must be finite weights > 0")
+                raise UserError(f"--{grid_name.replace('_', '-')} must be finite weights > 0")
         if not self.select_at or not self.select_seeds:
             raise UserError("--select-at and --select-seeds need at least one value each")
         if set(self.select_seeds) & set(self.seeds):
@@ -87,7 +154,7 @@ class ExperimentConfig:
 
     def grid(self, key: str) -> list[float]:
         """The weights tried for ``key``; ``jacobian``, ``projected`` and ``preset`` share one grid."""
-        return {"attention": self.attention_grid, "noisy": self.noisy_grid}.get(key, self.jacobian_grid)
+        return {"attention": self.attention_weights, "noisy": self.noisy_weights}.get(key, self.jacobian_weights)
 
 
 @dataclass(frozen=True)

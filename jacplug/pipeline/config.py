@@ -11,60 +11,98 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError, close_matches
-from .model_options import merge_options, model_options
+import typing
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, published as the tomli distribution
-    import tomli as tomllib
+from ..errors import UserError
+from ..options import check_value, option, read_options
+from .model_options import merge_options, model_options
 
 
 #: the largest --image-size: one 4096 px image's activations and their double backward exceed a GPU's memory
 MAX_IMAGE_SIZE = 4096
 
 
+def check_device(requested: str) -> None:
+    """A one-line :class:`UserError` unless ``requested`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if requested in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(requested)):
+        return
+    raise UserError(f"--device {requested!r} is not a device jacplug runs on; use auto, cpu, cuda or cuda:N")
+
+
 @dataclass
 class TrainConfig:
-    """The resolved options of one run; saved as ``config.json`` in the run directory."""
+    """The resolved options of one run; saved as ``config.json`` in the run directory. Each field is also
+    the ``jacplug train`` flag and config-file key of the same name (:mod:`jacplug.options`)."""
 
-    teacher: str = "resnet50"
-    student: str = "resnet18"
-    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # model constructor kwargs (img_size: automatic)
-    student_kwargs: dict[str, Any] = field(default_factory=dict)
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    samples_per_class: int | None = None
-    image_size: int | None = None  # None: the dataset's default (digits 16, CIFAR 32, imagefolder 64)
-    augment: bool | None = None  # None: the dataset's default (off for digits, on for CIFAR/imagefolder)
-    loss: list[str] = field(default_factory=list)  # empty: the default preset
-    epochs: int | None = None  # epochs or steps; neither: see jacplug.pipeline.steps.default_length
-    steps: int | None = None  # total optimizer steps of the student
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    seed: int = 0
-    device: str = "auto"
-    out: str | None = None
-    resume: bool = False
-    teacher_checkpoint: str | None = None
-    pretrained: bool = False
-    teacher_epochs: int | None = None  # teacher_epochs or teacher_steps; neither: 4 epochs
-    teacher_steps: int | None = None
-    teacher_lr: float = 2e-3
-    cache_teacher: bool = False
-    check_gradients: bool = True
-    save_every: int = 50  # steps between mid-epoch checkpoints (0: only at epoch ends)
-    eval_batch_size: int = 256
-    workers: int = 0
-    max_steps_per_epoch: int | None = None  # cap, for smoke tests and benchmarks
-    progress: bool | None = None  # None: progress bars only when stderr is a terminal
-    cuda_graphs: str = "auto"  # auto: capture the step in a CUDA graph on a single CUDA device; on; off
+    teacher: str = option("resnet50", metavar="NAME[:KEY=VAL,...]", group="models",
+                          help="teacher model name (any timm name), optionally with constructor kwargs")
+    student: str = option("resnet18", metavar="NAME[:KEY=VAL,...]", group="models",
+                          help="student model name (any timm name), optionally with constructor kwargs, e.g. "
+                               "vit_tiny_patch16_224:patch_size=4,depth=6")
+    teacher_kwargs: dict[str, Any] = option(default_factory=dict, metavar="KEY=VAL,...", group="models",
+                                            help="keyword arguments for the teacher's constructor (values read as "
+                                                 "Python/YAML literals); img_size follows --image-size for models "
+                                                 "that take it")
+    student_kwargs: dict[str, Any] = option(default_factory=dict, metavar="KEY=VAL,...", group="models",
+                                            help="keyword arguments for the student's constructor")
+    dataset: str = option("digits", group="data",
+                          help="digits (embedded), cifar10, cifar100, imagefolder:PATH, or a plugin's dataset")
+    data_root: str | None = option(None, group="data", help="where torchvision datasets live (none: ./data)")
+    download: bool = option(False, group="data", help="download a torchvision dataset (needs internet)")
+    samples_per_class: int | None = option(None, metavar="N", group="data",
+                                           help="train the student on N images per class (seeded; none: all)")
+    image_size: int | None = option(None, metavar="PX", group="data",
+                                    help="input size (none: the dataset's, digits 16, CIFAR 32, imagefolder 64)")
+    augment: bool | None = option(None, group="data",
+                                  help="random crop/flip of training images (none: on for CIFAR and image folders, "
+                                       "off for digits)")
+    loss: list[str] = option(default_factory=list, metavar="NAME=WEIGHT[:OPT=VAL,...]", repeat=True, group="loss",
+                             help="a loss term and its weight, repeatable (none: kd=0.5 + jacobian=0.15, the "
+                                  "documented preset)")
+    epochs: int | None = option(None, group="student training",
+                                help="student epochs (none: 4, or with --samples-per-class 150 steps when 4 epochs "
+                                     "would make fewer)")
+    steps: int | None = option(None, metavar="N", group="student training",
+                               help="total student optimizer steps, instead of --epochs")
+    batch_size: int = option(64, group="student training", help="batch size per process")
+    lr: float = option(2e-3, group="student training", help="student learning rate, AdamW with cosine decay")
+    weight_decay: float = option(0.05, group="student training", help="AdamW weight decay")
+    seed: int = option(0, group="student training",
+                       help="seed for initialisation, shuffling and the few-sample subset")
+    device: str = option("auto", group="execution", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    out: str | None = option(None, metavar="DIR", group="execution",
+                             help="run directory (none: runs/TEACHER-STUDENT-TIMESTAMP)")
+    resume: bool = option(False, group="execution", help="continue the interrupted run in --out DIR")
+    teacher_checkpoint: str | None = option(None, metavar="PATH", group="teacher",
+                                            help="teacher weights (.safetensors) instead of training one")
+    pretrained: bool = option(False, group="teacher",
+                              help="start the teacher from timm's pretrained weights (needs internet), then "
+                                   "fine-tune it")
+    teacher_epochs: int | None = option(None, metavar="N", group="teacher",
+                                        help="epochs to train the teacher when no checkpoint is given (none: 4)")
+    teacher_steps: int | None = option(None, metavar="N", group="teacher",
+                                       help="total teacher optimizer steps, instead of --teacher-epochs")
+    teacher_lr: float = option(2e-3, group="teacher", help="teacher learning rate")
+    cache_teacher: bool = option(False, group="teacher",
+                                 help="compute the teacher's logits and Jacobian rows once (un-augmented data only)")
+    check_gradients: bool = option(True, group="execution",
+                                   help="check on the first batch that every loss term reaches the student")
+    save_every: int = option(50, metavar="STEPS", group="execution",
+                             help="also save resume state every STEPS steps (0: only at evaluations)")
+    eval_batch_size: int = option(256, group="execution", help="batch size of evaluations")
+    workers: int = option(0, group="execution", help="data-loader worker processes")
+    max_steps_per_epoch: int | None = option(None, metavar="N", group="execution",
+                                             help="cap the steps per epoch, teacher's and student's (smoke tests)")
+    progress: bool | None = option(None, group="execution",
+                                   help="progress bars (none: only when stderr is a terminal; without them a line "
+                                        "when a phase starts, every 50 steps or 30 s, and per evaluation)")
+    cuda_graphs: str = option("auto", choices=("auto", "on", "off"), group="execution",
+                              help="capture the training step in a CUDA graph (auto: on for one CUDA device)")
 
     def validate(self) -> "TrainConfig":
         """Reject values no run could use, with the option name in the message."""
@@ -96,8 +134,7 @@ class TrainConfig:
             raise UserError(f"--save-every must be >= 0, got {self.save_every}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
             raise UserError(f"--max-steps-per-epoch must be a positive integer, got {self.max_steps_per_epoch}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UserError(f"--device must be auto, cpu or cuda (or cuda:N), got {self.device!r}")
+        check_device(self.device)
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise UserError(f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.pretrained and self.teacher_checkpoint:
@@ -122,68 +159,9 @@ def _flag(name: str) -> str:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Options from a ``.yaml``/``.yml``/``.toml``/``.json`` file, keys normalised to field names."""
-    options: dict[str, Any] = {}
-    for key, value in read_mapping(path).items():
-        name = str(key).replace("-", "_")
-        if name not in FIELDS:
-            near = close_matches(name.replace("_", "-"), [f.replace("_", "-") for f in FIELDS])
-            hint = f"; did you mean {', '.join(near)}?" if near else ""
-            raise UserError(f"config file {str(path)!r}: unknown option {key!r}{hint}")
-        if name == "loss" and isinstance(value, str):
-            value = [value]
-        options[name] = value
-    return options
-
-
-def read_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a ``.yaml``/``.yml``/``.toml``/``.json`` file, with one-line errors
-    for a missing file, an unknown format, a parse error or a file that holds no mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise UserError(f"config file {str(path)!r}: expected a .yaml, .yml, .toml or .json file")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise UserError(f"config file {str(path)!r} could not be parsed: {exc}") from exc
-    except Exception as exc:  # yaml.YAMLError, without importing yaml at module level
-        if type(exc).__module__.startswith("yaml"):
-            raise UserError(f"config file {str(path)!r} could not be parsed: {' '.join(str(exc).split())}") from exc
-        raise
-    if not isinstance(data, dict):
-        raise UserError(f"config file {str(path)!r} must hold a mapping of option names to values")
-    return data
-
-
-def _check_type(name: str, value: Any) -> None:
-    """Values from a file may have any type; the message names the option and what it must be."""
-    if value is None:
-        return
-    expected = str(FIELDS[name].type)
-    if name == "loss":
-        ok, what = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of NAME=WEIGHT strings"
-    elif expected.startswith("dict"):
-        ok, what = isinstance(value, dict), "a mapping of keyword arguments"
-    elif expected.startswith("bool"):
-        ok, what = isinstance(value, bool), "true or false"
-    elif expected.startswith("int"):
-        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif expected.startswith("float"):
-        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-    else:
-        ok, what = isinstance(value, str), "a string"
-    if not ok:
-        raise UserError(f"option {name!r} must be {what}, got {value!r}")
+    """Options from a ``.yaml``/``.yml``/``.toml``/``.json`` file, keys normalised to field names and
+    each value checked (:func:`jacplug.options.read_options`)."""
+    return read_options(TrainConfig, path)
 
 
 def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainConfig:
@@ -193,6 +171,7 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
     replaced = {other for pair in LENGTHS for name, other in (pair, pair[::-1]) if name in given}
     file_side = {k: v for k, v in file_options.items() if k not in replaced}
     merged = merge_options(file_side, {k: v for k, v in cli_options.items() if k in FIELDS})
+    hints = typing.get_type_hints(TrainConfig)
     if "teacher" not in merged and merged.get("teacher_checkpoint"):  # the checkpoint says which model it holds
         from .checkpoint import checkpoint_model_name
 
@@ -200,7 +179,7 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
         if recorded:
             merged["teacher"] = recorded
     for name, value in merged.items():
-        _check_type(name, value)
+        check_value(name, value, hints[name], "options")
     return TrainConfig(**merged).validate()
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import warnings
 from dataclasses import dataclass
 import torch
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UserError
+from .config import check_device
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,6 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
             raise UserError("--device cuda was requested but CUDA is not available here; use --device cpu or auto")
         return torch.device(requested if ":" in requested else f"cuda:{local_rank}")
     return torch.device("cpu")
-
-
-def check_device(requested: str) -> None:
-    """A one-line :class:`UserError` unless ``requested`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
-    if requested in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(requested)):
-        return
-    raise UserError(f"--device {requested!r} is not a device jacplug runs on; use auto, cpu, cuda or cuda:N")
 
 
 def init_runtime(requested: str) -> Runtime:

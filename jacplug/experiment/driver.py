@@ -1,0 +1,180 @@
+"""Runs the experiment (:func:`run_experiment`): the teacher once, weight selection on the validation
+split, the main grid, then the reports; holding the output directory's lock and stopping the worker
+processes on any error, Ctrl-C or ``kill``."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import UserError
+from ..pipeline.device import init_runtime
+from ..pipeline.evaluate import accuracy
+from ..pipeline.lock import RunDirLock
+from . import report
+from .protocol import (
+    ExperimentConfig,
+    Executor,
+    check_before_training,
+    choose_weights,
+    hardware,
+    load_splits,
+    load_teacher,
+    main_specs,
+    noisy_accuracy,
+    teacher_weights,
+    selection_score,
+    selection_specs,
+    size_label,
+)
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # progress must show up when stdout is a file or a pipe
+
+
+def run_experiment(config: ExperimentConfig, echo: Callable[[str], None] = _print) -> dict[str, Any]:
+    """Run the whole protocol; returns the results dict also written to ``results.json``.
+
+    Sets ``torch.set_num_threads(config.threads)`` while it runs (in-process runs use it too) and
+    restores the caller's thread count afterwards.
+    """
+    config.validate()
+    threads = torch.get_num_threads()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if in_main_thread else None
+    try:
+        return _run(config, echo)
+    finally:
+        torch.set_num_threads(threads)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """``kill`` becomes ``SystemExit``, so the worker processes are stopped too instead of left running."""
+    raise SystemExit(128 + signum)
+
+
+def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+    """The protocol, holding ``config.out``'s run-directory lock: a second experiment writing the same
+    files at the same time is refused in one line (see :mod:`jacplug.pipeline.lock`)."""
+    with RunDirLock(config.out):
+        done = Path(config.out) / report.RESULTS_JSON
+        if done.exists():  # a finished or interrupted experiment: its results must not be overwritten unasked
+            raise UserError(f"{str(config.out)!r} already holds an experiment's results ({done.name}); choose "
+                            "another --out, or move the old results away to run it again")
+        return _run_locked(config, echo)
+
+
+def _run_locked(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+    started = time.perf_counter()
+    out = Path(config.out)
+    torch.set_num_threads(config.threads)
+    runtime = init_runtime(config.device)
+    full = load_splits(config)
+    if full.val is None:
+        raise UserError(f"dataset {config.dataset!r} has no validation split; the loss weights must be chosen on one")
+    full_per_class = len(full.train) / full.num_classes
+    sizes = [size_label(n) for n in config.samples_per_class]
+    check_before_training(config, full, runtime)
+
+    teacher_path, teacher_source = teacher_weights(config, full, runtime, out)
+    teacher = load_teacher(config, full, teacher_path, runtime)
+    scored = {name: getattr(full, name) for name in ("val", "test")}
+    teacher_record: dict[str, Any] = {"model": config.teacher, "source": teacher_source}
+    for name, split in scored.items():
+        teacher_record[f"{name}_acc"] = accuracy(teacher, split, runtime, batch_size=config.eval_batch_size,
+                                                 show=False, desc=name)
+        if config.noise_sigmas:
+            teacher_record[f"{name}_acc_noise"] = noisy_accuracy(teacher, split, config, runtime)
+    teacher_record["time_s"] = round(time.perf_counter() - started, 1)
+    results: dict[str, Any] = {
+        "config": dataclasses.asdict(config),
+        "hardware": {**hardware(), "device": str(runtime.device), "workers": config.workers,
+                     "threads_per_worker": config.threads},
+        "teacher": teacher_record,
+        "train_samples_full": len(full.train),
+    }
+    echo(f"teacher {config.teacher}: test {100 * teacher_record['test_acc']:.1f}% ({teacher_source}), "
+         f"{teacher_record['time_s']:.0f} s")
+    executor = Executor(config, teacher_path, runtime)
+    try:
+        specs = selection_specs(config)
+        phase_start = time.perf_counter()
+        selection = executor.map(specs, _progress(echo, "select", len(specs), phase_start))
+        chosen = choose_weights(config, selection, full_per_class)
+        results.update(selection=selection, chosen_weights=chosen,
+                       selection_time_s=round(time.perf_counter() - phase_start, 1))
+        report.write_json(out / report.RESULTS_JSON, results)
+        echo(f"chosen on validation: {chosen}")
+
+        specs = main_specs(config, chosen)
+        phase_start = time.perf_counter()
+        runs = executor.map(specs, _progress(echo, "run", len(specs), phase_start))
+    except BaseException:  # Ctrl-C or an error: stop the workers now rather than finish their queue
+        executor.close(abort=True)
+        raise
+    executor.close()
+    summary = report.summarise(runs)
+    results.update(runs=runs, summary=summary, main_time_s=round(time.perf_counter() - phase_start, 1),
+                   wall_time_s=round(time.perf_counter() - started, 1))
+    title = f"{config.teacher} -> {config.student} on {config.dataset}, {len(config.seeds)} seeds"
+    table = _write_reports(config, results, sizes, full_per_class, title, out)
+    echo(table)
+    echo(f"wall time {results['wall_time_s']:.0f} s; wrote {out / report.RESULTS_JSON}, {out / report.TABLE_MD} "
+         "and the plots")
+    return results
+
+
+def _write_reports(config: ExperimentConfig, results: dict[str, Any], sizes: list[str], full_per_class: float,
+                   title: str, out: Path) -> str:
+    """``results.json``; ``table.md`` with the accuracy table, the paired gains over KD (or the first
+    method), the validation grid and, with noise levels, one accuracy-vs-sigma table per size; the
+    plots: accuracy vs samples per class (when there are several sizes), accuracy vs sigma."""
+    runs, summary = results["runs"], results["summary"]
+    baseline = "kd" if "kd" in config.methods else config.methods[0]
+    sections = [report.markdown_table(summary, sizes)]
+    if len(config.methods) > 1:
+        sections.append(report.gains_table(report.paired_gains(runs, baseline), baseline, sizes))
+    if results["selection"]:
+        sections.append(report.selection_table(results["selection"], lambda r: selection_score(config, r)))
+    if config.noise_sigmas:
+        noise = report.summarise_noise(runs)
+        results["noise_summary"] = noise
+        teacher = results["teacher"]["test_acc_noise"]
+        for size in sizes:
+            sections.append(f"Test accuracy (%) under input noise, {size} / class:\n\n"
+                            + report.noise_table(noise, size, teacher))
+            if len(config.methods) > 1:
+                sections.extend(f"Paired gain at σ = {sigma}, {size} / class:\n\n"
+                                + report.gains_table(report.paired_gains(runs, baseline, sigma), baseline, [size])
+                                for sigma in teacher if float(sigma) > 0)
+        for size in sizes:
+            name = report.NOISE_PNG if len(sizes) == 1 else f"noise_{size}.png"
+            report.plot_noise(noise, size, teacher, out / name, f"{title}, {size} / class")
+    if len(sizes) > 1:
+        report.plot(summary, sizes, full_per_class, out / report.PLOT_PNG, title)
+    table = "\n".join(sections)
+    report.write_json(out / report.RESULTS_JSON, results)
+    report.write_table(out / report.TABLE_MD, table)
+    return table
+
+
+def _progress(echo: Callable[[str], None], phase: str, total: int, start: float) -> Callable[[dict[str, Any]], None]:
+    count = 0
+
+    def done(record: dict[str, Any]) -> None:
+        nonlocal count
+        count += 1
+        score = ", ".join(f"{k} {100 * record[k]:.1f}%" for k in ("val_acc", "test_acc") if k in record)
+        echo(f"[{phase} {count}/{total} {time.perf_counter() - start:.0f}s] {record['method']} "
+             f"n={size_label(record['samples_per_class'])} seed={record['seed']} {record['weights']}: {score} "
+             f"({record['time_s']:.1f} s)")
+
+    return done
