@@ -204,16 +204,18 @@ def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
     the weights file every worker loads, and where it came from."""
     if config.teacher_checkpoint:
         return Path(config.teacher_checkpoint), config.teacher_checkpoint
-    train_config = TrainConfig(teacher=config.teacher, batch_size=64, teacher_epochs=config.teacher_epochs,
-                               teacher_lr=config.teacher_lr, weight_decay=config.weight_decay, seed=0,
+    # the teacher phase of `jacplug train` with the experiment's teacher options; its batch size and seed
+    # are train's defaults, the same for every experiment, so the experiment's seeds vary only the students
+    train_config = TrainConfig(teacher=config.teacher, teacher_epochs=config.teacher_epochs,
+                               teacher_lr=config.teacher_lr, weight_decay=config.weight_decay,
                                eval_batch_size=config.eval_batch_size, workers=loader_workers(config, runtime))
-    torch.manual_seed(0)
+    torch.manual_seed(train_config.seed)
     model = build("teacher", config.teacher, splits).module.to(runtime.device)
     train_teacher(model, splits, train_config, runtime, MetricsLog(out), show=False, length_option="--teacher-epochs")
     path = out / TEACHER_FILE
     save_model(path, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
                input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=train_config.to_dict())
-    return path, f"trained here ({config.teacher_epochs} epochs, seed 0)"
+    return path, f"trained here ({config.teacher_epochs} epochs, seed {train_config.seed})"
 
 
 def load_teacher(config: ExperimentConfig, splits: DatasetSplits, path: Path, runtime: Runtime) -> nn.Module:
