@@ -72,11 +72,22 @@ def leave() -> None:
     os._exit(0)
 
 
-def worker(rank: int, port: int, out: str) -> None:
+def on_gloo_rank(rank: int, port: int, body) -> None:
+    """``body()`` on this rank of a 2-process gloo group; then, once both ranks are done talking, leave."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
+        body()
+        dist.barrier()  # both ranks are done talking before either leaves
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    leave()
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    def body() -> None:
         student, teacher = models()
         ddp = nn.parallel.DistributedDataParallel(student)
         x, y = global_batch()
@@ -85,11 +96,8 @@ def worker(rank: int, port: int, out: str) -> None:
         grads = gradients(student, ddp, teacher, x[shard], y[shard], runtime)
         if rank == 0:
             save_file(grads, out)
-        dist.barrier()  # both ranks are done talking before either leaves
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    leave()
+
+    on_gloo_rank(rank, port, body)
 
 
 def free_port() -> int:
@@ -126,10 +134,8 @@ def adapters_and_jacobian(without_kd: bool = False) -> WeightedLoss:
 def whole_distiller_worker(rank: int, port: int, out: str) -> None:
     """``DistributedDataParallel(Distiller(...))``, the way a framework that wraps the module it trains
     (Lightning's DDP strategy) uses it: one step on this rank's half of the batch."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+
+    def body() -> None:
         student, teacher = models()
         torch.manual_seed(rank)  # each rank draws other adapter weights: DDP starts them as rank 0's
         distiller = Distiller(student, teacher, adapters_and_jacobian())
@@ -138,11 +144,8 @@ def whole_distiller_worker(rank: int, port: int, out: str) -> None:
         shard = slice(rank * 4, (rank + 1) * 4)
         ddp(x[shard], y[shard])["loss"].backward()
         save_file(every_gradient(distiller), f"{out}.{rank}")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    leave()
+
+    on_gloo_rank(rank, port, body)
 
 
 def test_a_whole_distiller_under_ddp_trains_like_one_process_adapters_included(tmp_path):
@@ -291,10 +294,7 @@ def timm_task_worker(rank: int, port: int, out: str) -> None:
     rank's half of the batch."""
     from jacplug.integrations.timm_task import JacobianDistillationTask
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    def body() -> None:
         student, teacher = models()
         torch.manual_seed(rank)  # other adapter weights on each rank: DDP starts them as rank 0's
         task = JacobianDistillationTask(student, teacher, criterion=nn.CrossEntropyLoss(), distill_loss_weight=1.0,
@@ -304,11 +304,8 @@ def timm_task_worker(rank: int, port: int, out: str) -> None:
         shard = slice(rank * 4, (rank + 1) * 4)
         task(x[shard], y[shard])["loss"].backward()
         save_file(every_gradient(task.distiller), f"{out}.{rank}")
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    leave()
+
+    on_gloo_rank(rank, port, body)
 
 
 def test_the_timm_task_under_ddp_trains_like_one_process(tmp_path):

@@ -8,10 +8,9 @@ configurations), so ``jacplug --help`` stays fast. It knows nothing of the comma
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any
 
+from .._lazy import lazy_attributes
 from ..options import option
 
 #: every method :func:`.measure.methods` builds, in its order (a test keeps the two equal)
@@ -66,9 +65,4 @@ _MEASURE = ("Runner", "Setup", "format_table", "make_setup", "measure_memory", "
             "peak_rss_growth", "run")
 
 __all__ = ["BenchConfig", "METHOD_NAMES", "DEFAULT_CONFIGS", "DEFAULT_CUDA_CONFIGS", *_MEASURE]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MEASURE:
-        raise AttributeError(f"module 'jacplug.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module("jacplug.bench.measure"), name)
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(_MEASURE, "jacplug.bench.measure"))
