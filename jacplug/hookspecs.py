@@ -67,25 +67,54 @@ def register_op_substitutions(register):
 
 
 @hookspec
-def on_train_start(run):
-    """Training is about to start. ``run``: :class:`jacplug.pipeline.RunContext` (config, models,
-    out_dir, device). Called once per process (rank 0 only under DDP)."""
+def register_observers(register):
+    """Register run observers: what a run does besides stepping (the metrics file, progress, checkpoints,
+    the curves plot, trackers such as TensorBoard and MLflow).
+
+    ``register(name, factory, default=False, essential=False, description=...)``. ``factory(**options)``
+    returns a fresh object whose ``@hookimpl`` methods (the lifecycle hooks below) receive one run's events;
+    it is registered for that run only. ``default=True``: on unless the run switches it off
+    (``--no-log NAME``); otherwise on only when named (``--log NAME[:KEY=VALUE,...]``, the options passed
+    to ``factory``). ``essential=True``: the run cannot be switched off from it (resume state, say).
+    """
 
 
 @hookspec
-def on_step_end(run, step, metrics):
-    """After each optimisation step. ``step``: global step (int, from 1); ``metrics``: dict of floats
+def on_train_start(run, phase):
+    """A training phase is about to start. ``run``: :class:`jacplug.pipeline.RunContext` (config, models,
+    out_dir, device); ``phase``: :class:`jacplug.events.Phase` (``kind`` is ``"teacher"``, ``"student"`` or
+    ``"cell"``; its ``name``, ``out_dir`` and ``params``). Called on rank 0 only under DDP, for every phase
+    of ``jacplug train`` and for every cell of ``jacplug experiment``."""
+
+
+@hookspec
+def on_step_end(run, phase, step, metrics):
+    """After each optimisation step. ``step``: the phase's step (int, from 1); ``metrics``: dict of floats
     (``loss``, one entry per loss term, ``lr``)."""
 
 
 @hookspec
-def on_epoch_end(run, epoch, metrics):
+def on_epoch_end(run, phase, epoch, metrics):
     """After each evaluation: every epoch end, or with a step budget (``--steps``) at most 10 epoch
     ends and the last step. ``epoch``: int from 1, the epoch of the evaluated step; ``metrics``: dict
-    of floats (``train_loss``, per-term means since the previous evaluation, ``val_acc``/``test_acc``
-    where evaluated)."""
+    of floats (``step``, ``train_loss``, per-term means since the previous evaluation,
+    ``val_acc``/``test_acc`` where evaluated, the held-out agreement of the student's input gradients
+    with the teacher's where measured: ``agreement_cosine``, ``agreement_distance``)."""
 
 
 @hookspec
-def on_train_end(run, summary):
-    """Training finished. ``summary``: dict (accuracies, final per-term losses, checkpoint paths)."""
+def on_checkpoint(run, phase, step, metrics, files):
+    """Checkpoints are due after an evaluation. ``files``: ``{role: Path}`` (``"last"``, and ``"best"``
+    when the score improved). The built-in checkpoint writer (``tryfirst``) writes them; observers called
+    after it may read them (a tracker logging the model, say)."""
+
+
+@hookspec
+def on_image(run, phase, name, path, step):
+    """A picture was written: ``path`` (PNG) named ``name`` (``"gradient_maps"``, ``"curves"``) at ``step``
+    of ``phase``; trackers log it as an image."""
+
+
+@hookspec
+def on_train_end(run, phase, summary):
+    """A phase finished. ``summary``: dict (accuracies, final per-term losses, checkpoint paths)."""

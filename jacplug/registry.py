@@ -39,8 +39,9 @@ KINDS: dict[str, tuple[str, str]] = {
     "jacobian_backends": ("register_jacobian_backends", "Jacobian backend"),
     "datasets": ("register_datasets", "dataset"),
     "op_substitutions": ("register_op_substitutions", "op substitution"),
+    "observers": ("register_observers", "run observer"),
 }
-LIFECYCLE_HOOKS = ("on_train_start", "on_step_end", "on_epoch_end", "on_train_end")
+LIFECYCLE_HOOKS = ("on_train_start", "on_step_end", "on_epoch_end", "on_checkpoint", "on_image", "on_train_end")
 
 
 class PluginWarning(UserWarning):

@@ -1,0 +1,32 @@
+"""What the lifecycle hooks say about where an event comes from (torch-free, so plugins import it cheaply)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+#: the kinds of phase a run loop runs
+PHASE_KINDS = ("teacher", "student", "cell")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase: the teacher or the student of ``jacplug train``, or one cell of ``jacplug experiment``.
+
+    ``name`` is unique within the run (``"teacher"``, ``"student"``, or the cell's id such as
+    ``"main-kd+jacobian-n5-seed0"``), so a tracker can open one run per phase. ``out_dir`` is the directory
+    the phase writes to. ``group`` names what the phase belongs to (the run or the experiment directory), so
+    a tracker can group an experiment's cells. ``params``: the phase's configuration, flat and
+    JSON-serialisable (a tracker's hyperparameters).
+    """
+
+    kind: str
+    name: str
+    out_dir: Path
+    group: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in PHASE_KINDS:
+            raise ValueError(f"phase kind must be one of {PHASE_KINDS}, got {self.kind!r}")
