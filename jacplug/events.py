@@ -26,6 +26,8 @@ class Phase:
     out_dir: Path
     group: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: the phase's :class:`jacplug.pipeline.steps.StepPlan` (``total`` steps, ``batch``, ``epoch_of(step)``)
+    plan: Any = None
 
     def __post_init__(self) -> None:
         if self.kind not in PHASE_KINDS:

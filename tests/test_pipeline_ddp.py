@@ -27,10 +27,11 @@ from jacplug.losses import FitNetLoss, JacobianLoss, KDLoss, WeightedLoss
 from jacplug.pipeline.config import TrainConfig
 from jacplug.pipeline.device import Runtime, distribute
 from jacplug.pipeline.lock import RunDirLock
-from jacplug.pipeline.metrics import MetricsLog
+from jacplug.events import Phase
+from jacplug.pipeline.loop import Loop
+from jacplug.pipeline.observe import Events
 from jacplug.pipeline.optim import create_adamw
-from jacplug.pipeline.progress import PhaseProgress
-from jacplug.pipeline.run import Loop, RunContext, _run_dir
+from jacplug.pipeline.run import RunContext, _run_dir
 from jacplug.pipeline.steps import stream_plan
 from jacplug.pipeline.teacher import cosine_schedule
 
@@ -189,17 +190,16 @@ def fitnet_loss() -> WeightedLoss:
 
 
 def loop(student: nn.Module, loss: WeightedLoss, teacher: nn.Module, runtime: Runtime) -> Loop:
-    """A :class:`Loop` set up as ``jacplug train`` sets it up: DDP, optimizer, schedule."""
+    """A :class:`Loop` set up as ``jacplug train`` sets up the student's: DDP, optimizer, schedule."""
     config = TrainConfig(check_gradients=False)
     distiller = Distiller(distribute(student, runtime), teacher, loss, check_gradients=False)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
     run = RunContext(config=config, out_dir=Path("."), device=runtime.device, teacher=teacher, student=student,
                      loss=loss, splits=None, runtime=runtime)
-    position = {"step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
     plan = stream_plan(16, 8, steps=10)
-    return Loop(run, distiller, optimizer, cosine_schedule(optimizer, plan.total), None,
-                MetricsLog(Path("."), enabled=False), position, plan,
-                PhaseProgress("student", plan, bars=False, enabled=False), False)
+    events = Events(run, Phase(kind="student", name="student", out_dir=Path("."), group=".", plan=plan), enabled=False)
+    return Loop(distiller, None, optimizer, cosine_schedule(optimizer, plan.total), plan, runtime, events,
+                evaluate=lambda step: {})
 
 
 def adapter_gradients(loss: WeightedLoss) -> dict[str, torch.Tensor]:
@@ -233,13 +233,13 @@ def pipeline_worker(rank: int, port: int, out: str, held_dir: str) -> None:
         step = loop(student, loss, teacher, runtime)
         x, y = global_batch()
         shard = slice(rank * 4, (rank + 1) * 4)
-        step.step(x[shard], y[shard], torch.arange(4))
+        step.train_step(x[shard], y[shard], torch.arange(4))
         save_file(adapter_gradients(loss), f"{out}.grads.{rank}")
 
         x = x[shard].clone()
         if rank == 1:
             x[0, 0, 0, 0] = float("nan")
-        record("nonfinite", lambda: step.step(x, y[shard], torch.arange(4)))
+        record("nonfinite", lambda: step.train_step(x, y[shard], torch.arange(4)))
         dist.barrier()  # as in worker(): both ranks are done before either leaves
     except BaseException:
         dist.destroy_process_group()
@@ -262,7 +262,7 @@ def single_process_adapter_gradients() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     loss = fitnet_loss()
     x, y = global_batch()
-    loop(student, loss, teacher, Runtime(device=torch.device("cpu"))).step(x, y, torch.arange(8))
+    loop(student, loss, teacher, Runtime(device=torch.device("cpu"))).train_step(x, y, torch.arange(8))
     return adapter_gradients(loss)
 
 

@@ -119,6 +119,11 @@ class ExperimentConfig:
                                              "4 on CUDA)")
     eval_batch_size: int = option(512, group="execution", help="batch size of evaluations")
     out: str = option("runs/few-shot", group="execution", help="output directory")
+    log: list[str] = option(default_factory=list, metavar="NAME[:KEY=VAL,...]", group="observers",
+                            help="also report the teacher and every cell to these observers: tensorboard, mlflow, "
+                                 "or a plugin's (one tracker run per cell, grouped under --out)")
+    no_log: list[str] = option(default_factory=list, metavar="NAME", group="observers",
+                               help="switch off built-in observers: metrics (per-cell metrics.jsonl), plot")
 
     def validate(self) -> "ExperimentConfig":
         check_device(self.device)
@@ -166,3 +171,10 @@ class RunSpec:
     seed: int
     weights: tuple[tuple[str, float], ...]
     phase: str = "main"
+
+    @property
+    def name(self) -> str:
+        """A unique, file-name-safe id: ``main-kd+jacobian-n5-seed0-jacobian1``."""
+        size = "all" if self.samples_per_class is None else self.samples_per_class
+        weights = "".join(f"-{key}{value:g}" for key, value in self.weights)
+        return f"{self.phase}-{self.method}-n{size}-seed{self.seed}{weights}"

@@ -38,7 +38,6 @@ second thread mostly waits; ``workers`` processes with ``threads`` threads each 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import multiprocessing
 import pickle
@@ -51,7 +50,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..distiller import RESERVED_KEYS, Distiller
 from ..graphcheck import raise_for_detached
@@ -61,10 +60,13 @@ from ..pipeline.config import TrainConfig
 from ..pipeline.data import DatasetSplits, few_sample_subset
 from ..pipeline.device import Runtime, init_runtime
 from ..pipeline.evaluate import accuracy
-from ..pipeline.metrics import MetricsLog
+from ..events import Phase
+from ..pipeline.loop import Loop, StreamBatches
+from ..pipeline.observe import Events, observing
 from ..pipeline.optim import create_adamw
 from ..pipeline.probe import probe_batch
-from ..pipeline.steps import batch_stream, stream_plan
+from ..pipeline.run import RunContext
+from ..pipeline.steps import stream_plan
 from ..pipeline.models import build
 from ..pipeline.teacher import TEACHER_FILE, cosine_schedule, train_teacher
 from ..registry import create_dataset
@@ -80,9 +82,20 @@ def load_splits(config: ExperimentConfig) -> DatasetSplits:
                           image_size=config.image_size)
 
 
+def cell_config(spec: RunSpec, config: ExperimentConfig, specs: list[str]) -> TrainConfig:
+    """The cell as a ``jacplug train`` configuration: what its observers see as ``run.config``."""
+    return TrainConfig(teacher=config.teacher, student=config.student, student_kwargs=dict(config.student_kwargs),
+                       dataset=config.dataset, data_root=config.data_root, samples_per_class=spec.samples_per_class,
+                       image_size=config.image_size, loss=list(specs), steps=config.steps,
+                       batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay, seed=spec.seed,
+                       device=config.device, out=config.out, teacher_checkpoint=config.teacher_checkpoint,
+                       eval_batch_size=config.eval_batch_size, log=list(config.log), no_log=list(config.no_log))
+
+
 def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teacher: nn.Module,
             runtime: Runtime) -> dict[str, Any]:
-    """Train a student for ``config.steps`` steps and return the run's record (accuracies, losses, time).
+    """Train a student for ``config.steps`` steps through the run loop and return the run's record
+    (accuracies, losses, time); its events are those of a ``cell`` phase named :attr:`RunSpec.name`.
 
     Selection runs see splits without a test split, so they can only be scored on validation.
     """
@@ -98,42 +111,49 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     loss = build_loss(specs).to(runtime.device)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
     plan = stream_plan(len(splits.train), config.batch_size, steps=config.steps)
-    scheduler = cosine_schedule(optimizer, plan.total)
-    loader = DataLoader(
-        splits.train, batch_sampler=list(itertools.islice(batch_stream(len(splits.train), config.batch_size,
-                                                                       spec.seed), plan.total)),
-        num_workers=loader_workers(config, runtime), pin_memory=runtime.device.type == "cuda",
-        generator=torch.Generator().manual_seed(spec.seed),  # worker seeds; the global RNG stays the run's
-    )
+    batches = StreamBatches(splits.train, plan, config.batch_size, spec.seed, loader_workers(config, runtime),
+                            pin_memory=runtime.device.type == "cuda", rounds="whole",
+                            generator=torch.Generator().manual_seed(spec.seed))  # worker seeds; the global RNG stays the run's
     distiller = Distiller(student, teacher, loss, amp=runtime.amp_dtype, capture=runtime.device.type == "cuda",
                           name=config.student)
-    diverged_at = None
-    values: dict[str, torch.Tensor] = {}
-    for step, (inputs, targets) in enumerate(loader):
-        inputs = inputs.to(runtime.device, non_blocking=True)
-        targets = targets.to(runtime.device, non_blocking=True)
-        values = dict(distiller.compute_gradients(inputs, targets))
-        if not math.isfinite(float(values["loss"])):
-            diverged_at = step + 1  # recorded, and the run is scored as it stands: a weight that diverges loses
-            break
-        optimizer.step()
-        scheduler.step()
-    record: dict[str, Any] = {
-        **dataclasses.asdict(spec),
-        "weights": dict(spec.weights),
-        "loss": specs,
-        "train_samples": len(splits.train),
-        "final_terms": {k: float(v) for k, v in values.items() if k not in RESERVED_KEYS},
-        "diverged_at_step": diverged_at,
-    }
-    for name in ("val", "test"):
-        split = getattr(splits, name)
-        if split is not None:
-            record[f"{name}_acc"] = accuracy(student, split, runtime, batch_size=config.eval_batch_size,
-                                             show=False, desc=name)
-            if config.noise_sigmas:
-                record[f"{name}_acc_noise"] = noisy_accuracy(student, split, config, runtime)
-    record["time_s"] = round(time.perf_counter() - started, 3)
+
+    def evaluate(step: int) -> dict[str, Any]:
+        scores: dict[str, Any] = {}
+        for name in ("val", "test"):
+            split = getattr(splits, name)
+            if split is not None:
+                scores[f"{name}_acc"] = accuracy(student, split, runtime, batch_size=config.eval_batch_size,
+                                                 show=False, desc=name)
+                if config.noise_sigmas:
+                    scores[f"{name}_acc_noise"] = noisy_accuracy(student, split, config, runtime)
+        return scores
+
+    train_config = cell_config(spec, config, specs)
+    run = RunContext(config=train_config, out_dir=Path(config.out), device=runtime.device, teacher=teacher,
+                     student=student, loss=loss, splits=splits, runtime=runtime)
+    phase = Phase(kind="cell", name=spec.name, out_dir=Path(config.out), group=str(config.out),
+                  params={**train_config.to_dict(), "method": spec.method, "phase": spec.phase,
+                          **{f"weight_{key}": value for key, value in spec.weights}}, plan=plan)
+    with observing(config.log, config.no_log):
+        events = Events(run, phase)
+        # a weight that diverges stops its run, which is scored as it stands: it loses the selection
+        loop = Loop(distiller, batches, optimizer, cosine_schedule(optimizer, plan.total), plan, runtime, events,
+                    evaluate, on_non_finite="stop")
+        events.emit("on_train_start")
+        scores = loop.run()
+        if loop.diverged_at is not None:
+            scores = evaluate(loop.position.step)
+        record: dict[str, Any] = {
+            **dataclasses.asdict(spec),
+            "weights": dict(spec.weights),
+            "loss": specs,
+            "train_samples": len(splits.train),
+            "final_terms": {k: v for k, v in loop.last_values.items() if k not in RESERVED_KEYS},
+            "diverged_at_step": loop.diverged_at,
+            **{k: v for k, v in scores.items() if k.startswith(("val_acc", "test_acc"))},
+        }
+        record["time_s"] = round(time.perf_counter() - started, 3)
+        events.emit("on_train_end", summary=record)
     return record
 
 
@@ -208,10 +228,15 @@ def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
     # are train's defaults, the same for every experiment, so the experiment's seeds vary only the students
     train_config = TrainConfig(teacher=config.teacher, teacher_epochs=config.teacher_epochs,
                                teacher_lr=config.teacher_lr, weight_decay=config.weight_decay,
-                               eval_batch_size=config.eval_batch_size, workers=loader_workers(config, runtime))
+                               eval_batch_size=config.eval_batch_size, workers=loader_workers(config, runtime),
+                               dataset=config.dataset, out=config.out, log=list(config.log), no_log=list(config.no_log))
     torch.manual_seed(train_config.seed)
     model = build("teacher", config.teacher, splits).module.to(runtime.device)
-    train_teacher(model, splits, train_config, runtime, MetricsLog(out), show=False, length_option="--teacher-epochs")
+    run = RunContext(config=train_config, out_dir=out, device=runtime.device, teacher=None, student=None, loss=None,
+                     splits=splits, runtime=runtime)
+    with observing(config.log, config.no_log):
+        train_teacher(model, splits, train_config, runtime, run=run, out_dir=out, group=str(out), show=False,
+                      length_option="--teacher-epochs")
     path = out / TEACHER_FILE
     save_model(path, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
                input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=train_config.to_dict())

@@ -103,6 +103,11 @@ class TrainConfig:
                                         "when a phase starts, every 50 steps or 30 s, and per evaluation)")
     cuda_graphs: str = option("auto", choices=("auto", "on", "off"), group="execution",
                               help="capture the training step in a CUDA graph (auto: on for one CUDA device)")
+    log: list[str] = option(default_factory=list, metavar="NAME[:KEY=VAL,...]", group="observers",
+                            help="also report the run to these observers: tensorboard, mlflow (e.g. "
+                                 "mlflow:tracking_uri=URI), or a plugin's (see `jacplug plugins`)")
+    no_log: list[str] = option(default_factory=list, metavar="NAME", group="observers",
+                               help="switch off built-in observers: metrics (metrics.jsonl), progress, plot")
 
     def validate(self) -> "TrainConfig":
         """Reject values no run could use, with the option name in the message."""

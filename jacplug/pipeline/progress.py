@@ -64,19 +64,21 @@ class PhaseProgress:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def round(self, iterable: Iterable[T], first: int, last: int) -> Iterable[T]:
-        """Wrap the batches of steps ``first + 1 .. last`` (a bar when bars are on)."""
-        if self.enabled and not self.bars and first == 0:
+    def start(self) -> None:
+        """The phase begins: without bars, one line saying how long it runs."""
+        if self.enabled and not self.bars:
             self._line(f"{self.name}: starting, {self.plan.describe()}")
-        self._bar = progress(iterable, desc=f"{self.name} steps {first + 1}-{last}/{self.plan.total}",
-                             show=self.bars, total=last - first)
-        return self._bar
 
     def step(self, step: int, loss: float) -> None:
         """After optimizer step ``step`` (from 1), whose loss was ``loss``."""
         if not self.enabled:
             return
-        if self.bars and self._bar is not None:
+        if self.bars:
+            if self._bar is None:  # one bar per evaluation round
+                first, end = step - 1, self.plan.next_evaluation(step - 1)
+                self._bar = tqdm(desc=f"{self.name} steps {step}-{end}/{self.plan.total}", total=end - first,
+                                 leave=False, dynamic_ncols=True, file=sys.stderr)
+            self._bar.update(1)
             self._bar.set_postfix(images=f"{step * self.plan.batch:,}", loss=f"{loss:.4g}")
         elif not self.bars and not self.plan.evaluates_at(step) and (
                 step % self.every == 0 or time.perf_counter() - self._last_line >= LINE_SECONDS):
@@ -91,5 +93,11 @@ class PhaseProgress:
             parts.append(f"loss {record['train_loss']:.4g}")
         parts += [f"{k.split('_')[0]} {_percent(record[k])}" for k in ("val_acc", "test_acc") if record.get(k) is not None]
         parts.append(f"{time.perf_counter() - self.started:.1f} s")
+        self.close()
         self._line(", ".join(parts))
-        self._bar = None
+
+    def close(self) -> None:
+        """Close the current round's bar, if any."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

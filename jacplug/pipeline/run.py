@@ -7,10 +7,12 @@ demo trains from scratch for a few epochs on small data, where AdamW converges f
 warm-up, and its per-parameter scaling absorbs the different gradient scales of the KD and
 Jacobian terms.
 
-One step is :meth:`jacplug.Distiller.compute_gradients` (cached teacher entries with
+Both phases run through the one run loop (:mod:`.loop`): the teacher's with a cross-entropy step
+(:mod:`.teacher`), the student's with a :class:`jacplug.Distiller` (cached teacher entries with
 ``--cache-teacher``; on the run's first step the gradient-flow check, unless ``--no-check-gradients``;
-a CUDA graph after warm-up with ``--cuda-graphs``), then the finiteness check, the optimizer and
-scheduler step, a ``metrics.jsonl`` record and ``on_step_end``.
+a CUDA graph after warm-up with ``--cuda-graphs``). What the run writes besides the resume state
+(``metrics.jsonl``, progress, the student's checkpoints, ``curves.png``, trackers with ``--log``) is
+done by observer plugins on the loop's events (:mod:`.observe`).
 
 Length: ``--epochs`` or ``--steps``, counted and defaulted by :mod:`.steps` (shared with
 ``jacplug experiment``); the student is evaluated, its checkpoints written and an ``epoch`` record
@@ -29,9 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,27 +40,29 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..distiller import Distiller
 from ..errors import UserError
 from ..graphcheck import raise_for_detached
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
-from ..registry import create_dataset, get_host, model_pair
+from ..events import Phase
+from ..registry import create_dataset, model_pair
 from . import cache as teacher_cache
-from .checkpoint import atomic_write_text, load_model, load_resume, remove_stale_temp_files, save_model, save_resume
+from .checkpoint import atomic_write_text, load_model, load_resume, remove_stale_temp_files, save_resume
 from .config import TrainConfig
 from .data import DatasetSplits, Indexed, few_sample_subset
-from .device import Runtime, any_rank, barrier, distribute, init_runtime, shutdown
+from .device import Runtime, barrier, distribute, init_runtime, shutdown
 from .evaluate import accuracy
 from .lock import RunDirLock
-from .metrics import MetricsLog, plot, read_metrics
+from .loop import Loop, Position, StreamBatches
+from .metrics import MetricsLog, read_metrics
+from .models import build
+from .observe import Events, check_observers, observing
 from .optim import create_adamw
 from .probe import probe_batch
-from .progress import PhaseProgress, want_progress
-from .models import build
-from .steps import WARMUP_STEPS, StepPlan, batch_stream, default_length, stream_batch, stream_plan, warn_if_few
+from .progress import want_progress
+from .steps import StepPlan, default_length, stream_batch, stream_plan, warn_if_few
 from .teacher import TEACHER_FILE, build_teacher, cosine_schedule, prepare_teacher, teacher_length
 
 RESUME_FILE = "resume.safetensors"
@@ -77,7 +79,7 @@ class RunContext:
     config: TrainConfig
     out_dir: Path
     device: torch.device
-    teacher: nn.Module
+    teacher: nn.Module | None  # None while the teacher phase trains it
     student: nn.Module
     loss: WeightedLoss
     splits: DatasetSplits
@@ -157,17 +159,6 @@ def resolve_run(config: TrainConfig, splits: DatasetSplits, runtime: Runtime) ->
     return resolved, plan
 
 
-def _finite(values: dict[str, float], step: int, runtime: Runtime) -> None:
-    """Raise on a non-finite loss, on every rank at once when any rank has one (see :func:`.device.any_rank`)."""
-    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        any_rank(True, runtime)
-        raise UserError(f"loss became non-finite at step {step} ({bad}); lower --lr or the weights of those terms")
-    if any_rank(False, runtime):
-        raise UserError(f"loss became non-finite at step {step} on another process; lower --lr or the weights "
-                        "of the loss terms")
-
-
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run the whole pipeline described by ``config``; returns the summary (see :func:`_summary`)."""
     runtime = init_runtime(config.device)
@@ -211,6 +202,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     run_dir = _run_dir(config, runtime, held)
     graphs = use_cuda_graphs(config, runtime)
     # everything a user can get wrong is checked before any training starts
+    check_observers(config.log, config.no_log)
     full = load_data(config)
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
     config, plan = resolve_run(config, splits, runtime)
@@ -233,30 +225,42 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_json())
         warn_if_few(plan, "student", "--steps")
-    log = MetricsLog(run_dir, enabled=runtime.is_main)
-    if config.resume and not config.teacher_checkpoint and not (run_dir / TEACHER_FILE).is_file():
-        log.truncate_after(0, keep_teacher=False)  # the teacher's training was interrupted: it starts again
+    if config.resume and runtime.is_main:
+        log = MetricsLog(run_dir)
+        if not config.teacher_checkpoint and not (run_dir / TEACHER_FILE).is_file():
+            log.truncate_after(0, keep_teacher=False)  # the teacher's training was interrupted: it starts again
 
-    teacher, teacher_source, teacher_speed = prepare_teacher(config, full, runtime, run_dir, log, show)
+    context = RunContext(config=config, out_dir=run_dir, device=runtime.device, teacher=None, student=student,
+                         loss=loss, splits=splits, runtime=runtime, extra={"plan": plan},
+                         student_kwargs=student_built.kwargs)
+    with observing(config.log, config.no_log, enabled=runtime.is_main):
+        teacher, teacher_source, teacher_speed = prepare_teacher(config, full, runtime, run_dir, context, show)
+        context.teacher = teacher
+        return _student_phase(context, plan, teacher_source, teacher_speed, graphs, show, started)
+
+
+def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher_speed: float | None, graphs: bool,
+                   show: bool, started: float) -> dict[str, Any]:
+    """The student's phase of the run loop: a :class:`jacplug.Distiller` step, resumable."""
+    config, runtime, splits, run_dir, teacher = run.config, run.runtime, run.splits, run.out_dir, run.teacher
     teacher_acc = accuracy(teacher, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
-
-    student = student.to(runtime.device)
-    loss = loss.to(runtime.device)
+    run.extra.update(teacher_acc=teacher_acc, teacher_source=teacher_source)
+    student = run.student = run.student.to(runtime.device)
+    loss = run.loss = run.loss.to(runtime.device)
     if runtime.channels_last:
-        student = student.to(memory_format=torch.channels_last)
+        student = run.student = student.to(memory_format=torch.channels_last)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay,
                              fused=runtime.device.type == "cuda")
     scheduler = cosine_schedule(optimizer, plan.total)
-    position: dict[str, Any] = {"step": 0, "best_acc": -1.0, "sums": {}, "count": 0}
+    position = Position()
     if config.resume and (run_dir / RESUME_FILE).is_file():
-        position = load_resume(run_dir / RESUME_FILE, student=student, loss=loss, optimizer=optimizer,
-                               scheduler=scheduler)
-    if config.resume:  # steps past the saved position (all of them when none was saved) run again
-        log.truncate_after(position["step"])
+        position = Position.from_dict(load_resume(run_dir / RESUME_FILE, student=student, loss=loss,
+                                                  optimizer=optimizer, scheduler=scheduler))
+    if config.resume and runtime.is_main:  # steps past the saved position (all of them when none was saved) run again
+        MetricsLog(run_dir).truncate_after(position.step)
 
     distiller = Distiller(distribute(student, runtime), teacher, loss, amp=runtime.amp_dtype, capture=graphs,
-                          check_gradients=config.check_gradients and position["step"] == 0, name=config.student)
-
+                          check_gradients=config.check_gradients and position.step == 0, name=config.student)
     lookup = None
     if config.cache_teacher:
         cache_path = run_dir / CACHE_FILE
@@ -266,161 +270,42 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
         barrier(runtime)
         lookup = teacher_cache.TeacherCache(cache_path, runtime.device)
 
-    context = RunContext(config=config, out_dir=run_dir, device=runtime.device, teacher=teacher, student=student,
-                         loss=loss, splits=splits, runtime=runtime,
-                         extra={"teacher_acc": teacher_acc, "teacher_source": teacher_source, "plan": plan},
-                         student_kwargs=student_built.kwargs)
-    report = PhaseProgress(f"student {config.student}", plan, bars=show, enabled=runtime.is_main)
-    loop = Loop(context, distiller, optimizer, scheduler, lookup, log, position, plan, report, show)
-    if runtime.is_main:
-        get_host().notify("on_train_start", run=context)
-    last_eval = loop.train(started)
+    def evaluate(step: int) -> dict[str, Any]:
+        return {name: accuracy(student, split, runtime, batch_size=config.eval_batch_size, show=show,
+                               desc=name.split("_")[0])
+                for name, split in (("val_acc", splits.val), ("test_acc", splits.test)) if split is not None}
 
-    summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last_eval, started, splits, plan)
-    seconds, images = loop.throughput["seconds"], loop.throughput["images"]
-    summary["student_images_per_s"] = images / seconds if seconds else None
+    def save_state() -> None:
+        if runtime.is_main:
+            save_resume(run_dir / RESUME_FILE, student=student, loss=loss, optimizer=optimizer, scheduler=scheduler,
+                        position=position.as_dict(), config=config.to_dict())
+
+    phase = Phase(kind="student", name="student", out_dir=run_dir, group=str(run_dir), params=config.to_dict(),
+                  plan=plan)
+    events = Events(run, phase, enabled=runtime.is_main)
+    batches = StreamBatches(Indexed(splits.train), plan, config.batch_size, config.seed, config.workers,
+                            pin_memory=runtime.device.type == "cuda", rank=runtime.rank, world_size=runtime.world_size)
+    loop = Loop(distiller, batches, optimizer, scheduler, plan, runtime, events, evaluate, position, cache=lookup,
+                save_every=config.save_every, save_state=save_state,
+                checkpoints={"best": run_dir / BEST_FILE, "last": run_dir / LAST_FILE})
+    evaluations = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"] if runtime.is_main else []
+    events.emit("on_train_start")
+    last = loop.run(last=evaluations[-1] if evaluations else None)
+
+    summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last, started, splits, plan)
+    summary["student_images_per_s"] = loop.images_per_s
     summary["teacher_images_per_s"] = teacher_speed
     summary["student_steps_run"] = distiller.capture_status
-    if runtime.is_main:
-        if (run_dir / "metrics.jsonl").is_file():
-            summary["plot"] = str(plot(run_dir))
-        get_host().notify("on_train_end", run=context, summary=summary)
+    events.emit("on_train_end", summary=summary)
     return summary
-
-
-@dataclass
-class Loop:
-    """The distillation loop's state between steps: what a step, an evaluation and a resume save need.
-
-    ``position`` is what ``resume.safetensors`` stores: ``step`` (optimizer steps done),
-    ``best_acc``/``best``, and the running ``sums``/``count`` of the per-term means since the last
-    evaluation.
-    """
-
-    run: RunContext
-    distiller: Distiller  # its student DDP-wrapped under torchrun
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    cache: Any  # teacher_cache.TeacherCache or None
-    log: MetricsLog
-    position: dict[str, Any]
-    plan: StepPlan
-    report: PhaseProgress
-    show: bool
-    fallback_reported: bool = False
-    throughput: dict[str, float] = field(default_factory=lambda: {"seconds": 0.0, "images": 0})
-
-    def train(self, started: float) -> dict[str, Any]:
-        """Run the plan from ``position["step"]`` to its end, one evaluation round at a time; returns
-        the last evaluation record (from ``metrics.jsonl`` when a resumed run had nothing left to do)."""
-        run, position, plan = self.run, self.position, self.plan
-        config, runtime = run.config, run.runtime
-        train_set = Indexed(run.splits.train)
-        stream = batch_stream(len(train_set), config.batch_size, config.seed, start=position["step"],
-                              rank=runtime.rank, world_size=runtime.world_size)
-        records = [r for r in read_metrics(run.out_dir) if r.get("kind") == "epoch"]
-        last: dict[str, Any] = records[-1] if records else {}
-        while position["step"] < plan.total:
-            first, end = position["step"], plan.next_evaluation(position["step"])
-            loader = DataLoader(train_set, batch_sampler=list(itertools.islice(stream, end - first)),
-                                num_workers=config.workers, pin_memory=runtime.device.type == "cuda")
-            self.distiller.train()
-            for inputs, targets, indices in self.report.round(loader, first, end):
-                metrics = self.step(inputs, targets, indices)
-                for key, value in metrics.items():
-                    if key != "lr":
-                        position["sums"][key] = position["sums"].get(key, 0.0) + value
-                position["count"] += 1
-                step = position["step"]
-                self.report.step(step, metrics["loss"])
-                self.log.write({"kind": "step", "step": step, "epoch": plan.epoch_of(step),
-                                "images": step * plan.batch, **metrics})
-                if runtime.is_main:
-                    get_host().notify("on_step_end", run=run, step=step, metrics=metrics)
-                if config.save_every and step % config.save_every == 0 and step < end:
-                    self.save_resume()
-            last = self.evaluate(started)
-        return last
-
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> dict[str, float]:
-        """One optimisation step; returns ``loss`` (weighted total), each term (unweighted) and ``lr``.
-
-        The gradients come from :meth:`jacplug.Distiller.compute_gradients` (a CUDA graph after
-        warm-up, see :mod:`jacplug.capture`); the finiteness check, the optimizer and the schedule run
-        eagerly.
-        """
-        runtime = self.run.runtime
-        started = time.perf_counter()
-        inputs = inputs.to(runtime.device, non_blocking=True)
-        targets = targets.to(runtime.device, non_blocking=True)
-        if runtime.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        cached = self.cache.lookup(indices) if self.cache is not None else None
-        out = self.distiller.compute_gradients(inputs, targets, cached=cached)
-        values = {k: float(v) for k, v in out.items() if k != "output"}
-        # before the update: a non-finite step changes nothing; every rank stops at the same step
-        _finite(values, self.position["step"] + 1, runtime)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.position["step"] += 1
-        if self.distiller.steps_run > WARMUP_STEPS:  # steady state: after cuDNN's autotuning and the capture
-            self.throughput["seconds"] += time.perf_counter() - started  # values were read: the GPU is done
-            self.throughput["images"] += len(targets)
-        fallback = self.distiller.capture_fallback
-        if fallback and not self.fallback_reported:
-            self.fallback_reported = True
-            if runtime.is_main:
-                print(f"jacplug: CUDA graph capture failed, training eagerly: {fallback}", file=sys.stderr)
-        return {**values, "lr": self.optimizer.param_groups[0]["lr"]}
-
-    def evaluate(self, started: float) -> dict[str, Any]:
-        """Evaluate, write the student checkpoints, the epoch record and the resume state; returns the record."""
-        run, position, plan = self.run, self.position, self.plan
-        config, runtime, splits = run.config, run.runtime, run.splits
-        step = position["step"]
-        epoch = plan.epoch_of(step)
-        count = max(position["count"], 1)
-        metrics: dict[str, Any] = {"train_loss": position["sums"].get("loss", 0.0) / count}
-        metrics.update({k: v / count for k, v in position["sums"].items() if k != "loss"})
-        for name, split in (("val_acc", splits.val), ("test_acc", splits.test)):
-            if split is not None:
-                metrics[name] = accuracy(run.student, split, runtime, batch_size=config.eval_batch_size,
-                                         show=self.show, desc=name.split("_")[0])
-        score = metrics.get("val_acc", metrics["test_acc"])
-        scores = {"epoch": epoch, "step": step, **{k: v for k, v in metrics.items() if k.endswith("_acc")}}
-        improved = score > position["best_acc"]
-        if runtime.is_main:
-            meta = dict(name=config.student, num_classes=splits.num_classes, input_shape=splits.input_shape,
-                        mean=splits.mean, std=splits.std, config=config.to_dict(), metrics=scores,
-                        model_kwargs=run.student_kwargs)
-            if improved:
-                save_model(run.out_dir / BEST_FILE, run.student, role="student_best", **meta)
-            save_model(run.out_dir / LAST_FILE, run.student, role="student_last", **meta)
-        if improved:
-            position["best_acc"], position["best"] = score, scores
-        record = {"kind": "epoch", "epoch": epoch, "step": step, "images": step * plan.batch, **metrics,
-                  "time_s": round(time.perf_counter() - started, 3)}
-        self.log.write(record)  # before the resume save: a kill in between drops the record on resume
-        position.update(sums={}, count=0)
-        self.save_resume()
-        self.report.evaluated(step, record)
-        if runtime.is_main:
-            get_host().notify("on_epoch_end", run=run, epoch=epoch, metrics=metrics)
-        return record
-
-    def save_resume(self) -> None:
-        run = self.run
-        if run.runtime.is_main:
-            save_resume(run.out_dir / RESUME_FILE, student=run.student, loss=run.loss, optimizer=self.optimizer,
-                        scheduler=self.scheduler, position=self.position, config=run.config.to_dict())
 
 
 def _summary(config, run_dir, teacher_acc, teacher_source, position, last, started, splits, plan) -> dict[str, Any]:
     """Accuracies (test split), the training length, final per-term losses (means since the previous
     evaluation), time, file locations."""
-    best = position.get("best", {})
-    terms = {k: v for k, v in last.items()
-             if k not in ("kind", "epoch", "step", "images", "time_s") and not k.endswith("_acc")}
+    best = position.best
+    terms = {k: v for k, v in last.items() if k not in ("kind", "epoch", "step", "images", "time_s")
+             and not k.endswith("_acc") and not k.startswith("agreement_")}
     own_teacher = run_dir / TEACHER_FILE
     teacher_file = str(own_teacher) if own_teacher.is_file() or not config.teacher_checkpoint else config.teacher_checkpoint
     return {

@@ -20,16 +20,14 @@ The returned teacher is frozen: eval mode, ``requires_grad_(False)``.
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -38,12 +36,13 @@ from .checkpoint import checkpoint_model_kwargs, load_model, save_model
 from .config import TrainConfig
 from .data import DatasetSplits
 from .device import Runtime, barrier
+from ..events import Phase
 from .evaluate import accuracy
-from .metrics import MetricsLog
+from .loop import ClassifierStep, EpochBatches, Loop
 from .models import BuiltModel, build
+from .observe import Events
 from .optim import create_adamw
-from .progress import PhaseProgress
-from .steps import DEFAULT_EPOCHS, WARMUP_STEPS, plan_steps, warn_if_few
+from .steps import DEFAULT_EPOCHS, plan_steps, warn_if_few
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -83,19 +82,20 @@ def teacher_length(config: TrainConfig) -> tuple[int | None, int | None]:
 
 
 def train_teacher(
-    model: nn.Module, splits: DatasetSplits, config: TrainConfig, runtime: Runtime, log: MetricsLog, show: bool,
-    length_option: str = "--teacher-steps",
+    model: nn.Module, splits: DatasetSplits, config: TrainConfig, runtime: Runtime, *, run: Any, out_dir: Path,
+    group: str, show: bool, length_option: str = "--teacher-steps",
 ) -> dict[str, Any]:
     """Cross-entropy training on the full training split (the teacher is trained on all of it even
     when ``--samples-per-class`` restricts the student's data: the paper's regime is a strong teacher
-    and a data-starved student). Returns what it did: ``steps``, ``images`` seen and the final
-    ``val_acc`` (when there is a validation split), and ``images_per_s``: training images per second
-    of the steps after the first :data:`~.steps.WARMUP_STEPS` (cuDNN autotuning), without data
-    loading and evaluations, measured like the student's (``None`` for a shorter run).
+    and a data-starved student), through the run loop (:class:`~.loop.Loop` with a
+    :class:`~.loop.ClassifierStep`); its events are the ``teacher`` phase's, with ``run`` as their ``run``.
+    Returns what it did: ``steps``, ``images`` seen and the final ``val_acc`` (when there is a
+    validation split), and ``images_per_s`` (see :attr:`~.loop.Loop.images_per_s`).
 
     Batches come from a seeded, shuffling ``DataLoader`` that drops each epoch's incomplete last
-    batch; a ``teacher_epoch`` record (mean loss, validation accuracy) is written at every
-    evaluation point of the plan."""
+    batch; the phase is evaluated (validation accuracy) at every evaluation point of the plan."""
+    # the teacher is trained by rank 0 alone while the other ranks wait: its loop is a single process's
+    alone = dataclasses.replace(runtime, rank=0, world_size=1)
     generator = torch.Generator().manual_seed(config.seed)
     samples = len(splits.train)
     loader = DataLoader(splits.train, batch_size=config.batch_size, shuffle=True, generator=generator,
@@ -105,48 +105,23 @@ def train_teacher(
                       epochs=epochs, steps=steps, max_steps_per_epoch=config.max_steps_per_epoch)
     warn_if_few(plan, "teacher", length_option)  # the caller's own option for a longer teacher phase
     optimizer = create_adamw({"teacher": model}, lr=config.teacher_lr, weight_decay=config.weight_decay)
-    scheduler = cosine_schedule(optimizer, plan.total)
-    report = PhaseProgress(f"teacher {config.teacher}", plan, bars=show)
-    start = time.perf_counter()
-    step, total, count = 0, 0.0, 0
-    steady = {"seconds": 0.0, "images": 0}
-    done: dict[str, Any] = {"steps": plan.total, "images": plan.images}
-    while step < plan.total:
-        model.train()
-        last = min(step + plan.steps_per_epoch, plan.total)
-        # a whole epoch runs the loader to its end through tqdm.auto, as it always has: its constructor
-        # opens one iterator of the loader, which draws a seed from the shuffling generator, so any
-        # other wrapping would change the batches (and the teacher) a seed gives; a capped epoch stops early
-        batches = loader if last - step == len(loader) else itertools.islice(loader, last - step)
-        for inputs, targets in report.round(batches, step, last):
-            step_start = time.perf_counter()
-            inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
-            if runtime.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with runtime.autocast():
-                loss = F.cross_entropy(model(inputs).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            total, count = total + float(loss.detach()) * len(targets), count + len(targets)  # the GPU is done
-            if step > WARMUP_STEPS:
-                steady["seconds"] += time.perf_counter() - step_start
-                steady["images"] += len(targets)
-            report.step(step, float(loss.detach()))
-        if not plan.evaluates_at(step):
-            continue
-        record: dict[str, Any] = {"kind": "teacher_epoch", "epoch": plan.epoch_of(step), "step": step,
-                                  "images": step * plan.batch, "train_loss": total / max(count, 1),
-                                  "time_s": round(time.perf_counter() - start, 3)}
-        if splits.val is not None:
-            record["val_acc"] = done["val_acc"] = accuracy(model, splits.val, runtime, batch_size=config.eval_batch_size,
-                                                           show=show, desc="teacher val")
-        log.write(record)
-        report.evaluated(step, record)
-        total, count = 0.0, 0
-    done["images_per_s"] = steady["images"] / steady["seconds"] if steady["seconds"] else None
+
+    def evaluate(step: int) -> dict[str, Any]:
+        if splits.val is None:
+            return {}
+        return {"val_acc": accuracy(model, splits.val, alone, batch_size=config.eval_batch_size, show=show,
+                                    desc="teacher val")}
+
+    phase = Phase(kind="teacher", name="teacher", out_dir=out_dir, group=group, params=config.to_dict(), plan=plan)
+    events = Events(run, phase, enabled=runtime.is_main)
+    loop = Loop(ClassifierStep(model, alone), EpochBatches(loader, plan), optimizer, cosine_schedule(optimizer, plan.total),
+                plan, alone, events, evaluate, lr_option="--teacher-lr")
+    events.emit("on_train_start")
+    last = loop.run()
+    done: dict[str, Any] = {"steps": plan.total, "images": plan.images, "images_per_s": loop.images_per_s}
+    if "val_acc" in last:
+        done["val_acc"] = last["val_acc"]
+    events.emit("on_train_end", summary=done)
     return done
 
 
@@ -173,7 +148,7 @@ def prepare_teacher(
     splits: DatasetSplits,
     runtime: Runtime,
     run_dir: Path,
-    log: MetricsLog,
+    run: Any,
     show: bool,
 ) -> tuple[nn.Module, str, float | None]:
     """A frozen teacher on the run's device, where its weights came from (for the summary), and its
@@ -204,7 +179,8 @@ def prepare_teacher(
             model = built.module.to(runtime.device)
             if runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            metrics = train_teacher(model, splits, config, runtime, log, show)
+            metrics = train_teacher(model, splits, config, runtime, run=run, out_dir=run_dir, group=str(run_dir),
+                                    show=show)
             metrics["test_acc"] = accuracy(model, splits.test, runtime, batch_size=config.eval_batch_size, show=show,
                                            desc="teacher test")
             save_model(own, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,

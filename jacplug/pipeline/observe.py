@@ -1,0 +1,86 @@
+"""The observers of a run and the events they receive.
+
+What a run does besides stepping (the metrics file, progress, checkpoints, the curves plot, trackers) is
+an observer: an object with lifecycle ``@hookimpl`` methods, built by a factory that a plugin registered
+through ``register_observers`` (the built-in ones in ``jacplug_plugins.observers``, exactly as a third
+party registers). :func:`observing` builds the observers a configuration asks for (the defaults, less
+``--no-log NAME``, plus ``--log NAME[:KEY=VALUE,...]``), registers them on the plugin host for the run, and
+removes them afterwards; module-level plugins that implement lifecycle hooks receive the events too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from ..errors import UserError
+from ..events import Phase
+from ..registry import PluginHost, get_host
+
+_RUN_IDS = itertools.count()
+
+
+@dataclass
+class Events:
+    """Emits one phase's lifecycle hooks; a no-op off rank 0 (``enabled=False``)."""
+
+    run: Any
+    phase: Phase
+    enabled: bool = True
+    host: PluginHost | None = None
+
+    def emit(self, hook: str, **kwargs: Any) -> None:
+        if self.enabled:
+            (self.host or get_host()).notify(hook, run=self.run, phase=self.phase, **kwargs)
+
+
+def parse_observer(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"NAME[:KEY=VALUE,...]"`` -> ``(name, options)``; values are read as YAML literals."""
+    from .model_options import parse_kwargs
+
+    name, _, options = spec.partition(":")
+    if not name.strip():
+        raise UserError(f"--log {spec!r}: expected NAME[:KEY=VALUE,...], e.g. tensorboard or mlflow:tracking_uri=URI")
+    return name.strip(), parse_kwargs(options, f"--log {name}") if options else {}
+
+
+def check_observers(log: Sequence[str], no_log: Sequence[str], host: PluginHost | None = None) -> None:
+    """Refuse, in one line and before any work, an unknown observer name (with close matches) or an
+    essential observer switched off."""
+    registry = (host or get_host()).registry("observers")
+    for spec in log:
+        registry.get(parse_observer(spec)[0])
+    for name in no_log:
+        entry = registry.get(name)
+        if entry.metadata.get("essential"):
+            raise UserError(f"--no-log {name}: the {name!r} observer is essential to a run and cannot be switched off")
+
+
+@contextlib.contextmanager
+def observing(log: Sequence[str] = (), no_log: Sequence[str] = (), *, enabled: bool = True,
+              host: PluginHost | None = None) -> Iterator[list[str]]:
+    """Build and register the observers for one run (none when ``enabled`` is false, off rank 0); yields
+    their names on the host. They are unregistered on exit, however the run ends."""
+    host = host or get_host()
+    registered: list[str] = []
+    if not enabled:
+        yield registered
+        return
+    check_observers(log, no_log, host)
+    registry = host.registry("observers")
+    wanted = {entry.name: {} for entry in registry if entry.metadata.get("default") and entry.name not in no_log}
+    wanted.update(dict(parse_observer(spec) for spec in log))
+    run_id = next(_RUN_IDS)
+    try:
+        for name, options in wanted.items():
+            try:
+                observer = registry.create(name, **options)
+            except TypeError as exc:
+                raise UserError(f"--log {name}: {exc}") from None
+            registered.append(host.register(observer, name=f"{name}-observer-{run_id}"))
+        yield registered
+    finally:
+        for name in registered:
+            host.unregister(name)
