@@ -74,7 +74,7 @@ def register_observers(register):
     ``register(name, factory, default=False, essential=False, description=...)``. ``factory(**options)``
     returns a fresh object whose ``@hookimpl`` methods (the lifecycle hooks below) receive one run's events;
     it is registered for that run only. ``default=True``: on unless the run switches it off
-    (``--no-log NAME``); otherwise on only when named (``--log NAME[:KEY=VALUE,...]``, the options passed
+    (``--log-off NAME``); otherwise on only when named (``--log NAME[:KEY=VALUE,...]``, the options passed
     to ``factory``). ``essential=True``: the run cannot be switched off from it (resume state, say).
     """
 

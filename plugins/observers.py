@@ -1,6 +1,6 @@
 """Built-in run observers: the metrics file, the progress display, the student's checkpoints and the curves
 plot. They register through ``register_observers`` exactly as a third-party observer does; a run switches off
-any but the checkpoint writer with ``--no-log NAME``."""
+any but the checkpoint writer with ``--log-off NAME``."""
 
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ class ExperimentConfig:
     log: list[str] = option(default_factory=list, metavar="NAME[:KEY=VAL,...]", group="observers",
                             help="also report the teacher and every cell to these observers: tensorboard, mlflow, "
                                  "or a plugin's (one tracker run per cell, grouped under --out)")
-    no_log: list[str] = option(default_factory=list, metavar="NAME", group="observers",
+    log_off: list[str] = option(default_factory=list, metavar="NAME", group="observers",
                                help="switch off built-in observers: metrics (per-cell metrics.jsonl), plot")
 
     def validate(self) -> "ExperimentConfig":

@@ -89,7 +89,7 @@ def cell_config(spec: RunSpec, config: ExperimentConfig, specs: list[str]) -> Tr
                        image_size=config.image_size, loss=list(specs), steps=config.steps,
                        batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay, seed=spec.seed,
                        device=config.device, out=config.out, teacher_checkpoint=config.teacher_checkpoint,
-                       eval_batch_size=config.eval_batch_size, log=list(config.log), no_log=list(config.no_log))
+                       eval_batch_size=config.eval_batch_size, log=list(config.log), log_off=list(config.log_off))
 
 
 def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teacher: nn.Module,
@@ -134,7 +134,7 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     phase = Phase(kind="cell", name=spec.name, out_dir=Path(config.out), group=str(config.out),
                   params={**train_config.to_dict(), "method": spec.method, "phase": spec.phase,
                           **{f"weight_{key}": value for key, value in spec.weights}}, plan=plan)
-    with observing(config.log, config.no_log):
+    with observing(config.log, config.log_off):
         events = Events(run, phase)
         # a weight that diverges stops its run, which is scored as it stands: it loses the selection
         loop = Loop(distiller, batches, optimizer, cosine_schedule(optimizer, plan.total), plan, runtime, events,
@@ -229,12 +229,12 @@ def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
     train_config = TrainConfig(teacher=config.teacher, teacher_epochs=config.teacher_epochs,
                                teacher_lr=config.teacher_lr, weight_decay=config.weight_decay,
                                eval_batch_size=config.eval_batch_size, workers=loader_workers(config, runtime),
-                               dataset=config.dataset, out=config.out, log=list(config.log), no_log=list(config.no_log))
+                               dataset=config.dataset, out=config.out, log=list(config.log), log_off=list(config.log_off))
     torch.manual_seed(train_config.seed)
     model = build("teacher", config.teacher, splits).module.to(runtime.device)
     run = RunContext(config=train_config, out_dir=out, device=runtime.device, teacher=None, student=None, loss=None,
                      splits=splits, runtime=runtime)
-    with observing(config.log, config.no_log):
+    with observing(config.log, config.log_off):
         train_teacher(model, splits, train_config, runtime, run=run, out_dir=out, group=str(out), show=False,
                       length_option="--teacher-epochs")
     path = out / TEACHER_FILE

@@ -106,7 +106,7 @@ class TrainConfig:
     log: list[str] = option(default_factory=list, metavar="NAME[:KEY=VAL,...]", group="observers",
                             help="also report the run to these observers: tensorboard, mlflow (e.g. "
                                  "mlflow:tracking_uri=URI), or a plugin's (see `jacplug plugins`)")
-    no_log: list[str] = option(default_factory=list, metavar="NAME", group="observers",
+    log_off: list[str] = option(default_factory=list, metavar="NAME", group="observers",
                                help="switch off built-in observers: metrics (metrics.jsonl), progress, plot")
 
     def validate(self) -> "TrainConfig":

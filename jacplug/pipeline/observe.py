@@ -4,7 +4,7 @@ What a run does besides stepping (the metrics file, progress, checkpoints, the c
 an observer: an object with lifecycle ``@hookimpl`` methods, built by a factory that a plugin registered
 through ``register_observers`` (the built-in ones in ``jacplug_plugins.observers``, exactly as a third
 party registers). :func:`observing` builds the observers a configuration asks for (the defaults, less
-``--no-log NAME``, plus ``--log NAME[:KEY=VALUE,...]``), registers them on the plugin host for the run, and
+``--log-off NAME``, plus ``--log NAME[:KEY=VALUE,...]``), registers them on the plugin host for the run, and
 removes them afterwards; module-level plugins that implement lifecycle hooks receive the events too.
 """
 
@@ -46,20 +46,20 @@ def parse_observer(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), parse_kwargs(options, f"--log {name}") if options else {}
 
 
-def check_observers(log: Sequence[str], no_log: Sequence[str], host: PluginHost | None = None) -> None:
+def check_observers(log: Sequence[str], log_off: Sequence[str], host: PluginHost | None = None) -> None:
     """Refuse, in one line and before any work, an unknown observer name (with close matches) or an
     essential observer switched off."""
     registry = (host or get_host()).registry("observers")
     for spec in log:
         registry.get(parse_observer(spec)[0])
-    for name in no_log:
+    for name in log_off:
         entry = registry.get(name)
         if entry.metadata.get("essential"):
-            raise UserError(f"--no-log {name}: the {name!r} observer is essential to a run and cannot be switched off")
+            raise UserError(f"--log-off {name}: the {name!r} observer is essential to a run and cannot be switched off")
 
 
 @contextlib.contextmanager
-def observing(log: Sequence[str] = (), no_log: Sequence[str] = (), *, enabled: bool = True,
+def observing(log: Sequence[str] = (), log_off: Sequence[str] = (), *, enabled: bool = True,
               host: PluginHost | None = None) -> Iterator[list[str]]:
     """Build and register the observers for one run (none when ``enabled`` is false, off rank 0); yields
     their names on the host. They are unregistered on exit, however the run ends."""
@@ -68,9 +68,9 @@ def observing(log: Sequence[str] = (), no_log: Sequence[str] = (), *, enabled: b
     if not enabled:
         yield registered
         return
-    check_observers(log, no_log, host)
+    check_observers(log, log_off, host)
     registry = host.registry("observers")
-    wanted = {entry.name: {} for entry in registry if entry.metadata.get("default") and entry.name not in no_log}
+    wanted = {entry.name: {} for entry in registry if entry.metadata.get("default") and entry.name not in log_off}
     wanted.update(dict(parse_observer(spec) for spec in log))
     run_id = next(_RUN_IDS)
     try:

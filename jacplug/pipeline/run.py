@@ -202,7 +202,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     run_dir = _run_dir(config, runtime, held)
     graphs = use_cuda_graphs(config, runtime)
     # everything a user can get wrong is checked before any training starts
-    check_observers(config.log, config.no_log)
+    check_observers(config.log, config.log_off)
     full = load_data(config)
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
     config, plan = resolve_run(config, splits, runtime)
@@ -233,7 +233,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     context = RunContext(config=config, out_dir=run_dir, device=runtime.device, teacher=None, student=student,
                          loss=loss, splits=splits, runtime=runtime, extra={"plan": plan},
                          student_kwargs=student_built.kwargs)
-    with observing(config.log, config.no_log, enabled=runtime.is_main):
+    with observing(config.log, config.log_off, enabled=runtime.is_main):
         teacher, teacher_source, teacher_speed = prepare_teacher(config, full, runtime, run_dir, context, show)
         context.teacher = teacher
         return _student_phase(context, plan, teacher_source, teacher_speed, graphs, show, started)
