@@ -73,6 +73,11 @@ def format_summary(summary: dict) -> str:
         rows.append(("note", "no validation split: the best epoch was chosen on the test split, so its accuracy "
                              "is optimistic; the last epoch's is the unbiased one"))
     rows += [(f"final loss: {k}", f"{v:.4g}") for k, v in summary["final_losses"].items()]
+    agreement = summary.get("agreement") or {}
+    if "agreement_cosine" in agreement:
+        rows.append(("held-out gradient agreement (cosine)", f"{agreement['agreement_cosine']:.3f}  (1: the teacher's "
+                                                             "input gradients; see gradient_maps.png)"))
+        rows.append(("held-out gradient distance (Eq. 10)", f"{agreement['agreement_distance']:.4g}"))
     from ..pipeline.steps import WARMUP_STEPS
 
     too_short = f"not measured: the first {WARMUP_STEPS} steps are warm-up, and the phase was not longer"
@@ -90,6 +95,8 @@ def format_summary(summary: dict) -> str:
     rows += [(f"checkpoint: {k}", v) for k, v in summary["checkpoints"].items()]
     if summary.get("plot"):
         rows.append(("plot", summary["plot"]))
+    if summary.get("gradient_maps"):
+        rows.append(("gradient maps", summary["gradient_maps"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -103,6 +103,10 @@ class TrainConfig:
                                         "when a phase starts, every 50 steps or 30 s, and per evaluation)")
     cuda_graphs: str = option("auto", choices=("auto", "on", "off"), group="execution",
                               help="capture the training step in a CUDA graph (auto: on for one CUDA device)")
+    agreement_images: int = option(256, metavar="N", group="evaluation",
+                                   help="held-out images on which every evaluation measures how far the student's "
+                                        "input gradients agree with the teacher's, and gradient_maps.png is drawn "
+                                        "(0: off)")
     log: list[str] = option(default_factory=list, metavar="NAME[:KEY=VAL,...]", group="observers",
                             help="also report the run to these observers: tensorboard, mlflow (e.g. "
                                  "mlflow:tracking_uri=URI), or a plugin's (see `jacplug plugins`)")
@@ -135,6 +139,8 @@ class TrainConfig:
         if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
             raise UserError(f"--image-size {self.image_size} is larger than {MAX_IMAGE_SIZE} px, beyond what a "
                             "training batch with a double backward fits in memory; use a smaller size")
+        if self.agreement_images < 0:
+            raise UserError(f"--agreement-images must be >= 0 (0 switches the measurement off), got {self.agreement_images}")
         if self.save_every < 0:
             raise UserError(f"--save-every must be >= 0, got {self.save_every}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:

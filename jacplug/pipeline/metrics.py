@@ -108,11 +108,12 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ("teacher val", teacher, "val_acc"),
         ("student val", epochs, "val_acc"),
         ("student test", epochs, "test_acc"),
+        ("student-teacher gradient agreement (held-out cosine)", epochs, "agreement_cosine"),
     ):
         points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
         if points:
             ax_acc.plot(*zip(*points), marker="o", label=label)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy, agreement", title="accuracy and held-out gradient agreement")
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     target = Path(out) if out else run_dir / PLOT

@@ -54,6 +54,7 @@ from .config import TrainConfig
 from .data import DatasetSplits, Indexed, few_sample_subset
 from .device import Runtime, barrier, distribute, init_runtime, shutdown
 from .evaluate import accuracy
+from .heldout import GRADIENT_MAPS, HeldOutAgreement
 from .lock import RunDirLock
 from .loop import Loop, Position, StreamBatches
 from .metrics import MetricsLog, read_metrics
@@ -270,10 +271,13 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
         barrier(runtime)
         lookup = teacher_cache.TeacherCache(cache_path, runtime.device)
 
+    heldout = HeldOutAgreement(teacher, splits, config.agreement_images) if config.agreement_images and runtime.is_main else None
+
     def evaluate(step: int) -> dict[str, Any]:
-        return {name: accuracy(student, split, runtime, batch_size=config.eval_batch_size, show=show,
-                               desc=name.split("_")[0])
-                for name, split in (("val_acc", splits.val), ("test_acc", splits.test)) if split is not None}
+        scores = {name: accuracy(student, split, runtime, batch_size=config.eval_batch_size, show=show,
+                                 desc=name.split("_")[0])
+                  for name, split in (("val_acc", splits.val), ("test_acc", splits.test)) if split is not None}
+        return {**scores, **(heldout.measure(student) if heldout is not None else {})}
 
     def save_state() -> None:
         if runtime.is_main:
@@ -290,12 +294,20 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
                 checkpoints={"best": run_dir / BEST_FILE, "last": run_dir / LAST_FILE})
     evaluations = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"] if runtime.is_main else []
     events.emit("on_train_start")
+    if heldout is not None:
+        heldout.start(student)
     last = loop.run(last=evaluations[-1] if evaluations else None)
+    if heldout is not None:
+        picture = heldout.picture(student, run_dir / GRADIENT_MAPS)
+        events.emit("on_image", name="gradient_maps", path=picture, step=position.step)
 
     summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last, started, splits, plan)
     summary["student_images_per_s"] = loop.images_per_s
     summary["teacher_images_per_s"] = teacher_speed
     summary["student_steps_run"] = distiller.capture_status
+    summary["agreement"] = {k: v for k, v in last.items() if k.startswith("agreement_")}
+    if heldout is not None:
+        summary["gradient_maps"] = str(run_dir / GRADIENT_MAPS)
     events.emit("on_train_end", summary=summary)
     return summary
 
