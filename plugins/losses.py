@@ -4,7 +4,6 @@ third-party plugin would (``--loss NAME=WEIGHT``, ``jacplug.create_loss(NAME, **
 from __future__ import annotations
 
 from jacplug import hookimpl
-from jacplug.losses import TERMS
 
 DESCRIPTIONS = {
     "kd": "T^2 * KL(teacher || student) at temperature T (log-space targets); temperature=4",
@@ -29,5 +28,7 @@ DESCRIPTIONS = {
 
 @hookimpl
 def register_losses(register):
+    from jacplug.losses import TERMS  # torch: only when a loss is looked up, not when the CLI is built
+
     for name, cls in TERMS.items():
         register(name, cls, description=DESCRIPTIONS[name])
