@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from jacplug.engine.diagnose import missing_derivative, module_calling
+from jacplug.checks.derivatives import missing_derivative, module_calling
 from jacplug.engine.substitutions import DOUBLE_BACKWARD, double_differentiable
 from jacplug.losses.base import DistillBatch, LossTerm, as_scalar
 from jacplug.losses.extra_evaluation import isolated_running_stats

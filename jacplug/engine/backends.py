@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .products import basis_directions, finite_difference_products, forward_products, reverse_products
-from .validate import JacobianArgumentError, check_rows, evaluate
+from .arguments import JacobianArgumentError, check_rows, evaluate
 
 #: input dimensions assembled per chunk by the forward / finite-difference full-Jacobian path
 _COLUMN_CHUNK = 64

@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..distiller import RESERVED_KEYS, Distiller
-from ..graphcheck import raise_for_detached
+from ..checks.gradient_flow import raise_for_detached
 from ..losses import build_loss
 from ..pipeline.checkpoint import load_model, save_model
 from ..pipeline.config import TrainConfig
@@ -63,7 +63,7 @@ from ..pipeline.device import Runtime, init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.metrics import MetricsLog
 from ..pipeline.optim import create_adamw
-from ..pipeline.probe import probe_batch
+from ..checks.probe_batch import probe_batch
 from ..pipeline.steps import batch_stream, stream_plan
 from ..pipeline.models import build
 from ..pipeline.teacher import TEACHER_FILE, cosine_schedule, train_teacher

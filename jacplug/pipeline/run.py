@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 
 from ..distiller import Distiller
 from ..errors import UserError
-from ..graphcheck import raise_for_detached
+from ..checks.gradient_flow import raise_for_detached
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..registry import create_dataset, get_host, model_pair
@@ -57,7 +57,7 @@ from .evaluate import accuracy
 from .lock import RunDirLock
 from .metrics import MetricsLog, plot, read_metrics
 from .optim import create_adamw
-from .probe import probe_batch
+from ..checks.probe_batch import probe_batch
 from .progress import PhaseProgress, want_progress
 from .models import build
 from .steps import WARMUP_STEPS, StepPlan, batch_stream, default_length, stream_batch, stream_plan, warn_if_few
