@@ -23,9 +23,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, UnknownNameError
-from .names import KINDS, Entry, ModelPair, Registry
-
-__all__ = ["KINDS", "LIFECYCLE_HOOKS", "Entry", "ModelPair", "PluginHost", "Registry", "get_host", "registry"]
+from .names import KINDS, Entry, ModelPair, Registry  # noqa: F401  (Entry: re-exported with the tables)
 
 ENTRY_POINT_GROUP = "jacplug"
 LIFECYCLE_HOOKS = ("on_train_start", "on_step_end", "on_epoch_end", "on_checkpoint", "on_image", "on_train_end")
