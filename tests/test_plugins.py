@@ -445,3 +445,13 @@ def test_building_the_command_line_imports_no_torch():
     probe = ("import sys; from jacplug.cli.main import build_parser; build_parser(); "
              "assert not {'torch', 'timm'} & set(sys.modules), 'building the CLI imported torch'")
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_loss_descriptions_show_the_defaults_the_terms_use(host, monkeypatch):
+    from jacplug.losses.distill import KDLoss
+
+    monkeypatch.setattr(KDLoss, "default_temperature", 3.0)
+    losses = host.registry("losses")
+    assert losses.get("kd").description.endswith("defaults: temperature=3")
+    assert "defaults: classes=top1, k=1," in losses.get("jacobian").description
+    assert "defaults" not in losses.get("fitnet").description  # nothing to default: layers and channels are needed
