@@ -66,8 +66,9 @@ def student_forward(model: nn.Module, sample_batch: Tensor, targets: Any = None,
     bound = getattr(getattr(model, "module", model), BOUND_ATTR, ())
     if not bound:
         raise BridgeConfigError(
-            f"{STUDENT_PROC!r} runs the Distiller that {PRE_EPOCH_PROC!r} builds from the box, but none is bound to "
-            f"this student; set `pre_epoch_process: {PRE_EPOCH_PROC!r}` under train in the torchdistill config"
+            f"{STUDENT_PROC!r} runs the Distiller that {PRE_EPOCH_PROC!r} builds from the box's jacplug losses, but "
+            f"none is bound to this student; set `pre_epoch_process: {PRE_EPOCH_PROC!r}` under train in the "
+            f"torchdistill config (or, with no jacplug loss in the criterion, torchdistill's own forward procedure)"
         )
     if not isinstance(sample_batch, Tensor) or not sample_batch.is_floating_point():
         got = type(sample_batch).__name__ + (f" {sample_batch.dtype}" if isinstance(sample_batch, Tensor) else "")
