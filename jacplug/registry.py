@@ -159,7 +159,7 @@ class PluginHost:
         caller = getattr(self.pm.hook, hook_name)
         impls = [impl for impl in caller.get_hookimpls() if impl.plugin_name == name]
         if impls:
-            self.pm._hookexec(hook_name, impls, kwargs, False)
+            self.pm._hookexec(hook_name, impls, kwargs, bool(caller.spec and caller.spec.opts.get("firstresult")))
 
     def _collect_from(self, name: str, registries: dict[str, Registry]) -> None:
         """Call one plugin's registration hooks; if one raises, the plugin and all it registered go."""
