@@ -27,7 +27,7 @@ _LAZY = {
     "Distiller": "jacplug.distiller",
     "double_differentiable": "jacplug.engine.substitutions",
     "forward_mode_safe": "jacplug.engine.substitutions",
-    "gradient_flow": "jacplug.graphcheck",
+    "gradient_flow": "jacplug.checks.gradient_flow",
     "create_model": "jacplug.registry",
     "create_loss": "jacplug.registry",
     "create_dataset": "jacplug.registry",

@@ -14,7 +14,7 @@ A correct Jacobian-matching step follows a handful of rules, and each forgotten 
 - extra evaluations of the models (forward mode, finite differences, noisy copies) leave BatchNorm's
   running statistics alone and run in full precision (:func:`jacplug.losses.extra_evaluation`);
 - before the first update, every term is shown to reach the parameters it trains, and an op without
-  the derivative a term takes is named in one line (:mod:`jacplug.preflight`).
+  the derivative a term takes is named in one line (:mod:`jacplug.checks.first_call`).
 
 ``out = distiller(images, labels)`` applies them all and returns the shape of a timm training task's
 result, ``{"loss": total, "output": student logits, <term>: unweighted value, ...}``, on the graph;
@@ -43,12 +43,12 @@ from .capture import CapturedStep
 from .engine.substitutions import DOUBLE_BACKWARD, Substitution, double_differentiable
 from .errors import UserError
 from .features import FeatureTap
-from .graphcheck import TermFlow, gradient_flow, raise_for_detached
+from .checks.gradient_flow import TermFlow, gradient_flow, raise_for_detached
 from .losses.base import DistillBatch, as_scalar
 from .losses.composite import WeightedLoss
 from .losses.extra_evaluation import extra_evaluation, isolated_running_stats
 from .outputs import at_least_float32, logits_of
-from .preflight import check_forward_mode, flow_of_terms
+from .checks.first_call import check_forward_mode, flow_of_terms
 
 #: keys of the result that are not loss terms
 RESERVED_KEYS = ("loss", "output")
@@ -167,7 +167,7 @@ class Distiller(nn.Module):
         all on the student's graph, for ``inputs`` ``[B, *S]`` and ``targets`` ``[B]`` (optional when
         no term reads labels). ``cached``: the teacher's precomputed entries for this batch
         (``teacher_logits`` ``[B, C]``, and rows, see :mod:`jacplug.pipeline.cache`), which replace
-        its forward and backward. On the first call, the checks of :mod:`jacplug.preflight` run
+        its forward and backward. On the first call, the checks of :mod:`jacplug.checks.first_call` run
         (unless ``check_gradients=False``): a term that cannot train the student raises here, before
         any update.
         """
@@ -260,7 +260,7 @@ class Distiller(nn.Module):
 
         Raises a one-line :class:`jacplug.UserError` when the student lacks a derivative some term
         needs (naming the op, the module and what works instead); a detached term is reported, not
-        raised (:func:`jacplug.graphcheck.raise_for_detached` raises it).
+        raised (:func:`jacplug.checks.gradient_flow.raise_for_detached` raises it).
         """
         self._check_inputs(inputs, targets)
         devices = [inputs.device] if inputs.device.type == "cuda" else []

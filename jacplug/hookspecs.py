@@ -80,6 +80,17 @@ def register_observers(register):
 
 
 @hookspec
+def register_commands(subparsers):
+    """Add ``jacplug`` subcommands: ``subparsers`` is the command line's ``argparse`` sub-parser action.
+
+    ``parser = subparsers.add_parser("NAME", help=...)``, its arguments, then
+    ``parser.set_defaults(run=fn)``: ``fn(args) -> int`` runs the command (its exit code; raise a
+    :class:`jacplug.errors.UserError` for bad input, printed as one line with exit code 2). Called every
+    time the CLI is built (``jacplug --help`` included), so keep heavy imports inside ``fn``.
+    """
+
+
+@hookspec
 def on_train_start(run, phase):
     """A training phase is about to start. ``run``: :class:`jacplug.pipeline.RunContext` (config, models,
     out_dir, device); ``phase``: :class:`jacplug.events.Phase` (``kind`` is ``"teacher"``, ``"student"`` or

@@ -1,5 +1,5 @@
-"""Built-in plugin: registers the engine's Jacobian backends by name (``auto``, ``loop``, ``batched``,
-``forward``, ``finite-difference``) through the public hook, as a third-party backend would."""
+"""Built-in plugin: registers the engine's Jacobian backends (``jacplug.engine.BUILTIN_BACKENDS``) by name
+through the public hook, as a third-party backend would."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -366,3 +367,91 @@ def test_exact_model_name_timm_serves_needs_override(host, monkeypatch):
     host.register(_Shadow(override=True), name="shadow")
     assert host.registry("models").get("resnet18").plugin == "shadow"
     assert isinstance(jacplug.create_model("resnet18"), nn.Sequential)
+
+
+# -- one PluginManager: observers per run, JACPLUG_PLUGINS typos, plugin commands ---------------------------
+
+
+def test_a_runs_observers_come_and_go_without_recollecting_names(host):
+    losses = host.registry("losses")
+    seen = []
+
+    @dataclasses.dataclass  # unhashable, as a run's observer may be
+    class Observer:
+        label: str
+
+        @hookimpl(tryfirst=True)
+        def on_step_end(self, step):
+            seen.append((self.label, step))
+
+    for label in ("teacher", "student"):
+        host.register(Observer(label), name=f"observer-{label}")
+        host.notify("on_step_end", run=None, phase=None, step=1, metrics={})
+        host.unregister(f"observer-{label}")
+    assert seen == [("teacher", 1), ("student", 1)]
+    assert host.registry("losses") is losses and host.registry("models").names("resnet18") == ["resnet18"]
+
+
+def test_plugin_filter_naming_no_entry_point_says_so_in_one_line(host, monkeypatch, capsys):
+    monkeypatch.setenv("JACPLUG_PLUGINS", "jacplug.model")
+    with pytest.raises(PluginError, match=r"JACPLUG_PLUGINS names 'jacplug.model', which no installed plugin provides; "
+                                          r"the entry points of group 'jacplug' are: .*jacplug.models"):
+        host.registry("datasets")
+    reset_host(PluginHost())
+    assert main(["plugins"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jacplug: error: JACPLUG_PLUGINS names 'jacplug.model'") and err.count("\n") == 1
+
+
+COMMAND_PLUGIN = textwrap.dedent(
+    """
+    from jacplug import hookimpl
+    from jacplug.errors import UserError
+
+
+    def greet(args):
+        if args.times < 1:
+            raise UserError(f"--times must be at least 1, got {args.times}")
+        print(" ".join(["hello", args.who] * args.times))
+        return 0
+
+
+    @hookimpl
+    def register_commands(subparsers):
+        parser = subparsers.add_parser("greet", help="say hello from a plugin")
+        parser.add_argument("who")
+        parser.add_argument("--times", type=int, default=1)
+        parser.set_defaults(run=greet)
+    """
+)
+
+
+def test_plugin_adds_a_command_run_through_python_m_jacplug(site):
+    install_fake_distribution(site, "jacplug-greet", "0.3", {"jacplug_example_greet": COMMAND_PLUGIN},
+                              {"greet": "jacplug_example_greet"})
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run([sys.executable, "-m", "jacplug", "greet", "plugins", "--times", "2"], env=env,
+                         capture_output=True, text=True)
+    assert (run.returncode, run.stdout) == (0, "hello plugins hello plugins\n"), run.stderr
+    help_text = subprocess.run([sys.executable, "-m", "jacplug", "--help"], env=env, capture_output=True, text=True,
+                               check=True).stdout
+    assert "say hello from a plugin" in help_text
+    bad = subprocess.run([sys.executable, "-m", "jacplug", "greet", "x", "--times", "0"], env=env, capture_output=True,
+                         text=True)
+    assert (bad.returncode, bad.stderr) == (2, "jacplug: error: --times must be at least 1, got 0\n")
+
+
+def test_building_the_command_line_imports_no_torch():
+    probe = ("import sys; from jacplug.cli.main import build_parser; build_parser(); "
+             "assert not {'torch', 'timm'} & set(sys.modules), 'building the CLI imported torch'")
+    subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+def test_loss_descriptions_show_the_defaults_the_terms_use(host, monkeypatch):
+    from jacplug.losses.distill import KDLoss
+
+    monkeypatch.setattr(KDLoss, "default_temperature", 3.0)
+    losses = host.registry("losses")
+    assert losses.get("kd").description.endswith("defaults: temperature=3")
+    assert "defaults: classes=top1, k=1," in losses.get("jacobian").description
+    assert "defaults" not in losses.get("fitnet").description  # nothing to default: layers and channels are needed

@@ -24,10 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from jacplug_plugins.torchdistill_bridge import TorchdistillNameCollision, register_with_torchdistill
-from jacplug_plugins.torchdistill_epoch import TermMeter, plateau_metric
-from jacplug_plugins.torchdistill_run import build_model, load_config, run
-from jacplug_plugins.torchdistill_step import BridgeConfigError
+from jacplug.errors import UserError
+from jacplug.integrations.torchdistill import BridgeConfigError, TorchdistillNameCollision, register_with_torchdistill
+from jacplug.integrations.torchdistill.epoch import TermMeter, plateau_metric
+from jacplug.integrations.torchdistill.run import build_model, load_config, run
 
 CONFIG = Path(__file__).resolve().parents[1] / "docs" / "examples" / "torchdistill_digits.yaml"
 CPU = torch.device("cpu")
@@ -114,7 +114,7 @@ def test_torchdistills_own_loop_steps_reduce_on_plateau_and_logs_each_term(sampl
     assert config["train"]["scheduler"]["key"] == "ReduceLROnPlateau"
     box = _distillation_box(config)
     assert isinstance(box.lr_scheduler, ReduceLROnPlateau) and box.lr_scheduler.mode == "max"
-    caplog.set_level(logging.INFO, logger="jacplug_plugins.torchdistill_epoch")
+    caplog.set_level(logging.INFO, logger="jacplug.integrations.torchdistill.epoch")
     epoch_losses, val_accs = [], []
     for epoch in range(2):
         epoch_losses.append(_example_script_epoch(box, epoch))
@@ -208,19 +208,16 @@ def test_student_with_hard_sigmoid_trains_through_the_substitution(sample_config
     assert gate.grad is not None and gate.grad.abs().sum() > 0
 
 
-def test_op_without_double_backward_fails_before_backward_and_is_named(sample_config, monkeypatch):
-    """An op no substitution covers (here: hard-sigmoid with substitutions switched off) is named in
-    torchdistill's forward_process, not left to fail in loss.backward()."""
-    import contextlib
+def test_op_without_double_backward_fails_before_backward_and_is_named(sample_config):
+    """An op no substitution covers (here: hard-sigmoid with the Distiller's substitutions switched off) is
+    named in torchdistill's forward_process by the Distiller's first-call check, not left to fail in
+    loss.backward()."""
+    from jacplug.integrations.torchdistill.procedures import BOUND_ATTR
 
-    import jacplug_plugins.torchdistill_bridge as bridge
-    import jacplug_plugins.torchdistill_losses as losses
-
-    monkeypatch.setattr(bridge, "double_differentiable", contextlib.nullcontext)
-    monkeypatch.setattr(losses, "double_differentiable", contextlib.nullcontext)
     box, (images, targets, supp) = _hard_sigmoid_student_box(sample_config)
-    with pytest.raises(BridgeConfigError, match=r"aten::hardsigmoid_backward has no derivative in the student's "
-                                                r"module blocks\.0\.0\.se\.gate \(Hardsigmoid\)"):
+    getattr(box.student_model, BOUND_ATTR)[0].substitutions = []
+    with pytest.raises(UserError, match=r"student 'MobileNetV3' cannot run terms jacobian: aten::hardsigmoid_backward has no "
+                                         r"derivative and no op substitution covers it; use jacobian-direction"):
         box.forward_process(images, targets, supp)
 
 
@@ -255,12 +252,15 @@ def test_jacobian_term_alone_trains_the_student(sample_config):
     assert not box.teacher_model.training, "the teacher runs in eval mode for per-sample Jacobians"
 
 
-def test_jacobian_term_with_hooked_teacher_recomputes_the_teacher(sample_config):
-    """With torchdistill feature hooks on the teacher, it runs without grad and the term re-runs it."""
+def test_jacobian_term_with_hooked_teacher_keeps_the_teachers_graph_out_of_its_features(sample_config):
+    """torchdistill's feature hooks on the teacher see the teacher's forward procedure, which runs without
+    grad; the Distiller takes the teacher's rows itself."""
     config = _config(sample_config)
     config["train"]["teacher"]["forward_hook"] = {"output": ["layer1"]}
     box = _distillation_box(config, sub_terms=["jacobian"])
     images, targets, supp = _first_batch(box)
+    teacher_outputs, teacher_io = box.get_teacher_output(images, targets, supp)
+    assert not teacher_io["layer1"]["output"].requires_grad
     loss = box.forward_process(images, targets, supp)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in box.student_model.parameters())
@@ -272,7 +272,16 @@ def test_jacobian_term_without_bridge_forward_procs_says_what_to_set(sample_conf
     config["train"]["teacher"]["forward_proc"] = "forward_batch_only"
     box = _distillation_box(config, sub_terms=["jacobian"])
     images, targets, supp = _first_batch(box)
-    with pytest.raises(ValueError, match="jacplug_student_input_grad"):
+    with pytest.raises(ValueError, match="jacplug_student_input_grad.*jacplug_pre_epoch_process"):
+        box.forward_process(images, targets, supp)
+
+
+def test_student_procedure_without_the_pre_epoch_process_says_what_to_set(sample_config):
+    config = _config(sample_config)
+    del config["train"]["pre_epoch_process"]
+    box = _distillation_box(config, sub_terms=["jacobian"])
+    images, targets, supp = _first_batch(box)
+    with pytest.raises(BridgeConfigError, match="set `pre_epoch_process: 'jacplug_pre_epoch_process'` under train"):
         box.forward_process(images, targets, supp)
 
 
@@ -283,6 +292,7 @@ def test_registration_is_idempotent():
     assert {"jacplug_student_input_grad", "jacplug_teacher_input_grad"} <= set(keys["forward procedure"])
     assert keys["high-level loss"] == ["JacplugWeightedSumLoss"]
     assert keys["post-epoch process"] == ["jacplug_post_epoch_process"]
+    assert keys["pre-epoch process"] == ["jacplug_pre_epoch_process"]
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ cannot differentiate as a term needs ends it with one line naming the op, the mo
 that work instead (exit code 2).
 
 The teacher is untrained unless ``--teacher-checkpoint`` is given (gradient flow does not depend on
-its weights). Prints the per-term table of :func:`jacplug.graphcheck.format_flow_table`; a term with
+its weights). Prints the per-term table of :func:`jacplug.checks.gradient_flow.format_flow_table`; a term with
 no path to the student's (or adapters') parameters ends the command with exit code 2.
 """
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..distiller import Distiller
-    from ..graphcheck import format_flow_table, raise_for_detached
+    from ..checks.gradient_flow import format_flow_table, raise_for_detached
     from ..pipeline.checkpoint import load_model
     from ..pipeline.config import resolve
     from ..pipeline.device import init_runtime

@@ -1,7 +1,8 @@
 """Entry point: builds the parser from one small module per command and maps user errors to exit 2.
 
 Each command module exposes ``add_parser(subparsers)`` and ``run(args) -> int``; it is imported only
-to build the parser, and its heavy imports (torch, timm) happen inside ``run``.
+to build the parser, and its heavy imports (torch, timm) happen inside ``run``. Plugins add their own
+commands through the ``register_commands`` hook, the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 
 from .._version import __version__
 from ..errors import UserError
+from ..registry import get_host
 from .parser import Parser
 
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in COMMANDS.items():
         importlib.import_module(module).add_parser(sub)
+    get_host().each("register_commands", subparsers=sub)
     return parser
 
 
@@ -46,9 +49,9 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        parser = build_parser()  # loads the plugins, which strict mode makes fatal
         args = parser.parse_args(argv)
         args.argv = argv[argv.index(args.command) + 1:]  # the command's own arguments, for a second parse
         return int(args.run(args) or 0)

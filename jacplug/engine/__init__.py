@@ -15,7 +15,7 @@ from .backends import (
     LoopBackend,
 )
 from .products import default_step
-from .validate import JacobianArgumentError
+from .arguments import JacobianArgumentError
 
 __all__ = [
     "jacobian",

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .backends import JacobianBackend
 from .products import finite_difference_products, forward_products, reverse_products
-from .validate import (
+from .arguments import (
     JacobianArgumentError,
     check_input_directions,
     check_inputs,

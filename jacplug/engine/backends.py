@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .products import basis_directions, finite_difference_products, forward_products, reverse_products
-from .validate import JacobianArgumentError, check_rows, evaluate
+from .arguments import JacobianArgumentError, check_rows, evaluate
 
 #: input dimensions assembled per chunk by the forward / finite-difference full-Jacobian path
 _COLUMN_CHUNK = 64
@@ -141,12 +141,11 @@ def _graph_contains(grad_fn, fragments: tuple[str, ...]) -> bool:
 
 
 class AutoBackend(JacobianBackend):
-    """Chooses by measured cost (``jacplug bench``; figures in docs/jacobian.md).
+    """Chooses by measured cost (``jacplug bench``; figures in docs/jacobian.md, "Measured cost").
 
     One row: ``loop`` (a single VJP either way). Several rows on CUDA: ``batched``. Several rows on
     CPU: ``loop`` when the graph holds convolutions or BatchNorm, whose vmapped backward PyTorch
-    runs as a per-row loop there (measured: batched 8.6x vs loop 8.2x a KD step, resnet34 -> resnet18,
-    C = 10), else ``batched`` (measured: 8.8x vs 16.0x for an MLP). Forward mode and finite
+    runs as a per-row loop there, else ``batched`` (vectorised without them). Forward mode and finite
     differences are never chosen for rows: they cost one or two evaluations per input dimension.
     """
 
@@ -164,7 +163,7 @@ class AutoBackend(JacobianBackend):
         return self.choose(outputs, rows.shape[1]).from_outputs(outputs, inputs, rows, create_graph=create_graph)
 
 
-#: the built-in backends, registered by name through the built-in plugin ``jacplug_plugins.jacobian_backends``
+#: the built-in backends, registered by name through the built-in plugin ``jacplug.jacobian-backends``
 BUILTIN_BACKENDS: tuple[type[JacobianBackend], ...] = (
     AutoBackend,
     LoopBackend,

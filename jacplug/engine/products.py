@@ -21,7 +21,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from .validate import JacobianArgumentError
+from .arguments import JacobianArgumentError
 
 
 def reverse_products(

@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..distiller import RESERVED_KEYS, Distiller
-from ..graphcheck import raise_for_detached
+from ..checks.gradient_flow import raise_for_detached
 from ..losses import build_loss
 from ..pipeline.checkpoint import load_model, save_model
 from ..pipeline.config import TrainConfig
@@ -64,7 +64,7 @@ from ..events import Phase
 from ..pipeline.loop import Loop, StreamBatches
 from ..pipeline.observe import Events, observing
 from ..pipeline.optim import create_adamw
-from ..pipeline.probe import probe_batch
+from ..checks.probe_batch import probe_batch
 from ..pipeline.run import RunContext
 from ..pipeline.steps import stream_plan
 from ..pipeline.models import build

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..engine import jacobian, vjp
-from ..engine.validate import capturing
+from ..engine.arguments import capturing
 from .base import DistillBatch, LossTerm
 
 CACHE_ROWS = "teacher_rows"

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..distiller import Distiller
 from ..errors import UserError
-from ..graphcheck import raise_for_detached
+from ..checks.gradient_flow import raise_for_detached
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..events import Phase
@@ -61,7 +61,7 @@ from .metrics import MetricsLog, read_metrics
 from .models import build
 from .observe import Events, check_observers, observing
 from .optim import create_adamw
-from .probe import probe_batch
+from ..checks.probe_batch import probe_batch
 from .progress import want_progress
 from .steps import StepPlan, default_length, stream_batch, stream_plan, warn_if_few
 from .teacher import TEACHER_FILE, build_teacher, cosine_schedule, prepare_teacher, teacher_length

@@ -8,10 +8,13 @@ models as built (the teacher's weights do not matter for any of this); the check
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from .data import DatasetSplits
+if TYPE_CHECKING:  # the pipeline's data types; this module sits below the pipeline
+    from ..pipeline.data import DatasetSplits
 
 
 def probe_batch(splits: DatasetSplits, device: torch.device, size: int = 8) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchdistill.core.interfaces.registry import POST_EPOCH_PROC_FUNC_DICT
 from torchdistill.losses.high_level import WeightedSumLoss
 
-from .torchdistill_step import BridgeConfigError
+from .step import BridgeConfigError
 
 #: torchdistill logs through the root logger, so these lines land in its ``--run_log`` file too
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ as the terms need?
 Two failures are silent or late without these checks:
 
 - a term with no autograd path to the parameters (a Jacobian taken without ``create_graph=True``, a
-  detached feature) trains nothing while the run looks healthy (:mod:`jacplug.graphcheck`);
+  detached feature) trains nothing while the run looks healthy (:mod:`jacplug.checks.gradient_flow`);
 - an op without the derivative a term takes (fused attention or hard-sigmoid outside
   :func:`jacplug.double_differentiable`, a custom op) fails in the first backward with PyTorch's
   "derivative for aten::X is not implemented", which names neither the module nor a way out;
@@ -25,13 +25,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .engine.diagnose import forward_mode_error, missing_derivative, module_calling
-from .engine.substitutions import DOUBLE_BACKWARD, FORWARD_AD, double_differentiable
-from .errors import UserError
-from .graphcheck import TermFlow, flow_report
-from .losses.composite import WeightedLoss
-from .losses.extra_evaluation import isolated_running_stats
-from .outputs import Logits
+from ..engine.substitutions import DOUBLE_BACKWARD, FORWARD_AD, double_differentiable
+from ..errors import UserError
+from ..losses.composite import WeightedLoss
+from ..losses.extra_evaluation import isolated_running_stats
+from ..outputs import Logits
+from .derivatives import forward_mode_error, missing_derivative, module_calling
+from .gradient_flow import TermFlow, flow_report
 
 #: relative error of forward-mode parameter gradients above which forward mode is refused. The PyTorch
 #: defects this guards against give 0.1 to 1; float32 rounding in eval mode gives about 1e-5 (a float64

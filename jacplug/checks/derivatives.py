@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .products import forward_products, reverse_products
-from .substitutions import double_differentiable
+from ..engine.products import forward_products, reverse_products
+from ..engine.substitutions import double_differentiable
 
 _MISSING = re.compile(r"derivative for (aten::\w+)(?:\.\w+)? is not implemented")
 

@@ -1,6 +1,6 @@
 """The closed-form BatchNorm double backward: same values, running statistics and first derivatives as
 ``F.batch_norm``, the same second derivatives as PyTorch's own (float64); through a network with the
-convolution substitution: tests/test_substitutions.py."""
+convolution substitution: tests/test_engine_substitutions.py."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ registry, ``get_training_box`` / ``get_distillation_box`` and their ``pre_epoch_
 ``forward_process`` / ``post_forward_process`` / ``post_epoch_process`` steps): each epoch it trains,
 measures the student's top-1 accuracy on ``train.val_data_loader``, keeps the best student in
 ``models.student_model.dst_ckpt``, then steps the epoch-wise scheduler (``ReduceLROnPlateau`` gets
-its metric, see :func:`~jacplug_plugins.torchdistill_epoch.plateau_metric`); at the end it loads the
+its metric, see :func:`~jacplug.integrations.torchdistill.epoch.plateau_metric`); at the end it loads the
 best student back and tests both models on ``test.test_data_loader``.
 
 Two differences, both for safety or convenience: checkpoints are safetensors (weights only, written
@@ -15,7 +15,7 @@ atomically; torchdistill's script pickles a dict with ``torch.save``), and an op
 ``teacher_train:`` section (a torchdistill training config) trains the teacher with a
 ``TrainingBox`` first, so a sample needs no pre-trained teacher.
 
-    python -m jacplug_plugins.torchdistill_run --config docs/examples/torchdistill_digits.yaml --device cpu
+    python -m jacplug.integrations.torchdistill.run --config docs/examples/torchdistill_digits.yaml --device cpu
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from jacplug.errors import UserError
+from ...errors import UserError
 
 StepHook = Callable[[Any, int, torch.Tensor], None]
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def load_config(path: str | Path) -> dict:
     from torchdistill.common.main_util import import_dependencies
     from torchdistill.common.yaml_util import load_yaml_file
 
-    from .torchdistill_bridge import register_with_torchdistill
+    from .registration import register_with_torchdistill
 
     register_with_torchdistill()
     path = Path(path).expanduser()
@@ -75,7 +75,7 @@ def train_box(
     tests); ``on_step(box, step, loss)`` runs after each step. Returns ``{"steps", "best_val_acc",
     "best_epoch"}`` (the last two ``None`` without a validation loader).
     """
-    from .torchdistill_epoch import trained_model, plateau_metric, top1_accuracy
+    from .epoch import trained_model, plateau_metric, top1_accuracy
 
     model = trained_model(box)
     summary: dict[str, Any] = {"steps": 0, "best_val_acc": None, "best_epoch": None}
@@ -122,7 +122,7 @@ def run(config: dict, device: str = "cpu", max_steps: int | None = None, on_step
     from torchdistill.core.training import get_training_box
     from torchdistill.datasets.util import build_data_loader
 
-    from .torchdistill_epoch import top1_accuracy
+    from .epoch import top1_accuracy
 
     dev = torch.device(device)
     datasets = config["datasets"]

@@ -13,7 +13,7 @@ from torch import nn
 import jacplug
 from jacplug.errors import DetachedLossError, UserError
 from jacplug.features import FeatureTap
-from jacplug.graphcheck import SuspiciousGradientWarning, flow_report, format_flow_table, gradient_flow
+from jacplug.checks.gradient_flow import SuspiciousGradientWarning, flow_report, format_flow_table, gradient_flow
 
 B, D, C = 4, 5, 3
 

@@ -26,7 +26,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .errors import DetachedLossError, UserError
+from ..errors import DetachedLossError, UserError
 
 __all__ = [
     "TermFlow",
