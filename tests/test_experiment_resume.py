@@ -7,6 +7,7 @@ Tiny: ``test_resnet`` teacher and student on the digits at 8 px, in one process 
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -81,3 +82,44 @@ def test_resume_needs_an_experiment_and_auto_starts_one(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("jacplug: error: --resume: ") and "holds no experiment" in err and err.count("\n") == 1
     assert not (tmp_path / "none").exists()  # nothing left behind
+
+
+@pytest.mark.parametrize("device, devices, cuda_count, workers, expected", [
+    ("cpu", None, 2, 3, ["cpu"] * 3),  # CPU workers as before, GPUs present or not
+    ("auto", None, 0, 2, ["cpu", "cpu"]),
+    ("auto", None, 4, 2, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]),  # every visible GPU, one process each
+    ("cuda", None, 1, 2, ["cuda:0"]),  # one GPU: the cells run in this process
+    ("cuda:1", None, 2, 1, ["cuda:1"]),  # --device cuda:N alone keeps that one GPU
+    ("cuda:1", "all", 2, 1, ["cuda:0", "cuda:1"]),
+    ("auto", "cuda:2, cuda:0", 4, 1, ["cuda:2", "cuda:0"]),
+])
+def test_cells_spread_over_the_chosen_devices(device, devices, cuda_count, workers, expected):
+    from jacplug.experiment.executors import worker_devices
+
+    assert worker_devices(device, devices, cuda_count, workers) == expected
+
+
+@pytest.mark.parametrize("device, devices, cuda_count, message", [
+    ("cpu", "cuda:0", 2, "--devices 'cuda:0' names CUDA devices, but the experiment runs on the CPU"),
+    ("auto", "cuda:2", 2, "cuda:2 does not exist: 2 CUDA device(s) are visible (cuda:0..cuda:1)"),
+    ("auto", "gpu0", 2, "--devices: 'gpu0' is not a CUDA device; use all, or names like cuda:0,cuda:1"),
+    ("auto", "cuda:0,cuda:0", 2, "names a device twice"),
+    ("cuda:3", None, 2, "cuda:3 does not exist"),
+])
+def test_bad_devices_are_named(device, devices, cuda_count, message):
+    from jacplug.errors import UserError
+    from jacplug.experiment.executors import worker_devices
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        worker_devices(device, devices, cuda_count, 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --executor ray"),
+    (["--executor", "ray", "--devices", "all"], "--devices chooses this machine's GPUs"),
+    (["--retries", "-1"], "--retries must be >= 0, got -1"),
+])
+def test_bad_execution_options_are_one_line(flags, message, tmp_path, capsys):
+    assert main(["experiment", *flags, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jacplug: error: {message}") and err.count("\n") == 1

@@ -81,15 +81,25 @@ def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any
 def _run_locked(config: ExperimentConfig, echo: Callable[[str], None], records: Records,
                 resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    out = Path(config.out)
     torch.set_num_threads(config.threads)
     runtime = init_runtime(config.device)
     full = load_splits(config)
     if full.val is None:
         raise UserError(f"dataset {config.dataset!r} has no validation split; the loss weights must be chosen on one")
+    check_before_training(config, full, runtime)
+    executor = make_executor(config, runtime)  # refuses --devices or --ray-address before the teacher trains
+    try:
+        return _experiment(config, echo, records, resume, executor, full, runtime, started)
+    except BaseException:  # Ctrl-C or an error: stop the workers now rather than finish their queue
+        executor.close(abort=True)
+        raise
+
+
+def _experiment(config: ExperimentConfig, echo: Callable[[str], None], records: Records, resume: bool,
+                executor: CellExecutor, full, runtime, started: float) -> dict[str, Any]:
+    out = Path(config.out)
     full_per_class = len(full.train) / full.num_classes
     sizes = [size_label(n) for n in config.samples_per_class]
-    check_before_training(config, full, runtime)
     if not resume:
         records.start(config)
     finished = records.finished()
@@ -109,22 +119,18 @@ def _run_locked(config: ExperimentConfig, echo: Callable[[str], None], records: 
     }
     echo(f"teacher {config.teacher}: test {100 * teacher_record['test_acc']:.1f}% ({teacher_record['source']}), "
          f"{teacher_record['time_s']:.0f} s")
-    executor = make_executor(config, teacher_path, runtime)
-    try:
-        specs = selection_specs(config)
-        phase_start = time.perf_counter()
-        selection = _cells(executor, records, finished, specs, _progress(echo, "select", len(specs), phase_start))
-        chosen = choose_weights(config, selection, full_per_class)
-        results.update(selection=selection, chosen_weights=chosen,
-                       selection_time_s=round(time.perf_counter() - phase_start, 1))
-        echo(f"chosen on validation: {chosen}")
+    executor.start(teacher_path)
+    specs = selection_specs(config)
+    phase_start = time.perf_counter()
+    selection = _cells(executor, records, finished, specs, _progress(echo, "select", len(specs), phase_start))
+    chosen = choose_weights(config, selection, full_per_class)
+    results.update(selection=selection, chosen_weights=chosen,
+                   selection_time_s=round(time.perf_counter() - phase_start, 1))
+    echo(f"chosen on validation: {chosen}")
 
-        specs = main_specs(config, chosen)
-        phase_start = time.perf_counter()
-        runs = _cells(executor, records, finished, specs, _progress(echo, "run", len(specs), phase_start))
-    except BaseException:  # Ctrl-C or an error: stop the workers now rather than finish their queue
-        executor.close(abort=True)
-        raise
+    specs = main_specs(config, chosen)
+    phase_start = time.perf_counter()
+    runs = _cells(executor, records, finished, specs, _progress(echo, "run", len(specs), phase_start))
     executor.close()
     summary = report.summarise(runs)
     results.update(runs=runs, summary=summary, main_time_s=round(time.perf_counter() - phase_start, 1),

@@ -20,6 +20,7 @@ import hashlib
 import multiprocessing
 import pickle
 import re
+import socket
 import tempfile
 import traceback
 from dataclasses import replace
@@ -101,6 +102,11 @@ def _existing(name: str, cuda_count: int) -> str:
 
 
 class CellExecutor(Protocol):
+    """Made before the teacher is trained (so that a bad option or an unreachable cluster is refused
+    first); :meth:`start` gives it the teacher's weights, then :meth:`map` runs cells."""
+
+    def start(self, teacher_path: Path) -> None: ...
+
     def map(self, specs: list[RunSpec], done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]: ...
 
     def close(self, abort: bool = False) -> None: ...
@@ -114,10 +120,14 @@ class Executor:
     Ctrl-C or ``kill``, ``Pool.terminate`` stops the running workers at once, while the executor can
     only cancel queued work and waits for the running runs to finish."""
 
-    def __init__(self, config: ExperimentConfig, teacher_path: Path, runtime: Runtime) -> None:
+    def __init__(self, config: ExperimentConfig, runtime: Runtime) -> None:
         self.pool = None
+        self.config = config
         cuda_count = torch.cuda.device_count() if runtime.device.type == "cuda" else 0
-        devices = worker_devices(config.device, config.devices, cuda_count, config.workers)
+        self.devices = worker_devices(config.device, config.devices, cuda_count, config.workers)
+
+    def start(self, teacher_path: Path) -> None:
+        config, devices = self.config, self.devices
         if len(devices) > 1:
             context = multiprocessing.get_context("spawn")
             queue = None
@@ -191,11 +201,13 @@ class RayExecutor:
     """Each cell a Ray task: on the cluster at ``--ray-address``, on the Ray instance this process
     already joined, or on a local one started here (and stopped by :meth:`close`)."""
 
-    def __init__(self, config: ExperimentConfig, teacher_path: Path, runtime: Runtime) -> None:
+    def __init__(self, config: ExperimentConfig, runtime: Runtime) -> None:
         ray = self.ray = import_ray()
         self.config = config
         self.started = False
         if not ray.is_initialized():
+            if config.ray_address:
+                _check_reachable(config.ray_address)
             try:
                 ray.init(address=config.ray_address, include_dashboard=False, logging_level="ERROR")
             except Exception as error:  # ConnectionError, or a RuntimeError naming the address
@@ -208,9 +220,12 @@ class RayExecutor:
             self.started = True
         gpus = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
         self.cell_config = replace(config, device="cuda" if gpus else "cpu")  # Ray picks the GPU of each task
-        self.teacher = ray.put(Path(teacher_path).read_bytes())
         self.task = ray.remote(ray_cell).options(num_cpus=config.threads, num_gpus=1 if gpus else 0,
                                                  max_retries=config.retries)
+        self.teacher = None
+
+    def start(self, teacher_path: Path) -> None:
+        self.teacher = self.ray.put(Path(teacher_path).read_bytes())  # once into the object store, for every task
 
     def map(self, specs: list[RunSpec], done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
         ray = self.ray
@@ -238,12 +253,25 @@ class RayExecutor:
             self.ray.shutdown()
 
 
+def _check_reachable(address: str) -> None:
+    """A one-line refusal when nothing listens at ``HOST:PORT``: Ray itself retries an unreachable
+    cluster for minutes before it gives up. Other forms (``auto``, ``ray://...``) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise UserError(f"--ray-address {address!r}: no Ray cluster answers there ({error.strerror or error}); "
+                        "start one with `ray start --head`, or leave --ray-address out to start a local one") from None
+
+
 def _last_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
-def make_executor(config: ExperimentConfig, teacher_path: Path, runtime: Runtime) -> CellExecutor:
+def make_executor(config: ExperimentConfig, runtime: Runtime) -> CellExecutor:
     if config.executor == "ray":
-        return RayExecutor(config, teacher_path, runtime)
-    return Executor(config, teacher_path, runtime)
+        return RayExecutor(config, runtime)
+    return Executor(config, runtime)
