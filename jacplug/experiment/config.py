@@ -112,7 +112,7 @@ class ExperimentConfig:
                                             "these std (units of the pixel std; 0 = clean); writes noise.png")
     noise_seed: int = option(0, group="robustness", help="seed of the scoring noise")
     device: str = option("auto", group="execution", help="auto, cpu, cuda, cuda:N")
-    workers: int = option(2, group="execution", help="processes on CPU (GPU: one)")
+    workers: int = option(2, group="execution", help="processes on CPU (CUDA: one per device, see --devices)")
     threads: int = option(1, group="execution", help="torch threads per process")
     loader_workers: int | None = option(None, group="execution",
                                         help="processes loading training batches in each run (none: 0 on CPU, "
@@ -121,8 +121,8 @@ class ExperimentConfig:
     out: str = option("runs/few-shot", group="execution", help="output directory")
     resume: bool | str = option(False, const=True, metavar="auto", item=resume_item, convert=resume_mode,
                                 group="execution",
-                                help="run only the unfinished cells of the interrupted experiment in --out (its "
-                                     "teacher too); '--resume auto': continue it if --out holds one, else start")
+                                help="run only the unfinished cells of the interrupted experiment in --out, reusing "
+                                     "its teacher; '--resume auto': continue it if --out holds one, else start")
     devices: str | None = option(None, metavar="all|cuda:N,...", group="execution",
                                  help="CUDA devices the cells spread over, one worker process each (none: every "
                                       "visible GPU, or the one --device cuda:N names)")
