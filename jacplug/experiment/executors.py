@@ -41,7 +41,7 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(config: ExperimentConfig, teacher_path: str, devices: Any = None) -> None:
     """Load the data and the teacher once for every cell this process runs. ``devices``: a queue of
-    device names, one taken by each pool process (one process per GPU); ``None``: ``config.device``."""
+    device names (:func:`worker_devices`), one taken by each pool process; ``None``: ``config.device``."""
     torch.set_num_threads(config.threads)
     runtime = init_runtime(devices.get() if devices is not None else config.device)
     full = protocol.load_splits(config)
@@ -130,11 +130,9 @@ class Executor:
         config, devices = self.config, self.devices
         if len(devices) > 1:
             context = multiprocessing.get_context("spawn")
-            queue = None
-            if devices[0] != "cpu":
-                queue = context.Queue()
-                for name in devices:
-                    queue.put(name)
+            queue = context.Queue()  # each process takes one device name as it starts
+            for name in devices:
+                queue.put(name)
             self.pool = context.Pool(len(devices), initializer=_init_worker,
                                      initargs=(config, str(teacher_path), queue))
         else:
