@@ -62,6 +62,7 @@ def computed(results: dict) -> dict:
     return without_times({k: v for k, v in results.items() if k not in ("config", "hardware")})
 
 
+@pytest.mark.slow
 def test_ray_runs_the_same_cells_and_retries_a_dead_worker(local_ray, tmp_path, capsys, monkeypatch):
     assert main(["experiment", *GRID, "--workers", "1", "--out", str(tmp_path / "local")]) == 0
     marker = tmp_path / "died-once"
@@ -75,6 +76,7 @@ def test_ray_runs_the_same_cells_and_retries_a_dead_worker(local_ray, tmp_path, 
         p.name for p in (tmp_path / "local" / "cells").iterdir())
 
 
+@pytest.mark.slow
 def test_a_cell_that_dies_on_every_attempt_is_one_line_and_keeps_the_others(local_ray, tmp_path, capsys,
                                                                             monkeypatch):
     monkeypatch.setattr(executors, "ray_cell", dying_cell(tmp_path / "marker", always=True))
@@ -89,6 +91,7 @@ def test_a_cell_that_dies_on_every_attempt_is_one_line_and_keeps_the_others(loca
     assert not (out / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_an_unreachable_ray_address_is_one_line(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
