@@ -236,7 +236,11 @@ class RayExecutor:
                 i = pending.pop(ready)
                 try:
                     results[i] = ray.get(ready)
-                except ray.exceptions.RayError as error:
+                except ray.exceptions.RayTaskError as error:  # the cell raised: the error as the local executor
+                    if isinstance(error.cause, Exception):  # gives it (a UserError stays one line)
+                        raise error.cause from None
+                    raise
+                except ray.exceptions.RayError as error:  # its worker died on every attempt (killed, node lost)
                     raise CellFailed(f"cell {cell_id(specs[i])} failed on each of its {1 + self.config.retries} "
                                      f"attempts ({_last_line(error)}); the finished cells' records are kept, "
                                      "--resume runs the rest") from None
