@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.jacplug-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,torchdistill,huggingface,lightning,tensorboard,mlflow]'
+	$(PY) -m pip install --quiet -e '.[dev,torchdistill,huggingface,lightning,tensorboard,mlflow,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

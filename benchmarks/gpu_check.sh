@@ -59,3 +59,35 @@ timeout 60 $JACPLUG experiment --device cuda --samples-per-class 5 --methods kd 
     --teacher-epochs 1 --select-at 5 --jacobian-weights 1 --workers 1 --out "$RUN/experiment" > "$OUT/experiment.txt" 2>&1 \
     || tail -n 3 "$OUT/experiment.txt"
 timeout 60 $PY benchmarks/gpu_profile.py "$RUN/profile" --kernels-only > "$OUT/kernels.txt" 2>&1 || tail -n 3 "$OUT/kernels.txt"
+
+# ---------------------------------------------------------------------------------------------------
+# Experiment cells over every visible GPU (--devices all: one worker process per device), then the same
+# experiment killed mid-grid and resumed with --resume auto: prints the devices the cells ran on, the
+# cells each phase ran, and whether results.json matches (times aside). On a one-GPU machine the pool
+# has one process; the device plan for several is unit-tested on CPU (tests/test_experiment_resume.py).
+# Writes experiment_devices.txt and experiment_resume.txt. Budget: about 2 minutes.
+GRID="--device cuda --samples-per-class 5 --methods kd kd+jacobian --seeds 2 --steps 50 --teacher-epochs 1 \
+    --select-at 5 --jacobian-weights 1 3 --devices all"
+timeout 120 $JACPLUG experiment $GRID --out "$RUN/devices" > "$OUT/experiment_devices.txt" 2>&1 \
+    || tail -n 3 "$OUT/experiment_devices.txt"
+$PY -c "import torch; print('visible GPUs:', torch.cuda.device_count())" | tee -a "$OUT/experiment_devices.txt"
+$JACPLUG experiment $GRID --out "$RUN/resumed" > "$RUN/killed.txt" 2>&1 &
+KILLED=$!
+for _ in $(seq 600); do ls "$RUN/resumed/cells"/main-*.json > /dev/null 2>&1 && break; sleep 0.1; done
+kill -9 "$KILLED" 2> /dev/null; wait "$KILLED" 2> /dev/null
+echo "killed after $(ls "$RUN/resumed/cells" 2> /dev/null | wc -l) records" | tee "$OUT/experiment_resume.txt"
+timeout 120 $JACPLUG experiment $GRID --out "$RUN/resumed" --resume auto >> "$OUT/experiment_resume.txt" 2>&1 \
+    || tail -n 3 "$OUT/experiment_resume.txt"
+$PY - "$RUN" <<'PYEOF' | tee -a "$OUT/experiment_resume.txt"
+import json, sys, pathlib
+run = pathlib.Path(sys.argv[1])
+def computed(v):
+    if isinstance(v, dict):
+        return {k: computed(x) for k, x in v.items() if not k.endswith("time_s") and k not in ("out", "hardware")}
+    return [computed(x) for x in v] if isinstance(v, list) else v
+try:
+    a, b = (json.loads((run / d / "results.json").read_text()) for d in ("devices", "resumed"))
+    print("resumed experiment equals the uninterrupted one (times aside):", computed(a) == computed(b))
+except Exception as exc:
+    print("experiment resume check failed:", exc)
+PYEOF

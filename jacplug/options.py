@@ -34,16 +34,17 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, published as the to
 def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
            metavar: str | None = None, choices: tuple | None = None, item: Callable[[str], Any] | None = None,
            convert: Callable[[Any], Any] | None = None, repeat: bool = False, single: bool = False,
-           group: str | None = None) -> Any:
+           const: Any = None, group: str | None = None) -> Any:
     """A dataclass field that is also a command-line option and a config-file key.
 
     ``item``: reads one command-line item (default: the annotation's ``int``/``float``/``str``);
     ``convert``: turns a flag's or a file's value into the field's value (e.g. a seed count into a list);
     ``repeat``: a list given by repeating the flag (``--loss a --loss b``) rather than ``--x a b``;
     ``single``: a list field whose flag takes one item, which ``convert`` turns into the list (a count);
+    ``const``: the flag's value may be left out, and then is ``const`` (``--resume`` or ``--resume auto``);
     ``group``: the heading the flag is listed under in ``--help``."""
     metadata = {"help": help, "metavar": metavar, "choices": choices, "item": item, "convert": convert,
-                "repeat": repeat, "single": single, "group": group}
+                "repeat": repeat, "single": single, "const": const, "group": group}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -71,7 +72,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": text}
         if meta["metavar"]:
             kwargs["metavar"] = meta["metavar"]
-        if base is bool:
+        if meta.get("const") is not None:
+            kwargs.update(nargs="?", const=meta["const"], type=meta["item"] or str)
+        elif base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = meta["item"] or (base if base in (int, float) else str)
@@ -133,6 +136,8 @@ def check_value(name: str, value: Any, annotation: Any, where: str) -> None:
         ok = False
     elif base is dict:
         ok = isinstance(value, (dict, str))  # a mapping, or key=value,... text (model kwargs)
+    elif len(_members(annotation)) > 1:
+        ok = any(_fits(value, member, member) for member in _members(annotation))  # ``bool | str``
     else:
         ok = all(_fits(item, base, annotation) for item in items)
     if not ok:
@@ -169,6 +174,13 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping of option names to values")
     return data
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The non-None members of a union (``[annotation]`` for anything else)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return [a for a in typing.get_args(annotation) if a is not type(None)]
+    return [annotation]
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:

@@ -15,6 +15,7 @@ import torch
 
 from jacplug.experiment.config import sample_size
 from jacplug.experiment import ExperimentConfig, choose_weights, run_experiment
+from jacplug.experiment import executors
 from jacplug.experiment import protocol as runs_module
 
 
@@ -36,7 +37,7 @@ def test_tiny_experiment_writes_outputs_and_selects_on_validation_only(tmp_path,
         return real_run_one(spec, *args, **kwargs)
 
     def spy_accuracy(model, dataset, *args, **kwargs):
-        full = runs_module._WORKER["full"]
+        full = executors._WORKER["full"]
         name = "test" if dataset is full.test else "val" if dataset is full.val else "other"
         seen.append((phase["now"], name))
         return real_accuracy(model, dataset, *args, **kwargs)
@@ -286,8 +287,8 @@ def test_a_failing_run_stops_the_worker_processes(tmp_path, monkeypatch):
     specs = [RunSpec("kd", 2, seed, ()) for seed in range(6)] + [RunSpec("kd+jacobian", 2, 0, ())]
     monkeypatch.setattr(experiment, "main_specs", lambda config, chosen: specs)
     closes = []
-    real_close = runs_module.Executor.close
-    monkeypatch.setattr(runs_module.Executor, "close",
+    real_close = executors.Executor.close
+    monkeypatch.setattr(executors.Executor, "close",
                         lambda self, abort=False: (closes.append(abort), real_close(self, abort))[1])
     with pytest.raises(KeyError, match="jacobian"):
         run_experiment(config, echo=lambda line: None)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
+import re
+import sys
 
 from ..options import add_options
-from ..pipeline.config import TrainConfig
+from ..pipeline.config import TrainConfig, read_config_file
 
 
 def add_parser(sub) -> None:
@@ -30,26 +31,52 @@ def add_parser(sub) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    """The run's :class:`TrainConfig`: saved config when resuming, else defaults < file < flags."""
+    """The run's :class:`TrainConfig`: the saved config when resuming, else defaults < file < flags.
+
+    ``--resume auto`` resumes when ``--out`` holds a run (its ``config.json``) and starts one when it
+    holds none; a run of another configuration there is refused like ``--resume`` refuses it."""
     from ..errors import UserError
-    from ..pipeline.config import FIELDS, for_resume, read_config_file, resolve
+    from ..pipeline.config import FIELDS, for_resume, resolve, resume_mode, saved_run
     from ..pipeline.model_options import merge_options
 
     given = {k: v for k, v in vars(args).items() if k in FIELDS and k != "resume"}
     file_options = read_config_file(args.config) if args.config else {}
-    if args.resume:
-        out = given.get("out") or file_options.get("out")
-        if not out:
-            raise UserError("--resume needs --out DIR, the directory of the run to continue")
-        saved = Path(out) / "config.json"
-        if not saved.is_file():
-            raise UserError(f"--resume: {str(out)!r} holds no run (no config.json); pass the run's directory as --out")
-        try:
-            saved_options = json.loads(saved.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{str(saved)!r} is corrupt ({exc}); the run cannot be resumed") from exc
-        return for_resume(saved_options, merge_options(file_options, given), str(out))
-    return resolve(file_options, given)
+    mode = resume_mode(args.resume if args.resume is not None else file_options.pop("resume", False))
+    file_options.pop("resume", None)
+    if not mode:
+        return resolve(file_options, given)
+    flag = "--resume auto" if mode == "auto" else "--resume"
+    out = given.get("out") or file_options.get("out")
+    if not out:
+        raise UserError(f"{flag} needs --out DIR, the directory of the run to continue")
+    saved = saved_run(out)
+    if saved is None:
+        if mode == "auto":
+            return resolve(file_options, given)  # nothing to continue yet: this is the run's first start
+        raise UserError(f"--resume: {str(out)!r} holds no run (no config.json); pass the run's directory as --out, "
+                        "or --resume auto to start it when there is none")
+    return for_resume(saved, merge_options(file_options, given), str(out), flag=flag)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a torchrun worker whose collective failed because another worker died (killed,
+    out of memory, its machine gone), or ``None`` for any other error.
+
+    Gloo and NCCL report a lost peer as a ``RuntimeError`` (``DistBackendError``) whose text names the
+    connection that broke, not the rank; with two workers the peer is the other one."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world < 2 or not isinstance(error, RuntimeError):
+        return None
+    text = " ".join(str(error).split())
+    found = re.search(r"(connection (closed|reset) by peer|broken pipe|socket timeout|timed out|econnreset|"
+                      r"connection refused|nccl communicator was aborted|remote process exited)", text, re.I)
+    if not found:
+        return None
+    address = re.search(r"\[?(\d{1,3}(?:\.\d{1,3}){3}\]?:\d+)", text)
+    peer = f"rank {1 - rank}" if world == 2 else "a peer rank"
+    where = f" at {address.group(1).replace(']', '')}" if address else ""
+    return (f"rank {rank} of {world} lost {peer}{where} in a collective ({found.group(1)}); torchrun restarts "
+            "the workers if --max-restarts allows, and with --resume auto they continue from the last save")
 
 
 def format_summary(summary: dict) -> str:
@@ -104,7 +131,15 @@ def format_summary(summary: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..pipeline.run import train
 
-    summary = train(resolve_config(args))
+    config = resolve_config(args)
+    try:
+        summary = train(config)
+    except RuntimeError as error:
+        line = lost_peer(error)
+        if line is None:
+            raise
+        print(f"jacplug: {line}", file=sys.stderr, flush=True)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0

@@ -5,8 +5,8 @@ validation split, runs every method x samples-per-class x seed, and writes ``res
 ``table.md`` and the plots to ``config.out``. The same protocol, with options, also measures
 robustness to input noise (``noise_sigmas``), a ViT student (``student_kwargs``) and the default
 preset's weight (method ``preset``). See :mod:`.config` for the options, :mod:`.protocol` for the
-protocol, :mod:`.methods` for the compared losses, :mod:`.driver` for the run, :mod:`.report` for the
-outputs. ``jacplug experiment`` is its command line, and ``benchmarks/`` holds one script per
+protocol, :mod:`.methods` for the compared losses, :mod:`.driver` for the run, :mod:`.executors` for where
+the runs execute (processes, GPUs, Ray), :mod:`.records` for resuming, :mod:`.report` for the outputs. ``jacplug experiment`` is its command line, and ``benchmarks/`` holds one script per
 published experiment (docs/results.md).
 
 Names are imported lazily: the options (:mod:`.config`) are torch-free, so the command line can build

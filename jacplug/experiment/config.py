@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..options import option
-from ..pipeline.config import check_device
+from ..pipeline.config import check_device, resume_item, resume_mode
 from ..pipeline.model_options import kwargs_option
 from .methods import FEW_SHOT_METHODS, METHODS, get_method
 
@@ -112,7 +112,7 @@ class ExperimentConfig:
                                             "these std (units of the pixel std; 0 = clean); writes noise.png")
     noise_seed: int = option(0, group="robustness", help="seed of the scoring noise")
     device: str = option("auto", group="execution", help="auto, cpu, cuda, cuda:N")
-    workers: int = option(2, group="execution", help="processes on CPU (GPU: one)")
+    workers: int = option(2, group="execution", help="processes on CPU (CUDA: one per device, see --devices)")
     threads: int = option(1, group="execution", help="torch threads per process")
     loader_workers: int | None = option(None, group="execution",
                                         help="processes loading training batches in each run (none: 0 on CPU, "
@@ -124,6 +124,20 @@ class ExperimentConfig:
                                  "or a plugin's (one tracker run per cell, grouped under --out)")
     log_off: list[str] = option(default_factory=list, metavar="NAME", group="observers",
                                help="switch off built-in observers: metrics (per-cell metrics.jsonl), plot")
+    resume: bool | str = option(False, const=True, metavar="auto", item=resume_item, convert=resume_mode,
+                                group="execution",
+                                help="run only the unfinished cells of the interrupted experiment in --out, reusing "
+                                     "its teacher; '--resume auto': continue it if --out holds one, else start")
+    devices: str | None = option(None, metavar="all|cuda:N,...", group="execution",
+                                 help="CUDA devices the cells spread over, one worker process each (none: every "
+                                      "visible GPU, or the one --device cuda:N names)")
+    executor: str = option("local", choices=("local", "ray"), group="execution",
+                           help="local: this machine's processes; ray: each cell a Ray task (pip install "
+                                "'jacplug[ray]')")
+    ray_address: str | None = option(None, metavar="HOST:PORT", group="execution",
+                                     help="a running Ray cluster (none: a local Ray instance)")
+    retries: int = option(2, group="execution",
+                          help="--executor ray: times a cell whose worker died is run again")
 
     def validate(self) -> "ExperimentConfig":
         check_device(self.device)
@@ -155,6 +169,16 @@ class ExperimentConfig:
         for n in [*self.samples_per_class, *self.select_at]:
             if n is not None and n <= 0:
                 raise UserError(f"samples per class must be positive integers or 'all', got {n}")
+        if self.executor not in ("local", "ray"):
+            raise UserError(f"--executor must be local or ray, got {self.executor!r}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise UserError("--ray-address needs --executor ray")
+        if self.devices is not None and self.executor == "ray":
+            raise UserError("--devices chooses this machine's GPUs; with --executor ray, Ray places each cell "
+                            "on a GPU of the cluster")
+        if self.retries < 0:
+            raise UserError(f"--retries must be >= 0, got {self.retries}")
+        resume_mode(self.resume)
         return self
 
     def grid(self, key: str) -> list[float]:

@@ -1,10 +1,12 @@
 """Runs the experiment (:func:`run_experiment`): the teacher once, weight selection on the validation
 split, the main grid, then the reports; holding the output directory's lock and stopping the worker
-processes on any error, Ctrl-C or ``kill``."""
+processes on any error, Ctrl-C or ``kill``. Each finished cell is recorded at once, so an interrupted
+experiment resumes with ``resume`` (:mod:`.records`); ``results.json`` is written last."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import threading
 import time
@@ -17,10 +19,11 @@ from ..errors import UserError
 from ..pipeline.device import init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.lock import RunDirLock
+from ..pipeline.teacher import TEACHER_FILE
 from . import report
+from .executors import CellExecutor, make_executor
 from .protocol import (
     ExperimentConfig,
-    Executor,
     check_before_training,
     choose_weights,
     hardware,
@@ -33,6 +36,7 @@ from .protocol import (
     selection_specs,
     size_label,
 )
+from .records import TEACHER_RECORD, Records, cell_id, spec_of
 
 def _print(line: str) -> None:
     print(line, flush=True)  # progress must show up when stdout is a file or a pipe
@@ -65,61 +69,68 @@ def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any
     """The protocol, holding ``config.out``'s run-directory lock: a second experiment writing the same
     files at the same time is refused in one line (see :mod:`jacplug.pipeline.lock`)."""
     with RunDirLock(config.out):
-        done = Path(config.out) / report.RESULTS_JSON
-        if done.exists():  # a finished or interrupted experiment: its results must not be overwritten unasked
-            raise UserError(f"{str(config.out)!r} already holds an experiment's results ({done.name}); choose "
-                            "another --out, or move the old results away to run it again")
-        return _run_locked(config, echo)
+        records = Records(config.out)
+        state = records.state(config)
+        if state == "finished":
+            done = Path(config.out) / report.RESULTS_JSON
+            echo(f"the experiment in {str(config.out)!r} is finished ({done}); nothing to run")
+            return json.loads(done.read_text())
+        return _run_locked(config, echo, records, resume=state == "resume")
 
 
-def _run_locked(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any]:
+def _run_locked(config: ExperimentConfig, echo: Callable[[str], None], records: Records,
+                resume: bool) -> dict[str, Any]:
     started = time.perf_counter()
-    out = Path(config.out)
     torch.set_num_threads(config.threads)
     runtime = init_runtime(config.device)
     full = load_splits(config)
     if full.val is None:
         raise UserError(f"dataset {config.dataset!r} has no validation split; the loss weights must be chosen on one")
+    check_before_training(config, full, runtime)
+    executor = make_executor(config, runtime)  # refuses --devices or --ray-address before the teacher trains
+    try:
+        return _experiment(config, echo, records, resume, executor, full, runtime, started)
+    except BaseException:  # Ctrl-C or an error: stop the workers now rather than finish their queue
+        executor.close(abort=True)
+        raise
+
+
+def _experiment(config: ExperimentConfig, echo: Callable[[str], None], records: Records, resume: bool,
+                executor: CellExecutor, full, runtime, started: float) -> dict[str, Any]:
+    out = Path(config.out)
     full_per_class = len(full.train) / full.num_classes
     sizes = [size_label(n) for n in config.samples_per_class]
-    check_before_training(config, full, runtime)
+    if not resume:
+        records.start(config)
+    finished = records.finished()
 
-    teacher_path, teacher_source = teacher_weights(config, full, runtime, out)
-    teacher = load_teacher(config, full, teacher_path, runtime)
-    scored = {name: getattr(full, name) for name in ("val", "test")}
-    teacher_record: dict[str, Any] = {"model": config.teacher, "source": teacher_source}
-    for name, split in scored.items():
-        teacher_record[f"{name}_acc"] = accuracy(teacher, split, runtime, batch_size=config.eval_batch_size,
-                                                 show=False, desc=name)
-        if config.noise_sigmas:
-            teacher_record[f"{name}_acc_noise"] = noisy_accuracy(teacher, split, config, runtime)
-    teacher_record["time_s"] = round(time.perf_counter() - started, 1)
+    if TEACHER_RECORD in finished and (config.teacher_checkpoint or (out / TEACHER_FILE).is_file()):
+        teacher_record = finished[TEACHER_RECORD]  # trained and scored before the interruption
+        teacher_path = Path(config.teacher_checkpoint or out / TEACHER_FILE)
+    else:
+        teacher_path, teacher_record = _teacher(config, full, runtime, out, started)
+        teacher_record = records.write(TEACHER_RECORD, teacher_record)
     results: dict[str, Any] = {
-        "config": dataclasses.asdict(config),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "resume"},
         "hardware": {**hardware(), "device": str(runtime.device), "workers": config.workers,
                      "threads_per_worker": config.threads},
         "teacher": teacher_record,
         "train_samples_full": len(full.train),
     }
-    echo(f"teacher {config.teacher}: test {100 * teacher_record['test_acc']:.1f}% ({teacher_source}), "
+    echo(f"teacher {config.teacher}: test {100 * teacher_record['test_acc']:.1f}% ({teacher_record['source']}), "
          f"{teacher_record['time_s']:.0f} s")
-    executor = Executor(config, teacher_path, runtime)
-    try:
-        specs = selection_specs(config)
-        phase_start = time.perf_counter()
-        selection = executor.map(specs, _progress(echo, "select", len(specs), phase_start))
-        chosen = choose_weights(config, selection, full_per_class)
-        results.update(selection=selection, chosen_weights=chosen,
-                       selection_time_s=round(time.perf_counter() - phase_start, 1))
-        report.write_json(out / report.RESULTS_JSON, results)
-        echo(f"chosen on validation: {chosen}")
+    executor.start(teacher_path)
+    specs = selection_specs(config)
+    phase_start = time.perf_counter()
+    selection = _cells(executor, records, finished, specs, _progress(echo, "select", len(specs), phase_start))
+    chosen = choose_weights(config, selection, full_per_class)
+    results.update(selection=selection, chosen_weights=chosen,
+                   selection_time_s=round(time.perf_counter() - phase_start, 1))
+    echo(f"chosen on validation: {chosen}")
 
-        specs = main_specs(config, chosen)
-        phase_start = time.perf_counter()
-        runs = executor.map(specs, _progress(echo, "run", len(specs), phase_start))
-    except BaseException:  # Ctrl-C or an error: stop the workers now rather than finish their queue
-        executor.close(abort=True)
-        raise
+    specs = main_specs(config, chosen)
+    phase_start = time.perf_counter()
+    runs = _cells(executor, records, finished, specs, _progress(echo, "run", len(specs), phase_start))
     executor.close()
     summary = report.summarise(runs)
     results.update(runs=runs, summary=summary, main_time_s=round(time.perf_counter() - phase_start, 1),
@@ -130,6 +141,36 @@ def _run_locked(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[s
     echo(f"wall time {results['wall_time_s']:.0f} s; wrote {out / report.RESULTS_JSON}, {out / report.TABLE_MD} "
          "and the plots")
     return results
+
+
+def _teacher(config: ExperimentConfig, full, runtime, out: Path, started: float) -> tuple[Path, dict[str, Any]]:
+    """Train (or take) the teacher and score it: its weights file and its record."""
+    teacher_path, teacher_source = teacher_weights(config, full, runtime, out)
+    teacher = load_teacher(config, full, teacher_path, runtime)
+    record: dict[str, Any] = {"model": config.teacher, "source": teacher_source}
+    for name in ("val", "test"):
+        split = getattr(full, name)
+        record[f"{name}_acc"] = accuracy(teacher, split, runtime, batch_size=config.eval_batch_size,
+                                         show=False, desc=name)
+        if config.noise_sigmas:
+            record[f"{name}_acc_noise"] = noisy_accuracy(teacher, split, config, runtime)
+    record["time_s"] = round(time.perf_counter() - started, 1)
+    return teacher_path, record
+
+
+def _cells(executor: CellExecutor, records: Records, finished: dict[str, dict[str, Any]], specs: list,
+           done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """The records of ``specs`` in their order: those finished before an interruption as recorded, the
+    others run now, each recorded the moment it finishes."""
+    ran: dict[str, dict[str, Any]] = {}
+
+    def record(result: dict[str, Any]) -> None:
+        name = cell_id(spec_of(result))
+        ran[name] = records.write(name, result)
+        done(result)
+
+    executor.map([spec for spec in specs if cell_id(spec) not in finished], record)
+    return [finished.get(cell_id(spec)) or ran[cell_id(spec)] for spec in specs]
 
 
 def _write_reports(config: ExperimentConfig, results: dict[str, Any], sizes: list[str], full_per_class: float,
@@ -161,8 +202,8 @@ def _write_reports(config: ExperimentConfig, results: dict[str, Any], sizes: lis
     if len(sizes) > 1:
         report.plot(summary, sizes, full_per_class, out / report.PLOT_PNG, title)
     table = "\n".join(sections)
-    report.write_json(out / report.RESULTS_JSON, results)
     report.write_table(out / report.TABLE_MD, table)
+    report.write_json(out / report.RESULTS_JSON, results)  # last: its presence marks the experiment finished
     return table
 
 

@@ -31,8 +31,7 @@ seed ``s`` is :func:`jacplug.pipeline.data.few_sample_subset` with ``s`` (the sa
 method, so methods are compared on identical data). On CPU with a fixed thread count a rerun is
 bit-identical.
 
-Why worker processes: the models are small, so one CPU thread per run is used efficiently while a
-second thread mostly waits; ``workers`` processes with ``threads`` threads each run runs in parallel.
+Where the runs execute (worker processes, one per GPU, Ray tasks) is :mod:`.executors`' job.
 """
 
 from __future__ import annotations
@@ -40,13 +39,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import multiprocessing
-import pickle
 import platform
 import statistics
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +55,7 @@ from ..losses import build_loss
 from ..pipeline.checkpoint import load_model, save_model
 from ..pipeline.config import TrainConfig
 from ..pipeline.data import DatasetSplits, few_sample_subset
-from ..pipeline.device import Runtime, init_runtime
+from ..pipeline.device import Runtime
 from ..pipeline.evaluate import accuracy
 from ..events import Phase
 from ..pipeline.loop import Loop, StreamBatches
@@ -247,82 +244,6 @@ def load_teacher(config: ExperimentConfig, splits: DatasetSplits, path: Path, ru
     model = build("teacher", config.teacher, splits).module
     load_model(path, model, expected_name=config.teacher, num_classes=splits.num_classes, in_chans=splits.in_chans)
     return model.to(runtime.device).eval().requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------------
-# executing many runs: in-process, or in worker processes that each load data and teacher once
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(config: ExperimentConfig, teacher_path: str) -> None:
-    torch.set_num_threads(config.threads)
-    runtime = init_runtime(config.device)
-    full = load_splits(config)
-    _WORKER.update(config=config, full=full, runtime=runtime,
-                   teacher=load_teacher(config, full, Path(teacher_path), runtime))
-
-
-def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
-    return run_one(spec, _WORKER["config"], _WORKER["full"], _WORKER["teacher"], _WORKER["runtime"])
-
-
-def _run_in_pool(spec: RunSpec) -> dict[str, Any]:
-    """:func:`_run_in_worker` in a pool process, whose errors must reach the parent: an error that
-    cannot be unpickled there would kill the pool's result thread and leave the parent waiting forever,
-    so such an error travels as a ``RuntimeError`` carrying its type, message and traceback."""
-    try:
-        return _run_in_worker(spec)
-    except Exception as error:
-        try:
-            pickle.loads(pickle.dumps(error))
-        except Exception:
-            raise RuntimeError(f"{type(error).__name__}: {error}\n{traceback.format_exc()}") from None
-        raise
-
-
-class Executor:
-    """Runs :class:`RunSpec` lists; ``workers > 1`` on CPU uses a spawn pool of that many processes.
-
-    A ``multiprocessing`` pool rather than ``concurrent.futures.ProcessPoolExecutor``: on an error,
-    Ctrl-C or ``kill``, ``Pool.terminate`` stops the running workers at once, while the executor can
-    only cancel queued work and waits for the running runs to finish."""
-
-    def __init__(self, config: ExperimentConfig, teacher_path: Path, runtime: Runtime) -> None:
-        self.pool = None
-        if config.workers > 1 and runtime.device.type == "cpu":
-            context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(config.workers, initializer=_init_worker, initargs=(config, str(teacher_path)))
-        else:
-            _init_worker(config, str(teacher_path))
-
-    def map(self, specs: list[RunSpec], done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-        """Results in the order of ``specs``; ``done`` is called as each finishes (progress, saving)."""
-        order = sorted(range(len(specs)), key=lambda i: -_cost(specs[i]))  # long runs first: better packing
-        results: dict[int, dict[str, Any]] = {}
-        if self.pool is None:
-            for i in order:
-                results[i] = _run_in_worker(specs[i])
-                done(results[i])
-        else:
-            ordered = [specs[i] for i in order]
-            for i, record in zip(order, self.pool.imap(_run_in_pool, ordered)):
-                results[i] = record
-                done(record)
-        return [results[i] for i in range(len(specs))]
-
-    def close(self, abort: bool = False) -> None:
-        """Wait for the workers to exit; ``abort`` terminates them first (their queued runs are dropped)."""
-        if self.pool is not None:
-            self.pool.terminate() if abort else self.pool.close()
-            self.pool.join()
-        else:
-            _WORKER.clear()  # in-process: release the data and teacher held for the runs
-
-
-def _cost(spec: RunSpec) -> int:
-    """Relative run time, for packing: the input-gradient terms take about twice a KD step."""
-    return 2 if {"jacobian", "projected", "preset"} & set(METHODS[spec.method].uses) else 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,6 +34,28 @@ def check_device(requested: str) -> None:
     raise UserError(f"--device {requested!r} is not a device jacplug runs on; use auto, cpu, cuda or cuda:N")
 
 
+def resume_mode(value: Any) -> bool | str:
+    """``--resume`` (``True``), ``--resume auto`` or a config file's ``resume: true | false | auto``.
+
+    ``auto`` continues the run (or experiment) in ``--out`` when there is one and starts one when there
+    is none: the flag a restarted worker needs (``torchrun --max-restarts``, a rescheduled job), since it
+    cannot know whether an earlier attempt left something to continue."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        return {"auto": "auto", "true": True, "false": False}[value.strip().lower()]
+    raise UserError(f"--resume takes no value or 'auto', got {value!r}")
+
+
+def resume_item(text: str) -> bool | str:
+    """One ``--resume`` value from the command line (argparse's ``type``): only ``auto``."""
+    import argparse
+
+    if text.strip().lower() != "auto":
+        raise argparse.ArgumentTypeError(f"expected nothing or 'auto', got {text!r}")
+    return "auto"
+
+
 @dataclass
 class TrainConfig:
     """The resolved options of one run; saved as ``config.json`` in the run directory. Each field is also
@@ -77,7 +99,10 @@ class TrainConfig:
     device: str = option("auto", group="execution", help="auto (CUDA when available), cpu, cuda or cuda:N")
     out: str | None = option(None, metavar="DIR", group="execution",
                              help="run directory (none: runs/TEACHER-STUDENT-TIMESTAMP)")
-    resume: bool = option(False, group="execution", help="continue the interrupted run in --out DIR")
+    resume: bool | str = option(False, const=True, metavar="auto", item=resume_item, convert=resume_mode,
+                                group="execution",
+                                help="continue the interrupted run in --out DIR; '--resume auto': continue it if "
+                                     "DIR holds one of this configuration, else start it (torchrun --max-restarts)")
     teacher_checkpoint: str | None = option(None, metavar="PATH", group="teacher",
                                             help="teacher weights (.safetensors) instead of training one")
     pretrained: bool = option(False, group="teacher",
@@ -146,6 +171,9 @@ class TrainConfig:
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
             raise UserError(f"--max-steps-per-epoch must be a positive integer, got {self.max_steps_per_epoch}")
         check_device(self.device)
+        if self.resume not in (True, False):  # "auto" is settled against --out before the config is resolved
+            raise UserError(f"resume must be true or false once the run directory is known, got {self.resume!r}; "
+                            "resolve --resume auto with jacplug.cli.cmd_train.resolve_config")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise UserError(f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.pretrained and self.teacher_checkpoint:
@@ -207,20 +235,32 @@ def _saved_length(saved: dict[str, Any]) -> str:
     return " ".join(given) or "the default length"
 
 
-def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str) -> TrainConfig:
+def saved_run(run_dir: str | Path) -> dict[str, Any] | None:
+    """The options saved in ``run_dir/config.json``, or ``None`` when the directory holds no run."""
+    saved = Path(run_dir) / "config.json"
+    if not saved.is_file():
+        return None
+    try:
+        return json.loads(saved.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{str(saved)!r} is corrupt ({exc}); the run cannot be resumed") from exc
+
+
+def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str, flag: str = "--resume") -> TrainConfig:
     """The saved config of ``run_dir`` with ``overrides`` (options given again on the command line).
 
     Options in :data:`IDENTITY` must keep their saved values (a different loss or seed would not
     continue the same run), and so must the length (:data:`HORIZON`): the learning rate follows a
     cosine that reaches zero at the saved last step, so another length would make it jump mid-run.
-    Others (``device``, ``save_every``, ``workers``, progress) may change.
+    Others (``device``, ``save_every``, ``workers``, progress) may change. ``flag`` names the option
+    in the refusals (``--resume auto`` refuses a directory holding a run of another configuration).
     """
     overrides = model_options({k: v for k, v in overrides.items() if v is not None})
     length = [k for k in HORIZON if overrides.get(k) is not None and overrides[k] != saved.get(k)]
     if length:
         given = " ".join(f"--{_flag(k)} {overrides[k]}" for k in length)
         raise UserError(
-            f"--resume cannot change the training length of the run in {run_dir!r} ({given}; saved: "
+            f"{flag} cannot change the training length of the run in {run_dir!r} ({given}; saved: "
             f"{_saved_length(saved)}): its learning rate decays to zero over the saved length; drop {given}, "
             "or start a new run with another --out (--teacher-checkpoint reuses its teacher)"
         )
@@ -231,7 +271,7 @@ def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str) -
     ]
     if changed:
         raise UserError(
-            f"--resume continues the run in {run_dir!r} with its saved options, but these differ: {'; '.join(changed)}; "
+            f"{flag} continues the run in {run_dir!r} with its saved options, but these differ: {'; '.join(changed)}; "
             "drop them, or start a new run with another --out"
         )
     unknown = [k for k in saved if k not in FIELDS]

@@ -184,6 +184,11 @@ def _run_dir(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) 
         holder = [str(out), refusal]
         torch.distributed.broadcast_object_list(holder, src=0)
         out, refusal = Path(holder[0]), holder[1]
+        resuming = [None] * runtime.world_size  # each rank decided alone (--resume auto) what --out holds
+        torch.distributed.all_gather_object(resuming, bool(config.resume))
+        if refusal is None and len(set(resuming)) > 1:
+            refusal = (f"the ranks disagree on whether {str(out)!r} holds a run to resume (resuming: {resuming}); "
+                       "--out must be a directory every rank reads, on a shared filesystem")
     if refusal:
         raise UserError(refusal)
     if runtime.is_main:
@@ -192,7 +197,8 @@ def _run_dir(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) 
         if not (out / CONFIG_FILE).is_file():
             raise UserError(f"--resume: {str(out)!r} holds no run (no {CONFIG_FILE}); pass the run's directory as --out")
     elif (out / RESUME_FILE).exists() or (out / LAST_FILE).exists():
-        raise UserError(f"{str(out)!r} already holds a run; pass --resume to continue it, or choose another --out")
+        raise UserError(f"{str(out)!r} already holds a run; pass --resume (or --resume auto) to continue it, or "
+                        "choose another --out")
     return out
 
 
