@@ -198,7 +198,8 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        """A unique, file-name-safe id: ``main-kd+jacobian-n5-seed0-jacobian1``."""
+        """The cell's id, unique in an experiment and a file name: phase, method, sample size, seed and weights
+        (``repr``: exact), e.g. ``main-kd+jacobian-n5-seed0-jacobian=1.0``."""
         size = "all" if self.samples_per_class is None else self.samples_per_class
-        weights = "".join(f"-{key}{value:g}" for key, value in self.weights)
+        weights = "".join(f"-{key}={weight!r}" for key, weight in self.weights)
         return f"{self.phase}-{self.method}-n{size}-seed{self.seed}{weights}"

@@ -36,7 +36,7 @@ from .protocol import (
     selection_specs,
     size_label,
 )
-from .records import TEACHER_RECORD, Records, cell_id, spec_of
+from .records import TEACHER_RECORD, Records, spec_of
 
 def _print(line: str) -> None:
     print(line, flush=True)  # progress must show up when stdout is a file or a pipe
@@ -165,12 +165,12 @@ def _cells(executor: CellExecutor, records: Records, finished: dict[str, dict[st
     ran: dict[str, dict[str, Any]] = {}
 
     def record(result: dict[str, Any]) -> None:
-        name = cell_id(spec_of(result))
+        name = spec_of(result).name
         ran[name] = records.write(name, result)
         done(result)
 
-    executor.map([spec for spec in specs if cell_id(spec) not in finished], record)
-    return [finished.get(cell_id(spec)) or ran[cell_id(spec)] for spec in specs]
+    executor.map([spec for spec in specs if spec.name not in finished], record)
+    return [finished.get(spec.name) or ran[spec.name] for spec in specs]
 
 
 def _write_reports(config: ExperimentConfig, results: dict[str, Any], sizes: list[str], full_per_class: float,

@@ -34,7 +34,6 @@ from ..pipeline.device import Runtime, init_runtime
 from . import protocol
 from .config import ExperimentConfig, RunSpec
 from .methods import METHODS
-from .records import cell_id
 
 _WORKER: dict[str, Any] = {}
 
@@ -241,7 +240,7 @@ class RayExecutor:
                         raise error.cause from None
                     raise
                 except ray.exceptions.RayError as error:  # its worker died on every attempt (killed, node lost)
-                    raise CellFailed(f"cell {cell_id(specs[i])} failed on each of its {1 + self.config.retries} "
+                    raise CellFailed(f"cell {specs[i].name} failed on each of its {1 + self.config.retries} "
                                      f"attempts ({_last_line(error)}); the finished cells' records are kept, "
                                      "--resume runs the rest") from None
                 done(results[i])

@@ -30,13 +30,6 @@ EXECUTION = ("device", "devices", "workers", "threads", "loader_workers", "eval_
              "executor", "ray_address", "retries")
 
 
-def cell_id(spec: RunSpec) -> str:
-    """A file name for one cell: phase, method, sample size, seed and weights (``repr``: exact)."""
-    size = "all" if spec.samples_per_class is None else spec.samples_per_class
-    weights = "".join(f"-{key}={weight!r}" for key, weight in spec.weights)
-    return f"{spec.phase}-{spec.method}-n{size}-seed{spec.seed}{weights}"
-
-
 def spec_of(record: dict[str, Any]) -> RunSpec:
     """The :class:`RunSpec` a cell's record came from."""
     return RunSpec(record["method"], record["samples_per_class"], record["seed"],
