@@ -135,13 +135,13 @@ class PluginHost:
                 self._collect_from(name, self._registries)
         return self._registries[kind]
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
+    def notify(self, hook_name: str, /, **kwargs: Any) -> None:
         """Call a lifecycle hook on every plugin, isolating failures per plugin."""
         if hook_name not in LIFECYCLE_HOOKS:
             raise ValueError(f"unknown lifecycle hook {hook_name!r}; expected one of {LIFECYCLE_HOOKS}")
         self.each(hook_name, **kwargs)
 
-    def each(self, hook_name: str, **kwargs: Any) -> None:
+    def each(self, hook_name: str, /, **kwargs: Any) -> None:
         """Call ``hook_name`` on each plugin in pluggy's order (``tryfirst`` first, then the last registered),
         one plugin at a time, so a plugin that raises is reported and the others still run."""
         self.load()
@@ -152,12 +152,12 @@ class PluginHost:
             except Exception as exc:
                 self._fail(self.plugins.get(name) or PluginInfo(name), f"in {hook_name}", exc)
 
-    def _call(self, hook_name: str, name: str, **kwargs: Any) -> None:
+    def _call(self, hook_name: str, plugin: str, /, **kwargs: Any) -> None:
         """Run one plugin's implementations of ``hook_name`` through pluggy's executor (wrappers and partial
         signatures included). Not ``subset_hook_caller``: it keeps the other plugins in a set, and a run's
         observers may be unhashable (a dataclass instance, say)."""
         caller = getattr(self.pm.hook, hook_name)
-        impls = [impl for impl in caller.get_hookimpls() if impl.plugin_name == name]
+        impls = [impl for impl in caller.get_hookimpls() if impl.plugin_name == plugin]
         if impls:
             self.pm._hookexec(hook_name, impls, kwargs, bool(caller.spec and caller.spec.opts.get("firstresult")))
 

@@ -86,11 +86,13 @@ def test_train_reports_the_teacher_and_the_student_phase_to_an_installed_plugin(
     assert [e["event"] for e in teacher] == ["start", "step", "step", "step", "epoch", "end"] and teacher[0]["total"] == 3
     assert teacher[1]["keys"] == ["loss", "lr"]
     assert teacher[4]["keys"] == ["images", "step", "time_s", "train_loss", "val_acc"]
-    assert [e["event"] for e in student] == ["start", "step", "step", "step", "step", "epoch", "checkpoint", "image", "end"]
+    assert [e["event"] for e in student] == ["start", "step", "step", "step", "step", "epoch", "checkpoint", "image",
+                                             "image", "end"]
     assert [e["step"] for e in student if e["event"] == "step"] == [1, 2, 3, 4]
     assert student[1]["keys"] == ["jacobian", "kd", "loss", "lr"]
+    assert {"agreement_cosine", "agreement_distance", "val_acc", "test_acc"} <= set(student[5]["keys"])
     assert student[6]["files"] == {"best": True, "last": True}  # written before later observers see them
-    assert student[7]["image"] == "curves" and student[7]["exists"]
+    assert [(e["image"], e["exists"]) for e in student[7:9]] == [("gradient_maps", True), ("curves", True)]
     assert {e["group"] for e in events} == {str(out)}
     assert events.index(teacher[-1]) < events.index(student[0])  # the teacher phase ends before the student's begins
 
