@@ -8,11 +8,14 @@
 #      methods; then the float32 baseline of the first pair;
 #   3. single layers' double backward, PyTorch's against jacplug's, bf16 and float32;
 #   4. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed, and one
-#      small `jacplug experiment` cell (its students' steps are CUDA-graphed);
+#      small `jacplug experiment` cell (its students' steps are CUDA-graphed); both also with DataLoader
+#      worker processes (`--loader-workers 2`, `--workers 2 --cuda-graphs on`), whose pin-memory thread
+#      runs while the step is captured (the capture must be thread-local; train_workers2.txt and
+#      experiment.txt end with the summary, not a traceback);
 #   5. the top CUDA kernels of the exact Eq. 10 step at 32 and 224 px (benchmarks/gpu_profile.py).
 # Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, layers.txt,
-# train_*.json, kernels.txt; the tables are printed.
-# Budget: under 8 minutes on one H100.
+# train_*.json, train_workers2.txt, experiment.txt, kernels.txt; the tables are printed.
+# Budget: under 9 minutes on one H100 or H200.
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -55,7 +58,10 @@ for name in ("train_eager", "train_student_off", "train_student_on"):
     print(f"{name}: total {s['time_s']:.1f} s, student {s.get('student_images_per_s') or 0:.0f} img/s "
           f"({s.get('student_steps_run')}), student acc {s['student_last_test_acc']}")
 PYEOF
+timeout 60 $JACPLUG train --teacher resnet18 --student resnet18 --teacher-steps 20 --steps 40 --workers 2 \
+    --cuda-graphs on --out "$RUN/workers2" > "$OUT/train_workers2.txt" 2>&1 || tail -n 3 "$OUT/train_workers2.txt"
 timeout 60 $JACPLUG experiment --device cuda --samples-per-class 5 --methods kd kd+jacobian --seeds 1 --steps 50 \
-    --teacher-epochs 1 --select-at 5 --jacobian-weights 1 --workers 1 --out "$RUN/experiment" > "$OUT/experiment.txt" 2>&1 \
-    || tail -n 3 "$OUT/experiment.txt"
+    --teacher-epochs 1 --select-at 5 --jacobian-weights 1 --workers 1 --loader-workers 2 --out "$RUN/experiment" \
+    > "$OUT/experiment.txt" 2>&1 || tail -n 3 "$OUT/experiment.txt"
+grep -l "stream is capturing" "$OUT/train_workers2.txt" "$OUT/experiment.txt" && echo "FAIL: a capture met another thread"
 timeout 60 $PY benchmarks/gpu_profile.py "$RUN/profile" --kernels-only > "$OUT/kernels.txt" 2>&1 || tail -n 3 "$OUT/kernels.txt"

@@ -41,3 +41,67 @@ def test_bad_cuda_graphs_value_in_a_config_file_is_named(tmp_path):
     path.write_text("cuda-graphs: sometimes\n")
     with pytest.raises(UserError, match="option 'cuda-graphs' has 'sometimes', not one of auto, on, off"):
         resolve(read_config_file(path), {})
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA, so CapturedStep reaches its capture without a GPU."""
+
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+class _Stream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class _Graph:
+    """Records what ``torch.cuda.graph`` is asked for; a replay re-runs the recorded step."""
+
+    def __init__(self) -> None:
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+def test_the_capture_is_taken_in_thread_local_mode_so_other_threads_cannot_break_it(monkeypatch):
+    """In CUDA's default global capture mode, a DataLoader's pin-memory thread pinning the next batch
+    during the capture fails ("operation not permitted when stream is capturing"); thread-local mode
+    restricts only the capturing thread. torch.cuda's calls are replaced by recorders here (no GPU)."""
+    import contextlib
+
+    requested, inside = [], []
+    capturing = [False]
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, **kwargs):
+        requested.append(kwargs)
+        capturing[0] = True
+        yield
+        capturing[0] = False
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(capturing[0]))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+    def step(x):
+        inside.append(capturing[0])
+        return {"loss": x.sum()}
+
+    captured = CapturedStep(step, warmup=1)
+    batch = torch.ones(2).as_subclass(_OnCuda)
+    captured(batch)  # warm-up, eager
+    captured(batch)  # the capture
+    assert captured.fallback is None and captured.captured, captured.fallback
+    assert requested == [{"capture_error_mode": "thread_local"}]
+    assert inside == [False, True]  # the step ran once eagerly, then once under the capture
+    assert syncs == [False]  # the device is synchronised before the capture, not during it
+    captured(batch)
+    assert captured.replays == 2 and len(inside) == 2  # replayed, not re-run
