@@ -108,3 +108,33 @@ def test_a_bad_loss_spec_and_an_output_without_logits_are_one_line(tmp_path):
                                           train_dataset=Images())
     with pytest.raises(UserError, match=r"^the student's forward returned a tuple, not logits"):
         trainer.train()
+
+
+def adapter_loss() -> WeightedLoss:
+    fitnet = FitNetLoss({"layer1": "layer1"}, {"layer1": (32, 32)})
+    return WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (fitnet, 1.0)})
+
+
+def cnn_trainer(tmp_path, **overrides) -> JacobianDistillationTrainer:
+    torch.manual_seed(0)
+    student = timm.create_model("test_resnet", num_classes=CLASSES)
+    return JacobianDistillationTrainer(model=student, teacher_model=teacher(), loss=adapter_loss(),
+                                       train_dataset=Images(),
+                                       args=arguments(tmp_path, remove_unused_columns=False, lr_scheduler_type="constant",
+                                                      **overrides))
+
+
+def test_checkpoints_carry_the_adapters_and_a_resumed_run_continues_them(tmp_path):
+    """Three steps in one run equal two steps, a checkpoint, and a resumed third step: student and adapter."""
+    whole = cnn_trainer(tmp_path / "whole", max_steps=3)
+    whole.train()
+    first = cnn_trainer(tmp_path / "resumed", max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    assert (checkpoint / "jacplug_loss.safetensors").is_file()
+    resumed = cnn_trainer(tmp_path / "resumed", max_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for a, b in zip(resumed.distiller.parameters(), whole.distiller.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    bare = timm.create_model("test_resnet", num_classes=CLASSES)
+    bare.load_state_dict(resumed.student_state_dict())
