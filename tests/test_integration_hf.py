@@ -138,3 +138,46 @@ def test_checkpoints_carry_the_adapters_and_a_resumed_run_continues_them(tmp_pat
         torch.testing.assert_close(a, b)
     bare = timm.create_model("test_resnet", num_classes=CLASSES)
     bare.load_state_dict(resumed.student_state_dict())
+
+
+def run_script(out, batch: int, processes: int) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = str(Path(__file__).parent / "scripts" / "hf_ddp.py")
+    launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
+              if processes > 1 else [sys.executable])
+    proc = subprocess.run([*launch, script, str(out), str(batch)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_adapters_and_logged_terms_included(tmp_path):
+    """The Trainer's DDP over gloo (2 CPU processes, float64): both ranks end with one process's student
+    and adapter on the same global batches, and log the same term values (averaged over the ranks)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    run_script(tmp_path / "ddp", batch=2, processes=2)
+    run_script(tmp_path / "single", batch=4, processes=1)
+    single = load_file(str(tmp_path / "single.0.safetensors"))
+    assert "loss.terms.fitnet.adapters.0.weight" in single
+    logged = [entry for entry in json.loads((tmp_path / "single.0.json").read_text()) if "kd" in entry]
+    assert len(logged) == 3
+    for rank in range(2):
+        ddp = load_file(str(tmp_path / f"ddp.{rank}.safetensors"))
+        assert set(ddp) == set(single)
+        for key in single:
+            torch.testing.assert_close(ddp[key], single[key], rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {key}")
+        entries = [entry for entry in json.loads((tmp_path / f"ddp.{rank}.json").read_text()) if "kd" in entry]
+        for ours, theirs in zip(entries, logged, strict=True):
+            for key in ("kd", "fitnet", "jacobian"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-9), (rank, key)

@@ -9,9 +9,9 @@ terms outside it), distributed training, logging, checkpoints.
 - The student is ``model`` (a ``transformers`` model returning a ``ModelOutput`` with ``.logits``, or
   any module returning logits); the teacher may be either kind too. Batches are dicts with the
   images under ``input_key`` (``"pixel_values"``) and the labels under ``label_key`` (``"labels"``).
-- Training steps return the Distiller's total; each term's mean since the last log is added to the
-  Trainer's own logs (``kd``, ``jacobian``, ...). Evaluation steps return the student's cross-entropy,
-  as a classification model's own loss is.
+- Training steps return the Distiller's total; each term's mean since the last log, averaged over the
+  processes, is added to the Trainer's own logs (``kd``, ``jacobian``, ...). Evaluation steps return
+  the student's cross-entropy, as a classification model's own loss is.
 - Learnable loss parts (FitNet adapters) join the Trainer's optimizer (a parameter group with the
   Trainer's weight decay) and, in a multi-process run, have their gradients averaged after every
   backward pass (the Trainer's DDP covers only the model), and zeroed after every optimizer step (the
@@ -29,6 +29,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -145,9 +146,15 @@ class JacobianDistillationTrainer(Trainer):
                             f"from their initial weights")
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """The Trainer's logs, with each term's mean over the steps since the last training log."""
+        """The Trainer's logs, with each term's mean over the steps since the last training log, averaged
+        over the processes as the Trainer averages its loss (every rank logs training at the same step)."""
         if "loss" in logs and self._term_count:
-            logs = {**logs, **{key: float(total) / self._term_count for key, total in self._term_sums.items()}}
+            keys = list(self._term_sums)
+            means = torch.stack([torch.as_tensor(self._term_sums[key]) for key in keys]).double() / self._term_count
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(means)
+                means /= dist.get_world_size()
+            logs = {**logs, **dict(zip(keys, means.tolist()))}
             self._term_sums, self._term_count = {}, 0
         super().log(logs, *args, **kwargs)
 
