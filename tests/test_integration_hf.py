@@ -120,8 +120,8 @@ def cnn_trainer(tmp_path, **overrides) -> JacobianDistillationTrainer:
     student = timm.create_model("test_resnet", num_classes=CLASSES)
     return JacobianDistillationTrainer(model=student, teacher_model=teacher(), loss=adapter_loss(),
                                        train_dataset=Images(),
-                                       args=arguments(tmp_path, remove_unused_columns=False, lr_scheduler_type="constant",
-                                                      **overrides))
+                                       args=arguments(tmp_path, remove_unused_columns=False,
+                                                      lr_scheduler_type="constant", **overrides))
 
 
 def test_checkpoints_carry_the_adapters_and_a_resumed_run_continues_them(tmp_path):
@@ -151,8 +151,9 @@ def run_script(out, batch: int, processes: int) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     script = str(Path(__file__).parent / "scripts" / "hf_ddp.py")
-    launch = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
-              if processes > 1 else [sys.executable])
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
     proc = subprocess.run([*launch, script, str(out), str(batch)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -174,19 +174,20 @@ def test_a_jacplug_checkpoint_or_a_local_file_is_the_teacher_without_a_download(
                mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), config={})
     torch.save(trained.state_dict(), tmp_path / "teacher.pth")
     from_jacplug = JacobianDistillationTask(student("cnn"), str(path), verbose=False)
-    from_file = JacobianDistillationTask(student("cnn"), "test_resnet", teacher_pretrained_path=str(tmp_path / "teacher.pth"),
-                                         verbose=False)
+    from_file = JacobianDistillationTask(student("cnn"), "test_resnet", verbose=False,
+                                         teacher_pretrained_path=str(tmp_path / "teacher.pth"))
     for task in (from_jacplug, from_file):
         loaded = task.distiller.teacher
-        assert not loaded.training and all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                                             trained.state_dict().values(), strict=True))
+        pairs = zip(loaded.state_dict().values(), trained.state_dict().values(), strict=True)
+        assert not loaded.training and all(torch.equal(a, b) for a, b in pairs)
     x = torch.randn(2, 3, SIZE, SIZE)  # the student's mean and std (0.5, 0.5) -> the checkpoint's (0.5, 0.25)
     torch.testing.assert_close(from_jacplug.distiller.teacher_input(x), (x * 0.5 + 0.5 - 0.5) / 0.25)
     vit_kwargs = dict(STUDENTS["vit"][1])
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=CLASSES, **vit_kwargs)  # built with kwargs
     save_model(tmp_path / "vit.safetensors", vit, role="teacher", name="vit_tiny_patch16_224", num_classes=CLASSES,
                input_shape=(3, SIZE, SIZE), mean=(0.5,) * 3, std=(0.5,) * 3, config={}, model_kwargs=vit_kwargs)
-    rebuilt = JacobianDistillationTask(student("cnn"), str(tmp_path / "vit.safetensors"), verbose=False).distiller.teacher
+    rebuilt = JacobianDistillationTask(student("cnn"), str(tmp_path / "vit.safetensors"), verbose=False)
+    rebuilt = rebuilt.distiller.teacher
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), vit.state_dict().values(), strict=True))
     with pytest.raises(UserError, match="does not exist"):
         JacobianDistillationTask(student("cnn"), str(tmp_path / "missing.safetensors"), verbose=False)

@@ -102,7 +102,8 @@ class DistillationModule(L.LightningModule):
         for key in ("loss", *self.distiller.loss.terms):
             value = out[key].detach()
             # this process's value per step (no collective per step); the epoch's mean over every process
-            self.log(f"train/{key}_step", value, prog_bar=key == "loss", on_step=True, on_epoch=False, batch_size=size)
+            self.log(f"train/{key}_step", value, prog_bar=key == "loss", on_step=True, on_epoch=False,
+                     batch_size=size)
             self.log(f"train/{key}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         return out["loss"]
 

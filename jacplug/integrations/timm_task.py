@@ -47,7 +47,7 @@ from ..losses.distill import KDLoss
 
 try:
     from timm.models import group_parameters
-    from timm.optim._param_groups import auto_group_layers
+    from timm.optim import auto_group_layers
     from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss
     from timm.utils import unwrap_model
     from timm.utils.model_ema import ModelEmaV3
@@ -164,8 +164,8 @@ class JacobianDistillationTask(TrainingTask):
             terms = WeightedLoss({"kd": (KDLoss(temperature=temperature), self.distill_loss_weight),
                                   **{key: (term, terms.weights[key]) for key, term in terms.terms.items()}})
         self.trainable_module = TimmDistiller(student_model, teacher.model, terms.to(self.device), amp=False,
-                                          check_gradients=check_gradients, name=type(student).__name__,
-                                          teacher_input=self._renormalize(student, teacher))
+                                              check_gradients=check_gradients, name=type(student).__name__,
+                                              teacher_input=self._renormalize(student, teacher))
         self._term_sums: Dict[str, Tensor] = {}
         self._term_count = 0
         if self.verbose:

@@ -3,9 +3,10 @@ they run at the data's input size before anything is trained.
 
 - ``img_size``: models whose constructor takes it (timm's ViT, DeiT, CaiT, Swin, PiT, LeViT, Mixer,
   ...) get the run's input size unless the kwargs set it. Whether a constructor takes it is read from
-  the built model's constructor signatures, its base classes' included (:func:`takes_img_size`); such a model is built again with it,
-  from the same random state, so the weights are those a single build at that size gives. The kwargs a model was built with,
-  ``img_size`` included, are what checkpoints record (:attr:`BuiltModel.kwargs`).
+  the built model's constructor signatures, its base classes' included (:func:`takes_img_size`); such
+  a model is built again with it, from the same random state, so the weights are those a single build
+  at that size gives. The kwargs a model was built with, ``img_size`` included, are what checkpoints
+  record (:attr:`BuiltModel.kwargs`).
 - A kwarg the constructor does not take, or a construction that fails on the user's kwargs, is a
   one-line :class:`UserError` naming the model and the key.
 - Input size: a one-image forward of zeros in eval mode, without grad, at the run's input size. If it

@@ -65,8 +65,9 @@ def main(out: str, batch: int) -> None:
     trainer.train()
     state = {**{f"student.{k}": v for k, v in trainer.student_state_dict().items()},
              **{f"loss.{k}": v for k, v in loss.state_dict().items()}}
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, f"{out}.{int(os.environ.get('RANK', 0))}.safetensors")
-    with open(f"{out}.{int(os.environ.get('RANK', 0))}.json", "w") as fh:
+    rank = int(os.environ.get("RANK", 0))
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, f"{out}.{rank}.safetensors")
+    with open(f"{out}.{rank}.json", "w") as fh:
         json.dump(trainer.state.log_history, fh)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
