@@ -1,6 +1,7 @@
 """``JacobianDistillationTrainer`` through the real Hugging Face ``Trainer``: a tiny randomly initialised
 ``ViTForImageClassification`` student (SDPA attention, exact Eq. 10) and a timm CNN student train for two
-steps; every term reaches the parameters, each term is in the Trainer's own logs, the adapters train."""
+steps; every term reaches the parameters, each term is in the Trainer's own logs, the adapters train,
+are checkpointed and resume; two processes (gloo) equal one."""
 
 from __future__ import annotations
 

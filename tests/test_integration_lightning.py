@@ -1,6 +1,8 @@
 """``DistillationModule`` through the real ``lightning.Trainer``: two CPU processes with the ``"ddp"``
 strategy (gloo) end with equal weights, equal to one process on the same global batch, FitNet adapter
-included; a CNN and a ViT student train in one process; each term is logged with ``self.log``."""
+included, with no sync_dist warning; a CNN and a ViT student train in one process; each term is logged
+with ``self.log``; checkpoints load back (by name alone, or with the modules) and give the bare student's
+weights."""
 
 from __future__ import annotations
 
