@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one script (run it on a machine with one NVIDIA GPU, from the repository root):
-#   1. the CUDA-marked tests (tests/test_cuda.py);
+#   1. the CUDA-marked tests (tests/test_cuda.py, and tests/test_capture.py: a capture beside a pinning DataLoader);
 #   2. the step benchmark: eager and CUDA-graphed, bf16 + channels-last, for a 32 px ResNet pair,
 #      the 224 px ImageNet-sized case and a ViT student: first the exact Eq. 10 step (the Distiller's and one
 #      written by hand, for the Distiller's overhead) with and without
@@ -25,7 +25,7 @@ JACPLUG="$PY -m jacplug"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/card.txt"
 
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_capture.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 
 BENCH="$JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs"
 timeout 200 $BENCH --amp --channels-last --methods eq10-top1 eq10-top1-by-hand eq10-top1-native-bn eq10-top1-native-conv eq10-top1-native \
