@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one script (run it on a machine with one NVIDIA GPU, from the repository root):
-#   1. the CUDA-marked tests (tests/test_cuda.py);
+#   1. the CUDA-marked tests (tests/test_cuda.py, and tests/test_capture.py: a capture beside a pinning DataLoader);
 #   2. the step benchmark: eager and CUDA-graphed, bf16 + channels-last, for a 32 px ResNet pair,
 #      the 224 px ImageNet-sized case and a ViT student: first the exact Eq. 10 step (the Distiller's and one
 #      written by hand, for the Distiller's overhead) with and without
@@ -8,11 +8,14 @@
 #      methods; then the float32 baseline of the first pair;
 #   3. single layers' double backward, PyTorch's against jacplug's, bf16 and float32;
 #   4. `jacplug train --teacher resnet50 --student resnet18` on the default data, eager vs graphed, and one
-#      small `jacplug experiment` cell (its students' steps are CUDA-graphed);
+#      small `jacplug experiment` cell (its students' steps are CUDA-graphed); both also with DataLoader
+#      worker processes (`--loader-workers 2`, `--workers 2 --cuda-graphs on`), whose pin-memory thread
+#      runs while the step is captured (the capture must be thread-local; train_workers2.txt and
+#      experiment.txt end with the summary, not a traceback);
 #   5. the top CUDA kernels of the exact Eq. 10 step at 32 and 224 px (benchmarks/gpu_profile.py).
 # Results go to $OUT (default runs/gpu-check): card.txt, tests.txt, bench_*.json, layers.txt,
-# train_*.json, kernels.txt; the tables are printed.
-# Budget: under 8 minutes on one H100.
+# train_*.json, train_workers2.txt, experiment.txt, kernels.txt; the tables are printed.
+# Budget: under 9 minutes on one H100 or H200.
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
@@ -22,7 +25,7 @@ JACPLUG="$PY -m jacplug"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/card.txt"
 
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_capture.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 
 BENCH="$JACPLUG bench --device cuda --batch-size 64 --repeats 7 --cuda-graphs"
 timeout 200 $BENCH --amp --channels-last --methods eq10-top1 eq10-top1-by-hand eq10-top1-native-bn eq10-top1-native-conv eq10-top1-native \
@@ -55,9 +58,12 @@ for name in ("train_eager", "train_student_off", "train_student_on"):
     print(f"{name}: total {s['time_s']:.1f} s, student {s.get('student_images_per_s') or 0:.0f} img/s "
           f"({s.get('student_steps_run')}), student acc {s['student_last_test_acc']}")
 PYEOF
+timeout 60 $JACPLUG train --teacher resnet18 --student resnet18 --teacher-steps 20 --steps 40 --workers 2 \
+    --cuda-graphs on --out "$RUN/workers2" > "$OUT/train_workers2.txt" 2>&1 || tail -n 3 "$OUT/train_workers2.txt"
 timeout 60 $JACPLUG experiment --device cuda --samples-per-class 5 --methods kd kd+jacobian --seeds 1 --steps 50 \
-    --teacher-epochs 1 --select-at 5 --jacobian-weights 1 --workers 1 --out "$RUN/experiment" > "$OUT/experiment.txt" 2>&1 \
-    || tail -n 3 "$OUT/experiment.txt"
+    --teacher-epochs 1 --select-at 5 --jacobian-weights 1 --workers 1 --loader-workers 2 --out "$RUN/experiment" \
+    > "$OUT/experiment.txt" 2>&1 || tail -n 3 "$OUT/experiment.txt"
+grep -l "stream is capturing" "$OUT/train_workers2.txt" "$OUT/experiment.txt" && echo "FAIL: a capture met another thread"
 timeout 60 $PY benchmarks/gpu_profile.py "$RUN/profile" --kernels-only > "$OUT/kernels.txt" 2>&1 || tail -n 3 "$OUT/kernels.txt"
 
 # ---------------------------------------------------------------------------------------------------

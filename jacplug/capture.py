@@ -18,6 +18,16 @@ What the step function must respect (PyTorch's rules for whole-network capture):
   special); inside it needs ``capturable=True`` and a tensor learning rate;
 - random numbers come from the default CUDA generator, which advances on every replay.
 
+Other threads: the capture is taken in CUDA's thread-local capture mode
+(``torch.cuda.graph(..., capture_error_mode="thread_local")``). In the default global mode a CUDA
+call that is unsafe during a capture (``cudaHostAlloc``, ``cudaEventQuery``, ``cudaMalloc``) made by
+*any* thread invalidates it: a DataLoader with ``pin_memory=True`` and worker processes runs a
+pin-memory thread that pins the next batch while the step is being captured, and that thread then
+failed with "operation not permitted when stream is capturing". In thread-local mode only the
+capturing thread is held to the rule; the pin-memory thread's calls touch its own pinned host buffers,
+never the captured stream, so none of its work belongs in the graph. The device is synchronised
+before the capture, so no earlier work (an asynchronous copy of the batch) is still running on it.
+
 Anything that breaks these makes the capture fail; the step then keeps running eagerly and
 :attr:`CapturedStep.fallback` says why, in one line.
 """
@@ -30,6 +40,10 @@ import torch
 from torch import Tensor
 
 Step = Callable[..., Mapping[str, Tensor]]
+
+#: CUDA's stream-capture mode: only the capturing thread must avoid unsafe calls (see above), so a
+#: DataLoader's pin-memory thread cannot break the capture
+CAPTURE_ERROR_MODE = "thread_local"
 
 
 class CapturedStep:
@@ -96,7 +110,7 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode=CAPTURE_ERROR_MODE):
                 static_out = self.step(*static_in)
         except Exception as error:  # any capture failure: keep training eagerly, say why once
             self.fallback = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"

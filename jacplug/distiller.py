@@ -135,6 +135,12 @@ class Distiller(nn.Module):
     def student_wrapper(self, module: nn.Module) -> None:
         self._wrapper = () if module is self.student else (module,)  # a tuple: not a registered sub-module
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "student_wrapper":  # the property's setter: nn.Module would register a module as a sub-module
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def trainable_parameters(self) -> list[Tensor]:
         """The parameters an optimizer must train: the student's and the loss terms' (FitNet adapters)
         that require grad, each once; never the teacher's."""

@@ -4,6 +4,8 @@ the backward pass does not use it, and the right dtypes under autocast."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,7 @@ def everywhere(monkeypatch, request):
     """The maths is tested on every case, including those a CPU runs natively by measured cost."""
     if request.node.name.startswith("test_native_paths"):
         return
-    monkeypatch.setattr(convolution, "_native_is_faster", lambda input, groups: False)
+    monkeypatch.setattr(convolution, "_native_is_faster", lambda input, weight, groups: False)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -105,7 +107,7 @@ def test_autocast_casts_like_the_native_convolution():
 
 def test_native_paths_for_what_it_does_not_cover():
     """String padding, unbatched inputs, no-grad mode and (by measured cost) grouped convolutions of
-    contiguous maps on a CPU run ``F.conv2d`` itself."""
+    contiguous maps on a CPU and 1x1 convolutions on CUDA run ``F.conv2d`` itself."""
     x, w = torch.randn(1, 4, 6, 6, requires_grad=True), torch.randn(4, 4, 3, 3, requires_grad=True)
     depthwise = torch.randn(4, 1, 3, 3, requires_grad=True)
     assert conv2d(x, w).grad_fn.name() == "_ConvolutionBackward"
@@ -114,5 +116,10 @@ def test_native_paths_for_what_it_does_not_cover():
     assert conv2d(x, depthwise, groups=4).grad_fn.name() == "ConvolutionBackward0"
     channels_last = x.contiguous(memory_format=torch.channels_last)
     assert conv2d(channels_last, depthwise, groups=4).grad_fn.name() == "_ConvolutionBackward"
+    pointwise = torch.randn(4, 4, 1, 1)
+    assert conv2d(x, pointwise).grad_fn.name() == "_ConvolutionBackward"  # on a CPU jacplug's is kept
+    on_cuda = SimpleNamespace(device=torch.device("cuda"))  # only the device is read for CUDA maps
+    assert convolution._native_is_faster(on_cuda, pointwise, 1)  # 1x1 on CUDA: PyTorch's, by measured cost
+    assert not convolution._native_is_faster(on_cuda, w, 1) and not convolution._native_is_faster(on_cuda, pointwise, 2)
     with torch.no_grad():
         assert conv2d(x, w).grad_fn is None

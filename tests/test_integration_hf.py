@@ -1,6 +1,7 @@
 """``JacobianDistillationTrainer`` through the real Hugging Face ``Trainer``: a tiny randomly initialised
 ``ViTForImageClassification`` student (SDPA attention, exact Eq. 10) and a timm CNN student train for two
-steps; every term reaches the parameters, each term is in the Trainer's own logs, the adapters train."""
+steps; every term reaches the parameters, each term is in the Trainer's own logs, the adapters train,
+are checkpointed and resume; two processes (gloo) equal one."""
 
 from __future__ import annotations
 
@@ -108,3 +109,77 @@ def test_a_bad_loss_spec_and_an_output_without_logits_are_one_line(tmp_path):
                                           train_dataset=Images())
     with pytest.raises(UserError, match=r"^the student's forward returned a tuple, not logits"):
         trainer.train()
+
+
+def adapter_loss() -> WeightedLoss:
+    fitnet = FitNetLoss({"layer1": "layer1"}, {"layer1": (32, 32)})
+    return WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (fitnet, 1.0)})
+
+
+def cnn_trainer(tmp_path, **overrides) -> JacobianDistillationTrainer:
+    torch.manual_seed(0)
+    student = timm.create_model("test_resnet", num_classes=CLASSES)
+    return JacobianDistillationTrainer(model=student, teacher_model=teacher(), loss=adapter_loss(),
+                                       train_dataset=Images(),
+                                       args=arguments(tmp_path, remove_unused_columns=False,
+                                                      lr_scheduler_type="constant", **overrides))
+
+
+def test_checkpoints_carry_the_adapters_and_a_resumed_run_continues_them(tmp_path):
+    """Three steps in one run equal two steps, a checkpoint, and a resumed third step: student and adapter."""
+    whole = cnn_trainer(tmp_path / "whole", max_steps=3)
+    whole.train()
+    first = cnn_trainer(tmp_path / "resumed", max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    assert (checkpoint / "jacplug_loss.safetensors").is_file()
+    resumed = cnn_trainer(tmp_path / "resumed", max_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for a, b in zip(resumed.distiller.parameters(), whole.distiller.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    bare = timm.create_model("test_resnet", num_classes=CLASSES)
+    bare.load_state_dict(resumed.student_state_dict())
+
+
+def run_script(out, batch: int, processes: int) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = str(Path(__file__).parent / "scripts" / "hf_ddp.py")
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
+    proc = subprocess.run([*launch, script, str(out), str(batch)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_adapters_and_logged_terms_included(tmp_path):
+    """The Trainer's DDP over gloo (2 CPU processes, float64): both ranks end with one process's student
+    and adapter on the same global batches, and log the same term values (averaged over the ranks)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    run_script(tmp_path / "ddp", batch=2, processes=2)
+    run_script(tmp_path / "single", batch=4, processes=1)
+    single = load_file(str(tmp_path / "single.0.safetensors"))
+    assert "loss.terms.fitnet.adapters.0.weight" in single
+    logged = [entry for entry in json.loads((tmp_path / "single.0.json").read_text()) if "kd" in entry]
+    assert len(logged) == 3
+    for rank in range(2):
+        ddp = load_file(str(tmp_path / f"ddp.{rank}.safetensors"))
+        assert set(ddp) == set(single)
+        for key in single:
+            torch.testing.assert_close(ddp[key], single[key], rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {key}")
+        entries = [entry for entry in json.loads((tmp_path / f"ddp.{rank}.json").read_text()) if "kd" in entry]
+        for ours, theirs in zip(entries, logged, strict=True):
+            for key in ("kd", "fitnet", "jacobian"):
+                assert ours[key] == pytest.approx(theirs[key], rel=1e-9), (rank, key)

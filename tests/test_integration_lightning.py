@@ -1,6 +1,8 @@
 """``DistillationModule`` through the real ``lightning.Trainer``: two CPU processes with the ``"ddp"``
 strategy (gloo) end with equal weights, equal to one process on the same global batch, FitNet adapter
-included; a CNN and a ViT student train in one process; each term is logged with ``self.log``."""
+included, with no sync_dist warning; a CNN and a ViT student train in one process; each term is logged
+with ``self.log``; checkpoints load back (by name alone, or with the modules) and give the bare student's
+weights."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import lightning as L  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from jacplug import UserError  # noqa: E402
-from jacplug.integrations.lightning_module import DistillationModule  # noqa: E402
+from jacplug.integrations.lightning_module import DistillationModule, student_state_dict  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_ddp.py"
 
@@ -30,16 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(out: Path, devices: int, batch: int) -> None:
+def run(out: Path, devices: int, batch: int) -> str:
+    """The script's output (both streams)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), str(batch)], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_equals_one_process_adapters_included(tmp_path):
-    run(tmp_path / "ddp", devices=2, batch=4)
+    output = run(tmp_path / "ddp", devices=2, batch=4)
+    assert "sync_dist" not in output, output[-2000:]  # epoch-level terms are averaged over the processes
     run(tmp_path / "single", devices=1, batch=8)
     single = load_file(str(tmp_path / "single.0.safetensors"))
     assert "distiller.loss.terms.fitnet.adapters.0.weight" in single
@@ -90,3 +95,39 @@ def test_a_bad_loss_spec_and_a_bad_batch_are_one_line():
         DistillationModule(student, teacher, ["jacobain=1"])
     with pytest.raises(UserError, match="the batch has no 'pixel_values'"):
         DistillationModule(student, teacher).training_step({"image": torch.zeros(2, 3, 16, 16)}, 0)
+
+
+def test_a_module_built_from_names_loads_back_from_its_checkpoint_alone(tmp_path):
+    """Names are hyperparameters: ``load_from_checkpoint(path)`` rebuilds the module and its weights;
+    ``student_state_dict`` gives the bare student's weights."""
+    torch.manual_seed(0)
+    module = DistillationModule("test_resnet", "test_resnet", ["kd=1", "jacobian=1"],
+                                student_kwargs={"num_classes": 4}, teacher_kwargs={"num_classes": 4})
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(Images(4), batch_size=4))
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = DistillationModule.load_from_checkpoint(path)
+    assert set(loaded.state_dict()) == set(module.state_dict())
+    for key, value in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    bare = timm.create_model("test_resnet", num_classes=4)
+    bare.load_state_dict(student_state_dict(path))  # strict: exactly the student's keys
+    assert student_state_dict(path).keys() == module.student_state_dict().keys()
+
+
+def test_a_module_built_from_modules_loads_back_with_them_passed_again(tmp_path):
+    torch.manual_seed(0)
+    module = DistillationModule(timm.create_model("test_resnet", num_classes=4),
+                                timm.create_model("test_resnet", num_classes=4), ["kd=1"])
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(Images(4), batch_size=4))
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(TypeError, match="student"):  # modules are not hyperparameters
+        DistillationModule.load_from_checkpoint(path)
+    again = DistillationModule.load_from_checkpoint(path, student=timm.create_model("test_resnet", num_classes=4),
+                                                    teacher=timm.create_model("test_resnet", num_classes=4))
+    assert all(torch.equal(a, b) for a, b in zip(again.student.parameters(), module.student.parameters(), strict=True))

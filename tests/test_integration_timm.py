@@ -127,3 +127,85 @@ def test_the_teacher_sees_the_student_input_in_its_own_normalisation():
     assert JacobianDistillationTask(student("cnn"), teacher(), verbose=False).distiller.teacher_input is None  # same
     x, y = batches(1)[0]
     task(x, y)["loss"].backward()  # the teacher's rows go through the renormalisation
+
+
+def groups_by_parameter(optimizer: torch.optim.Optimizer) -> dict[int, tuple[float, float]]:
+    """id(parameter) -> (learning-rate scale, weight decay) of its group."""
+    return {id(p): (group.get("lr_scale", 1.0), group["weight_decay"]) for group in optimizer.param_groups
+            for p in group["params"]}
+
+
+@pytest.mark.parametrize("kind", list(STUDENTS))
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_timm_optimizer_groups_the_student_as_with_timms_own_task(kind, layer_decay):
+    """timm's optimizer factory reads no_weight_decay() and group_matcher() from the trainable module:
+    the student's parameters get the weight decay and layer scales they get under LogitDistillationTask;
+    the adapters get the top layer's full learning rate."""
+    from timm.task import LogitDistillationTask
+
+    model = student(kind)
+    ours = JacobianDistillationTask(model, teacher(), loss=loss_for(kind, model), verbose=False)
+    theirs = LogitDistillationTask(model, teacher(), verbose=False)
+    options = dict(opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
+    got = groups_by_parameter(create_optimizer_v2(ours.get_trainable_module(), **options))
+    want = groups_by_parameter(create_optimizer_v2(theirs.get_trainable_module(), **options))
+    assert {id(p): got[id(p)] for p in model.parameters()} == want
+    scales = {scale for scale, _ in want.values()}
+    assert (len(scales) > 1) == (layer_decay is not None)  # the layer decay takes effect
+    if kind == "vit":  # the ViT's own no-weight-decay list
+        assert want[id(model.pos_embed)][1] == got[id(model.pos_embed)][1] == 0.0
+        assert want[id(model.patch_embed.proj.weight)][1] == 0.05
+    adapters = list(ours.distiller.loss.parameters())
+    assert len(adapters) == (1 if kind == "cnn" else 0)
+    for p in adapters:
+        assert got[id(p)] == (max(scales), 0.05)  # the top layer: the full learning rate
+    clipped = ours.get_clip_parameters(exclude_head=True)
+    assert [id(p) for p in clipped] == [id(p) for p in [*list(model.parameters())[:-2], *adapters]]
+
+
+def test_a_jacplug_checkpoint_or_a_local_file_is_the_teacher_without_a_download(tmp_path):
+    """train.py hands the task a string (``--kd-model-name``): a ``jacplug train`` checkpoint's path
+    builds the model it records; a timm name with ``teacher_pretrained_path`` loads any local file."""
+    from jacplug.pipeline.checkpoint import save_model
+
+    trained = teacher()
+    path = tmp_path / "teacher.safetensors"
+    save_model(path, trained, role="teacher", name="test_resnet", num_classes=CLASSES, input_shape=(3, SIZE, SIZE),
+               mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), config={})
+    torch.save(trained.state_dict(), tmp_path / "teacher.pth")
+    from_jacplug = JacobianDistillationTask(student("cnn"), str(path), verbose=False)
+    from_file = JacobianDistillationTask(student("cnn"), "test_resnet", verbose=False,
+                                         teacher_pretrained_path=str(tmp_path / "teacher.pth"))
+    for task in (from_jacplug, from_file):
+        loaded = task.distiller.teacher
+        pairs = zip(loaded.state_dict().values(), trained.state_dict().values(), strict=True)
+        assert not loaded.training and all(torch.equal(a, b) for a, b in pairs)
+    x = torch.randn(2, 3, SIZE, SIZE)  # the student's mean and std (0.5, 0.5) -> the checkpoint's (0.5, 0.25)
+    torch.testing.assert_close(from_jacplug.distiller.teacher_input(x), (x * 0.5 + 0.5 - 0.5) / 0.25)
+    vit_kwargs = dict(STUDENTS["vit"][1])
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=CLASSES, **vit_kwargs)  # built with kwargs
+    save_model(tmp_path / "vit.safetensors", vit, role="teacher", name="vit_tiny_patch16_224", num_classes=CLASSES,
+               input_shape=(3, SIZE, SIZE), mean=(0.5,) * 3, std=(0.5,) * 3, config={}, model_kwargs=vit_kwargs)
+    rebuilt = JacobianDistillationTask(student("cnn"), str(tmp_path / "vit.safetensors"), verbose=False)
+    rebuilt = rebuilt.distiller.teacher
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), vit.state_dict().values(), strict=True))
+    with pytest.raises(UserError, match="does not exist"):
+        JacobianDistillationTask(student("cnn"), str(tmp_path / "missing.safetensors"), verbose=False)
+
+
+def test_each_term_is_averaged_for_the_log_line():
+    task = JacobianDistillationTask(student("cnn"), teacher(), criterion=nn.CrossEntropyLoss(), verbose=False,
+                                    loss=["jacobian=2"])
+    task.train()
+    results = [task(x, y) for x, y in batches(2)]
+    means = task.term_means()
+    assert list(means) == ["task_loss", "kd", "jacobian"]
+    for key, value in means.items():
+        assert value == pytest.approx(sum(float(r[key].detach()) for r in results) / 2)
+    assert task.term_means() == {}  # restarted
+    task(*batches(1)[0])
+    line = task.format_term_means()
+    assert line.startswith("task_loss ") and "  kd " in line and "  jacobian " in line
+    task.eval()
+    task(*batches(1)[0])  # evaluation is not counted
+    assert task.term_means() == {}

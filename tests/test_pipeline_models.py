@@ -198,3 +198,13 @@ def test_a_model_rebuilt_for_img_size_has_the_weights_of_a_single_build(digits):
     direct = timm.create_model("test_vit", num_classes=10, in_chans=1, img_size=32)
     for a, b in zip(built.module.state_dict().values(), direct.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_distilled_levit_takes_img_size_from_its_base_class(capsys):
+    """timm's ``levit_128s`` is a ``LevitDistilled``, whose ``__init__`` takes only ``**kwargs`` and hands
+    them to ``Levit.__init__(img_size=...)``: it builds at the run's size, through the CLI too."""
+    built = build("student", "levit_128s", create_dataset("digits", image_size=64))
+    assert type(built.module).__name__ == "LevitDistilled" and built.kwargs == {"img_size": 64}
+    assert main(["check", "--teacher", "test_resnet", "--student", "levit_128s", "--image-size", "64",
+                 "--batch-size", "2", "--loss", "kd=1", "--loss", "jacobian=1"]) == 0
+    assert "test_resnet -> levit_128s" in capsys.readouterr().out

@@ -113,17 +113,25 @@ def _autocast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t.to(dtype)
 
 
-def _native_is_faster(input: Tensor, groups: int) -> bool:
-    """Grouped convolutions of contiguous (not channels-last) maps on a CPU: there oneDNN's grouped
-    backward-filter kernel is slower than PyTorch's per-group derivative, while in channels-last
-    jacplug's wins (measured on a depthwise layer; the figures are in docs/jacobian.md)."""
-    return groups > 1 and input.device.type == "cpu" and not input.is_contiguous(memory_format=torch.channels_last)
+def _native_is_faster(input: Tensor, weight: Tensor, groups: int) -> bool:
+    """Where PyTorch's own double backward was measured faster, so it is kept (figures in docs/jacobian.md):
+
+    - grouped convolutions of contiguous (not channels-last) maps on a CPU: oneDNN's grouped
+      backward-filter kernel is slower than PyTorch's per-group derivative there (in channels-last
+      jacplug's wins; measured on a depthwise layer);
+    - 1x1 convolutions on CUDA: both derivatives are plain matrix products there, and PyTorch's took
+      0.75-0.82x the time of jacplug's on an H200 (bf16 and float32, contiguous and channels-last),
+      while every larger kernel measured was faster with jacplug's or within 6 %.
+    """
+    if input.device.type == "cpu":
+        return groups > 1 and not input.is_contiguous(memory_format=torch.channels_last)
+    return input.device.type == "cuda" and groups == 1 and all(size == 1 for size in weight.shape[2:])
 
 
 def _convolution(native, spatial: int, input: Tensor, weight: Tensor, bias: Tensor | None = None,
                  stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> Tensor:
     if (isinstance(padding, str) or input.dim() != spatial + 2 or not torch.is_grad_enabled()
-            or _native_is_faster(input, groups)):
+            or _native_is_faster(input, weight, groups)):
         return native(input, weight, bias, stride, padding, dilation, groups)  # string padding, unbatched
     expand = lambda v: [v] * spatial if isinstance(v, int) else list(v)  # noqa: E731
     device = input.device.type

@@ -9,20 +9,29 @@ terms outside it), distributed training, logging, checkpoints.
 - The student is ``model`` (a ``transformers`` model returning a ``ModelOutput`` with ``.logits``, or
   any module returning logits); the teacher may be either kind too. Batches are dicts with the
   images under ``input_key`` (``"pixel_values"``) and the labels under ``label_key`` (``"labels"``).
-- Training steps return the Distiller's total; each term's mean since the last log is added to the
-  Trainer's own logs (``kd``, ``jacobian``, ...). Evaluation steps return the student's cross-entropy,
-  as a classification model's own loss is.
+- Training steps return the Distiller's total; each term's mean since the last log, averaged over the
+  processes, is added to the Trainer's own logs (``kd``, ``jacobian``, ...). Evaluation steps return
+  the student's cross-entropy, as a classification model's own loss is.
 - Learnable loss parts (FitNet adapters) join the Trainer's optimizer (a parameter group with the
   Trainer's weight decay) and, in a multi-process run, have their gradients averaged after every
-  backward pass (the Trainer's DDP covers only the model).
+  backward pass (the Trainer's DDP covers only the model), and zeroed after every optimizer step (the
+  Trainer zeroes only the model's gradients, so they would accumulate). Each checkpoint holds them beside the
+  model (``jacplug_loss.safetensors``), and ``train(resume_from_checkpoint=...)`` restores them, so a
+  resumed run continues them (their optimizer state is in the Trainer's own ``optimizer.pt``).
+- The model file the Trainer writes is the student's own ``state_dict``; :meth:`student_state_dict`
+  gives it in memory.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..distiller import Distiller
@@ -31,9 +40,25 @@ from ..losses.composite import WeightedLoss
 from ..outputs import logits_of
 
 try:
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("jacplug.integrations.hf_trainer needs transformers: pip install 'jacplug[huggingface]'") from exc
+
+
+_logger = logging.getLogger(__name__)
+
+#: the loss terms' learnable state (FitNet adapters), beside the model in each checkpoint directory
+LOSS_STATE_FILE = "jacplug_loss.safetensors"
+
+
+class _ZeroLossGradients(TrainerCallback):
+    """After each optimizer step, the adapters' gradients are cleared, as the Trainer clears the model's."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.loss = loss
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.loss.zero_grad()
 
 
 class JacobianDistillationTrainer(Trainer):
@@ -64,6 +89,7 @@ class JacobianDistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
+        self.add_callback(_ZeroLossGradients(self.distiller.loss))
 
     def compute_loss(self, model: nn.Module, inputs: Mapping[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:
@@ -94,10 +120,41 @@ class JacobianDistillationTrainer(Trainer):
             optimizer.add_param_group({"params": adapters, "weight_decay": self.args.weight_decay})
         return optimizer
 
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's own ``state_dict``, loadable into the bare model (no wrapper's prefix)."""
+        return self.distiller.student.state_dict()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The Trainer's model files, and the loss terms' adapters beside them."""
+        super()._save(output_dir, state_dict=state_dict)
+        state = self.distiller.loss.state_dict()
+        if state and self.args.should_save:
+            directory = output_dir if output_dir is not None else self.args.output_dir
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      os.path.join(directory, LOSS_STATE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The Trainer's model weights, and the adapters the checkpoint holds."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        loss = self.distiller.loss
+        path = os.path.join(resume_from_checkpoint, LOSS_STATE_FILE)
+        if os.path.isfile(path):
+            device = next(iter(loss.state_dict().values()), torch.empty(0)).device
+            loss.load_state_dict(load_file(path, device=str(device)))
+        elif loss.state_dict():
+            _logger.warning(f"{resume_from_checkpoint} has no {LOSS_STATE_FILE}: the loss terms' adapters restart "
+                            f"from their initial weights")
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """The Trainer's logs, with each term's mean over the steps since the last training log."""
+        """The Trainer's logs, with each term's mean over the steps since the last training log, averaged
+        over the processes as the Trainer averages its loss (every rank logs training at the same step)."""
         if "loss" in logs and self._term_count:
-            logs = {**logs, **{key: float(total) / self._term_count for key, total in self._term_sums.items()}}
+            keys = list(self._term_sums)
+            means = torch.stack([torch.as_tensor(self._term_sums[key]) for key in keys]).double() / self._term_count
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(means)
+                means /= dist.get_world_size()
+            logs = {**logs, **dict(zip(keys, means.tolist()))}
             self._term_sums, self._term_count = {}, 0
         super().log(logs, *args, **kwargs)
 

@@ -9,10 +9,17 @@ The module's parameters are the Distiller's, the student's and the loss terms' a
 teacher's), so Lightning's DDP averages the adapters' gradients with the student's and its
 checkpoints hold both; the teacher is frozen and moves with the module. ``forward(x)`` is the
 student's, for inference and ``validation_step``, which logs the student's cross-entropy and accuracy.
+
+Checkpoints: a module built from names (a registered model name, or the path of a ``jacplug train``
+checkpoint) records them as hyperparameters, so ``DistillationModule.load_from_checkpoint(path)``
+rebuilds it; one built from modules needs them again (``load_from_checkpoint(path, student=...,
+teacher=...)``). :func:`student_state_dict` gives the student's own ``state_dict`` from a checkpoint
+file, loadable into the bare model.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -29,6 +36,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("jacplug.integrations.lightning_module needs Lightning: pip install 'jacplug[lightning]'") from exc
 
+#: where the student's weights sit in the module's state_dict
+STUDENT_PREFIX = "distiller.student."
+
 OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -36,28 +46,42 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 class DistillationModule(L.LightningModule):
     """``DistillationModule(student, teacher, loss=[...], optimizer=...)``.
 
+    ``student`` and ``teacher``: modules, or names: a model name of jacplug's registry (any timm model),
+    built with ``student_kwargs`` / ``teacher_kwargs`` (e.g. ``{"num_classes": 10}``), or the path of a
+    ``jacplug train`` checkpoint (the model it records, with its weights). Names, spec-string losses and
+    the keys are saved as hyperparameters, so ``load_from_checkpoint(path)`` needs nothing else.
+
     ``loss``: jacplug's spec strings, a ``{name: weight}`` dict or a ``WeightedLoss`` (default: the
     preset). ``optimizer``: a callable from parameters to an optimizer (default AdamW, lr 1e-3), e.g.
     ``functools.partial(torch.optim.SGD, lr=0.1)``; ``lr_scheduler``: optionally a callable from the
     optimizer to a scheduler stepped every optimizer step. Batches are ``(images, labels)`` tuples or
     dicts with ``input_key`` and ``label_key``. Each term is logged with ``self.log`` under
-    ``train/<term>`` (and ``train/loss``), per step and per epoch.
+    ``train/<term>`` (and ``train/loss``): per step on each process (``train/<term>_step``), and per
+    epoch averaged over the processes (``train/<term>_epoch``, ``sync_dist=True``).
     """
 
     def __init__(
         self,
-        student: nn.Module,
-        teacher: nn.Module,
+        student: nn.Module | str,
+        teacher: nn.Module | str,
         loss: WeightedLoss | Sequence[str] | Mapping[str, float] | None = None,
         optimizer: OptimizerFactory | None = None,
         lr_scheduler: SchedulerFactory | None = None,
         *,
+        student_kwargs: Mapping[str, Any] | None = None,
+        teacher_kwargs: Mapping[str, Any] | None = None,
         input_key: str = "pixel_values",
         label_key: str = "labels",
         check_gradients: bool = True,
         teacher_input: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
+        # what can rebuild the module: names, spec strings and plain options (modules and callables cannot)
+        self.save_hyperparameters(ignore=[key for key, value in (("student", student), ("teacher", teacher),
+                                                                ("loss", loss)) if not _recordable(value)]
+                                  + ["optimizer", "lr_scheduler", "teacher_input"])
+        student = _model(student, student_kwargs, "student")
+        teacher = _model(teacher, teacher_kwargs, "teacher")
         self.distiller = Distiller(student, teacher, loss, amp=False, check_gradients=check_gradients,
                                    name=type(student).__name__, teacher_input=teacher_input)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
@@ -75,10 +99,17 @@ class DistillationModule(L.LightningModule):
         images, labels = self._split(batch)
         out = self.distiller(images, labels)
         size = images.shape[0]
-        self.log("train/loss", out["loss"].detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
-        for key in self.distiller.loss.terms:
-            self.log(f"train/{key}", out[key].detach(), on_step=True, on_epoch=True, batch_size=size)
+        for key in ("loss", *self.distiller.loss.terms):
+            value = out[key].detach()
+            # this process's value per step (no collective per step); the epoch's mean over every process
+            self.log(f"train/{key}_step", value, prog_bar=key == "loss", on_step=True, on_epoch=False,
+                     batch_size=size)
+            self.log(f"train/{key}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
         return out["loss"]
+
+    def student_state_dict(self) -> dict[str, Tensor]:
+        """The student's own ``state_dict`` (no ``distiller.student.`` prefix), for the bare model."""
+        return self.student.state_dict()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, labels = self._split(batch)
@@ -108,3 +139,43 @@ class DistillationModule(L.LightningModule):
             return batch, None
         raise UserError(f"a batch must be (images, labels), a dict with {self.input_key!r}, or images; "
                         f"got {type(batch).__name__}")
+
+
+def student_state_dict(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, Tensor]:
+    """The student's ``state_dict`` from a Lightning checkpoint of a :class:`DistillationModule` (a
+    ``.ckpt`` path or the loaded dict): its ``distiller.student.`` keys without the prefix, loadable
+    with ``model.load_state_dict`` into the bare student; the adapters and nothing else are left out."""
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = torch.load(str(checkpoint), map_location="cpu", weights_only=False)  # Lightning's own format
+    state = checkpoint.get("state_dict", checkpoint)
+    student = {key[len(STUDENT_PREFIX):]: value for key, value in state.items() if key.startswith(STUDENT_PREFIX)}
+    if not student:
+        raise UserError(f"the checkpoint holds no {STUDENT_PREFIX!r} keys (it has {sorted(state)[:3]}...): it is "
+                        f"not a DistillationModule's")
+    return student
+
+
+def _recordable(value: Any) -> bool:
+    """Whether a constructor argument can be saved as a hyperparameter and rebuild the module."""
+    if value is None or isinstance(value, (str, Path)):
+        return True
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in value.items())
+    return isinstance(value, Sequence) and all(isinstance(item, str) for item in value)
+
+
+def _model(model: nn.Module | str | Path, kwargs: Mapping[str, Any] | None, role: str) -> nn.Module:
+    """A module as given, a ``jacplug train`` checkpoint's model, or a registered model built by name."""
+    if isinstance(model, nn.Module):
+        if kwargs:
+            raise UserError(f"{role}_kwargs= builds a {role} from a name; the {role} given is a module already")
+        return model
+    if isinstance(model, (str, Path)) and str(model).endswith(".safetensors"):
+        from ..pipeline.pretrained import load_model
+
+        return load_model(model)
+    if isinstance(model, str):
+        from ..registry import create_model
+
+        return create_model(model, **dict(kwargs or {}))
+    raise UserError(f"{role}= takes a module, a model name or a jacplug checkpoint's path, got {type(model).__name__}")

@@ -11,7 +11,17 @@ in ``train.py``) plus ``loss=``, jacplug's extra terms (default: the Eq. 10 ``ja
 times the distillation weight). The total is ``task_loss_weight * criterion(student, target) +
 distill_loss_weight * KD(T) + <the jacplug terms>``, the weights resolved exactly as timm resolves them.
 The distillation terms are one :class:`jacplug.Distiller`, which is the trainable module: its
-parameters are the student's and the loss terms' adapters, never the teacher's.
+parameters are the student's and the loss terms' adapters, never the teacher's. timm's optimizer
+factory reads ``no_weight_decay()`` and ``group_matcher()`` from the module it is given; the trainable
+module hands on the student's, under its ``student.`` prefix (as timm's own feature-distillation module
+does), so weight decay and ``--layer-decay`` treat the student exactly as with ``LogitDistillationTask``;
+the adapters join the top layer (the full learning rate).
+
+The teacher may be a timm name (pretrained weights, as timm's task), a module, a
+``DistillationTeacher``, or the path of a checkpoint written by ``jacplug train`` (the model it records,
+with its weights and normalisation); ``teacher_pretrained_path`` loads any other local file into a
+named timm model, as timm does. Each term's mean since the last call of :meth:`format_term_means` is
+what a log line shows (timm's ``train.py`` logs only the total).
 
 Teacher and student may be normalised differently (timm's pretrained configurations): the teacher
 sees the student's input renormalised with its own mean and std (the Distiller's ``teacher_input``),
@@ -24,7 +34,8 @@ that the Jacobian terms take, so the training step stays eager (one log line say
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +46,8 @@ from ..losses.composite import WeightedLoss
 from ..losses.distill import KDLoss
 
 try:
+    from timm.models import group_parameters
+    from timm.optim import auto_group_layers
     from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss
     from timm.utils import unwrap_model
     from timm.utils.model_ema import ModelEmaV3
@@ -63,6 +76,33 @@ class Renormalize(nn.Module):
         return (x * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
 
 
+class TimmDistiller(Distiller):
+    """The task's trainable module: a :class:`jacplug.Distiller` that answers what timm's optimizer
+    factory asks a model (``create_optimizer_v2(module, weight_decay=..., layer_decay=...)``) with the
+    student's own answers, prefixed with ``student.``: its ``no_weight_decay()`` names, and its layer
+    groups for layer-wise learning-rate decay. The loss terms' adapters (``loss.*``) get the top layer."""
+
+    def no_weight_decay(self) -> set[str]:
+        """The student's parameters (timm's ``fnmatch`` patterns) that take no weight decay."""
+        names = getattr(self.student, "no_weight_decay", None)
+        return {f"student.{name}" for name in names()} if callable(names) else set()
+
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], int]:
+        """Parameter name -> layer index: the student's layer groups (its ``group_matcher()``, or timm's
+        fallback grouping when it has none, as for the student itself), the adapters in the top one."""
+        student = self.student
+        if hasattr(student, "group_matcher"):
+            layers = group_parameters(student, student.group_matcher(coarse=coarse), reverse=True)
+        else:
+            layers = auto_group_layers(student)
+        top = max(layers.values(), default=0)
+
+        def matcher(name: str) -> int:
+            return layers.get(name[len("student."):], top) if name.startswith("student.") else top
+
+        return matcher
+
+
 class JacobianDistillationTask(TrainingTask):
     """Logit distillation plus jacplug's terms, as a timm training task.
 
@@ -72,7 +112,8 @@ class JacobianDistillationTask(TrainingTask):
     ``distill_loss_weight``, ``task_loss_weight``, ``temperature``, ``device``, ``dtype``, ``verbose``),
     plus ``loss``: jacplug's terms besides KD, as spec strings, a ``{name: weight}`` dict or a
     ``WeightedLoss`` (default ``["jacobian=W"]`` with ``W = 0.3 * distill_loss_weight``), and
-    ``check_gradients`` (the Distiller's first-call check).
+    ``check_gradients`` (the Distiller's first-call check). ``teacher_model`` may also be the path of a
+    ``jacplug train`` checkpoint (``teacher.safetensors``).
 
     ``task(input, target)`` returns ``{"loss", "output", "task_loss", "kd", <each jacplug term>}``.
     """
@@ -103,6 +144,8 @@ class JacobianDistillationTask(TrainingTask):
         self.temperature = temperature
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
         student = unwrap_model(student_model)
+        if isinstance(teacher_model, (str, Path)) and Path(teacher_model).suffix == ".safetensors":
+            teacher_model = _jacplug_checkpoint(teacher_model)
         if isinstance(teacher_model, str):  # a timm name: built with pretrained weights, sized like the student
             teacher = DistillationTeacher(teacher_model, num_classes=student.num_classes,
                                           in_chans=getattr(student, "in_chans", 3), pretrained_path=teacher_pretrained_path,
@@ -120,9 +163,11 @@ class JacobianDistillationTask(TrainingTask):
         if self.distill_loss_weight > 0:
             terms = WeightedLoss({"kd": (KDLoss(temperature=temperature), self.distill_loss_weight),
                                   **{key: (term, terms.weights[key]) for key, term in terms.terms.items()}})
-        self.trainable_module = Distiller(student_model, teacher.model, terms.to(self.device), amp=False,
-                                          check_gradients=check_gradients, name=type(student).__name__,
-                                          teacher_input=self._renormalize(student, teacher))
+        self.trainable_module = TimmDistiller(student_model, teacher.model, terms.to(self.device), amp=False,
+                                              check_gradients=check_gradients, name=type(student).__name__,
+                                              teacher_input=self._renormalize(student, teacher))
+        self._term_sums: Dict[str, Tensor] = {}
+        self._term_count = 0
         if self.verbose:
             _logger.info(f"JacobianDistillationTask: task_weight={self.task_loss_weight}, loss={terms.extra_repr()}, "
                          f"temperature={temperature}")
@@ -151,7 +196,24 @@ class JacobianDistillationTask(TrainingTask):
         out = self.trainable_module(input, target if reads_labels else None)
         task_loss = self.criterion(out["output"], target)
         total = self.task_loss_weight * task_loss + out["loss"]
-        return {**out, "loss": total, "task_loss": task_loss}
+        result = {**out, "loss": total, "task_loss": task_loss}
+        if self.training:
+            for key in ("task_loss", *distiller.loss.terms):
+                value = result[key].detach()
+                self._term_sums[key] = self._term_sums[key] + value if key in self._term_sums else value
+            self._term_count += 1
+        return result
+
+    def term_means(self) -> Dict[str, float]:
+        """Each part of the loss (``task_loss``, ``kd``, each jacplug term; unweighted) averaged over
+        the training calls since the last call, on this process; the running sums restart."""
+        means = {key: float(total) / self._term_count for key, total in self._term_sums.items()}
+        self._term_sums, self._term_count = {}, 0
+        return means
+
+    def format_term_means(self) -> str:
+        """:meth:`term_means` as one log line: ``task_loss 2.31  kd 0.912  jacobian 0.0412``."""
+        return "  ".join(f"{key} {value:#.3g}" for key, value in self.term_means().items())
 
     # ---- timm's task protocol -------------------------------------------------------------------
 
@@ -161,6 +223,13 @@ class JacobianDistillationTask(TrainingTask):
 
         self.trainable_module = DistributedDataParallel(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
+
+    def get_clip_parameters(self, exclude_head: bool = False) -> list[Tensor]:
+        """What gradient clipping covers: the student's parameters (without its last two, the head, for
+        ``exclude_head``, as timm does for a model) and the adapters'."""
+        distiller = self.distiller
+        student = list(distiller.student.parameters())
+        return [*(student[:-2] if exclude_head else student), *distiller.loss.parameters()]
 
     def compile(self, backend: str = "inductor", mode: Optional[str] = None, **compile_kwargs: Any) -> nn.Module:
         """Compile the eval model only: the training step's double backward cannot be compiled."""
@@ -201,6 +270,14 @@ class JacobianDistillationTask(TrainingTask):
                         ema: bool = False) -> None:
         if state and "jacplug_loss" in state:
             self.distiller.loss.load_state_dict(state["jacplug_loss"], strict=strict)
+
+
+def _jacplug_checkpoint(path: Union[str, Path]) -> nn.Module:
+    """The model a ``jacplug train`` checkpoint records, with its weights and its ``pretrained_cfg``
+    (whose mean and std the teacher's input is normalised with)."""
+    from ..pipeline.pretrained import load_model
+
+    return load_model(path)
 
 
 def _weights(distill: Optional[float], task: Optional[float]) -> tuple[float, float]:

@@ -3,9 +3,10 @@ they run at the data's input size before anything is trained.
 
 - ``img_size``: models whose constructor takes it (timm's ViT, DeiT, CaiT, Swin, PiT, LeViT, Mixer,
   ...) get the run's input size unless the kwargs set it. Whether a constructor takes it is read from
-  the built model's class signature (:func:`takes_img_size`); such a model is built again with it,
-  from the same random state, so the weights are those a single build at that size gives. The kwargs a model was built with,
-  ``img_size`` included, are what checkpoints record (:attr:`BuiltModel.kwargs`).
+  the built model's constructor signatures, its base classes' included (:func:`takes_img_size`); such
+  a model is built again with it, from the same random state, so the weights are those a single build
+  at that size gives. The kwargs a model was built with, ``img_size`` included, are what checkpoints
+  record (:attr:`BuiltModel.kwargs`).
 - A kwarg the constructor does not take, or a construction that fails on the user's kwargs, is a
   one-line :class:`UserError` naming the model and the key.
 - Input size: a one-image forward of zeros in eval mode, without grad, at the run's input size. If it
@@ -74,13 +75,26 @@ def _unexpected_key(exc: BaseException) -> str | None:
 
 
 def takes_img_size(model: nn.Module) -> bool:
-    """Whether the model's class declares an ``img_size`` constructor parameter (timm's ViT, Swin, PiT,
-    LeViT, Mixer, ...). From the signature, not from trying: a constructor that takes ``**kwargs`` may
-    word its refusal of an unknown key in any way (timm's MetaFormer family does)."""
-    try:
-        return "img_size" in inspect.signature(type(model).__init__).parameters
-    except (TypeError, ValueError):  # a signature Python cannot read (a builtin class)
-        return False
+    """Whether the model's constructor accepts an ``img_size`` parameter (timm's ViT, Swin, PiT, LeViT,
+    Mixer, ...). Read from the signatures, not from trying: a constructor that takes ``**kwargs`` may word
+    its refusal of an unknown key in any way (timm's MetaFormer family does). The class hierarchy is
+    walked: a subclass whose ``__init__`` takes ``**kwargs`` hands them on to its base (timm's
+    ``LevitDistilled`` to ``Levit``), so its own signature alone does not say."""
+    for cls in type(model).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:  # inherited: the next class in the MRO defines it
+            continue
+        if cls in (nn.Module, object):
+            return False
+        try:
+            parameters = inspect.signature(init).parameters
+        except (TypeError, ValueError):  # a signature Python cannot read (a builtin class)
+            return False
+        if "img_size" in parameters:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return False  # unknown keywords stop here
+    return False
 
 
 def _one_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from .checkpoint import load_model as load_weights
-from .checkpoint import pretrained_cfg, read_checkpoint
+from .checkpoint import checkpoint_model_kwargs, pretrained_cfg, read_checkpoint
 
 
 def checkpoint_pretrained_cfg(metadata: dict[str, str]) -> dict[str, Any]:
@@ -53,8 +53,9 @@ def load_model(path: str | Path) -> nn.Module:
             f"weights with safetensors)"
         )
     name, num_classes, in_chans = metadata["model"], int(metadata["num_classes"]), int(metadata["in_chans"])
-    model = create_model(name, num_classes=num_classes, in_chans=in_chans)
-    load_weights(path, model, expected_name=name, num_classes=num_classes, in_chans=in_chans)
+    kwargs = checkpoint_model_kwargs(path) or {}  # e.g. a ViT's img_size: the model it was trained as
+    model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    load_weights(path, model, expected_name=name, num_classes=num_classes, in_chans=in_chans, model_kwargs=kwargs)
     # what timm.create_model(..., pretrained_cfg_overlay=cfg) does, for models from any registry plugin
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **checkpoint_pretrained_cfg(metadata)}
     if hasattr(model, "default_cfg"):
