@@ -103,10 +103,11 @@ def test_under_torchrun_only_rank_0_prints_an_error(capsys, monkeypatch):
 
 def test_the_experiments_teacher_warning_names_the_experiments_option(tmp_path):
     from jacplug.experiment import ExperimentConfig
-    from jacplug.experiment.protocol import load_splits, teacher_weights
+    from jacplug.experiment.protocol import teacher_weights
+    from jacplug.pipeline.prepare import load_data
     from jacplug.pipeline.device import init_runtime
     from jacplug.pipeline.steps import FewStepsWarning
 
     config = ExperimentConfig(teacher="test_resnet", image_size=8, teacher_epochs=1, out=str(tmp_path))
     with pytest.warns(FewStepsWarning, match="pass --teacher-epochs N"):
-        teacher_weights(config, load_splits(config), init_runtime("cpu"), tmp_path)
+        teacher_weights(config, load_data(config), init_runtime("cpu"), tmp_path)

@@ -308,12 +308,13 @@ def test_loading_batches_in_worker_processes_changes_nothing_but_speed(tmp_path)
     """``loader_workers`` (4 by default on CUDA) must train the same student as loading in the run's
     own process: same batches, and the run's random draws (here the projections) untouched."""
     from jacplug.experiment import RunSpec, run_one
-    from jacplug.experiment.protocol import load_splits, teacher_weights, load_teacher
+    from jacplug.experiment.protocol import teacher_weights, load_teacher
+    from jacplug.pipeline.prepare import load_data
     from jacplug.pipeline.device import init_runtime
 
     config = tiny_config(tmp_path)
     runtime = init_runtime("cpu")
-    full = load_splits(config)
+    full = load_data(config)
     teacher_path, _ = teacher_weights(config, full, runtime, tmp_path)
     teacher = load_teacher(config, full, teacher_path, runtime)
     spec = RunSpec("kd+projected", 3, seed=1, weights=(("projected", 1.0),))

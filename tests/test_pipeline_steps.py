@@ -116,7 +116,8 @@ def test_progress_without_bars_prints_lines_every_n_steps_and_at_evaluations(cap
 def test_resolved_config_spells_out_the_defaults():
     from jacplug.losses import jacobian_distillation
     from jacplug.pipeline.data import few_sample_subset
-    from jacplug.pipeline.run import build_loss, resolve_run
+    from jacplug.pipeline.prepare import build_loss
+    from jacplug.pipeline.run import resolve_run
     from jacplug.registry import create_dataset
 
     full = create_dataset("digits")
@@ -130,7 +131,7 @@ def test_resolved_config_spells_out_the_defaults():
     config, _ = resolve_run(TrainConfig(samples_per_class=10, epochs=3, teacher_checkpoint="t.safetensors"), few, CPU)
     assert (config.epochs, config.steps, config.teacher_epochs) == (3, None, None)
 
-    spelled, preset = build_loss(config), jacobian_distillation()  # config.loss: the preset as specs
+    spelled, preset = build_loss(config.loss, config.teacher, config.student), jacobian_distillation()  # config.loss: the preset as specs
     assert spelled.weights == preset.weights
     assert {k: (type(t), vars(t)) for k, t in spelled.terms.items()} == {k: (type(t), vars(t)) for k, t in preset.terms.items()}
 

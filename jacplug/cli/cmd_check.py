@@ -37,13 +37,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..distiller import Distiller
     from ..checks.gradient_flow import format_flow_table, raise_for_detached
     from ..pipeline.checkpoint import load_model
     from ..pipeline.config import resolve
     from ..pipeline.device import init_runtime
     from ..pipeline.models import build
-    from ..pipeline.run import build_loss, load_data
+    from ..pipeline.prepare import build_loss, check_step, load_data
     from ..pipeline.teacher import build_teacher
 
     config = resolve({}, dict(
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     runtime = init_runtime(config.device)
     splits = load_data(config)
-    loss = build_loss(config).to(runtime.device)
+    loss = build_loss(config.loss, config.teacher, config.student).to(runtime.device)
     student = build("student", config.student, splits, config.student_kwargs).module.to(runtime.device).train()
     built = build_teacher(config, splits)
     if args.teacher_checkpoint:
@@ -66,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     picks = torch.randperm(len(splits.train), generator=generator)[: config.batch_size].tolist()
     inputs = torch.stack([splits.train[i][0] for i in picks]).to(runtime.device)
     targets = torch.tensor([int(splits.train[i][1]) for i in picks], device=runtime.device)
-    distiller = Distiller(student, teacher, loss, amp=runtime.amp_dtype, name=config.student)
-    report = distiller.check(inputs, targets)
+    report = check_step(student, teacher, loss, inputs, targets, runtime, name=config.student, require_flow=False)
     print(f"{config.teacher} -> {config.student} on {config.dataset}, one batch of {len(picks)}:")
     print(format_flow_table(report, loss.weights))
     raise_for_detached(report)

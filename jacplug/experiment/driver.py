@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
+from ..pipeline.prepare import load_data
 from ..pipeline.device import init_runtime
 from ..pipeline.evaluate import accuracy
 from ..pipeline.lock import RunDirLock
@@ -27,7 +28,6 @@ from .protocol import (
     check_before_training,
     choose_weights,
     hardware,
-    load_splits,
     load_teacher,
     main_specs,
     noisy_accuracy,
@@ -83,7 +83,7 @@ def _run_locked(config: ExperimentConfig, echo: Callable[[str], None], records: 
     started = time.perf_counter()
     torch.set_num_threads(config.threads)
     runtime = init_runtime(config.device)
-    full = load_splits(config)
+    full = load_data(config)
     if full.val is None:
         raise UserError(f"dataset {config.dataset!r} has no validation split; the loss weights must be chosen on one")
     check_before_training(config, full, runtime)

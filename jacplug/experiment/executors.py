@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..errors import UserError
+from ..pipeline.prepare import load_data
 from ..pipeline.device import Runtime, init_runtime
 from . import protocol
 from .config import ExperimentConfig, RunSpec
@@ -43,7 +44,7 @@ def _init_worker(config: ExperimentConfig, teacher_path: str, devices: Any = Non
     device names (:func:`worker_devices`), one taken by each pool process; ``None``: ``config.device``."""
     torch.set_num_threads(config.threads)
     runtime = init_runtime(devices.get() if devices is not None else config.device)
-    full = protocol.load_splits(config)
+    full = load_data(config)
     _WORKER.update(config=config, full=full, runtime=runtime,
                    teacher=protocol.load_teacher(config, full, Path(teacher_path), runtime))
 

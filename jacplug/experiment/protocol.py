@@ -50,8 +50,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..distiller import RESERVED_KEYS, Distiller
-from ..checks.gradient_flow import raise_for_detached
-from ..losses import build_loss
 from ..pipeline.checkpoint import load_model, save_model
 from ..pipeline.config import TrainConfig
 from ..pipeline.data import DatasetSplits, few_sample_subset
@@ -61,22 +59,17 @@ from ..events import Phase
 from ..pipeline.loop import Loop, StreamBatches
 from ..pipeline.observe import Events, observing
 from ..pipeline.optim import create_adamw
+from ..pipeline.prepare import build_loss, check_step
 from ..checks.probe_batch import probe_batch
 from ..pipeline.run import RunContext
 from ..pipeline.steps import stream_plan
 from ..pipeline.models import build
 from ..pipeline.teacher import TEACHER_FILE, cosine_schedule, train_teacher
-from ..registry import create_dataset
 from .config import ExperimentConfig, RunSpec
 from .methods import METHODS, get_method
 
 # ---------------------------------------------------------------------------------------------------
 # one run
-
-
-def load_splits(config: ExperimentConfig) -> DatasetSplits:
-    return create_dataset(config.dataset, root=config.data_root, download=config.download,
-                          image_size=config.image_size)
 
 
 def cell_config(spec: RunSpec, config: ExperimentConfig, specs: list[str]) -> TrainConfig:
@@ -105,7 +98,7 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     torch.manual_seed(spec.seed)
     student = build("student", config.student, splits, config.student_kwargs).module
     student = student.to(runtime.device).train()
-    loss = build_loss(specs).to(runtime.device)
+    loss = build_loss(specs, config.teacher, config.student).to(runtime.device)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
     plan = stream_plan(len(splits.train), config.batch_size, steps=config.steps)
     batches = StreamBatches(splits.train, plan, config.batch_size, spec.seed, loader_workers(config, runtime),
@@ -172,9 +165,8 @@ def check_before_training(config: ExperimentConfig, full: DatasetSplits, runtime
         for name in config.methods:
             method = get_method(name)
             specs = method.specs({key: config.grid(key)[0] for key in method.uses}, config)
-            distiller = Distiller(student.train(), teacher, build_loss(specs).to(runtime.device),
-                                  amp=runtime.amp_dtype, name=config.student)
-            raise_for_detached(distiller.check(inputs, targets))
+            check_step(student, teacher, build_loss(specs, config.teacher, config.student), inputs, targets, runtime,
+                       name=config.student)
 
 
 def loader_workers(config: ExperimentConfig, runtime: Runtime) -> int:

@@ -43,11 +43,9 @@ from torch import nn
 
 from ..distiller import Distiller
 from ..errors import UserError
-from ..checks.gradient_flow import raise_for_detached
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..events import Phase
-from ..registry import create_dataset, model_pair
 from . import cache as teacher_cache
 from .checkpoint import atomic_write_text, load_model, load_resume, remove_stale_temp_files, save_resume
 from .config import TrainConfig
@@ -61,6 +59,7 @@ from .metrics import MetricsLog, read_metrics
 from .models import build
 from .observe import Events, check_observers, observing
 from .optim import create_adamw
+from .prepare import build_loss, check_step, load_data
 from ..checks.probe_batch import probe_batch
 from .progress import want_progress
 from .steps import StepPlan, default_length, stream_batch, stream_plan, warn_if_few
@@ -93,35 +92,6 @@ class RunContext:
 def default_out(config: TrainConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config.teacher}-{config.student}-{stamp}"
-
-
-def build_loss(config: TrainConfig) -> WeightedLoss:
-    """The ``--loss`` specs (or :data:`~jacplug.losses.presets.DEFAULT_SPECS`) through the registry; feature terms get the
-    registered teacher/student pair's layers and channels."""
-    from ..losses import build_loss as from_specs, options_from_pair
-
-    pair = model_pair(config.teacher, config.student)
-    overrides = {"fitnet": options_from_pair(pair)} if pair is not None else None
-    return from_specs(list(config.loss or DEFAULT_SPECS), overrides)
-
-
-def load_data(config: TrainConfig) -> DatasetSplits:
-    return create_dataset(
-        config.dataset, root=config.data_root, download=config.download, image_size=config.image_size,
-        augment=config.augment,
-    )
-
-
-def startup_probe(config: TrainConfig, loss: WeightedLoss, student: nn.Module, teacher: nn.Module,
-                  splits: DatasetSplits, runtime: Runtime) -> None:
-    """Every term once, with the student and a freshly built (untrained) teacher, on eight training
-    images: an unsupported op, a bad option or a shape mismatch stops the run before the teacher is
-    trained (and a term that cannot reach the student, unless ``--no-check-gradients``)."""
-    probe = Distiller(student.to(runtime.device).train(), teacher.to(runtime.device), loss.to(runtime.device),
-                      amp=runtime.amp_dtype, name=config.student)
-    report = probe.check(*probe_batch(splits, runtime.device))
-    if config.check_gradients:
-        raise_for_detached(report)
 
 
 def use_cuda_graphs(config: TrainConfig, runtime: Runtime) -> bool:
@@ -213,7 +183,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     full = load_data(config)
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
     config, plan = resolve_run(config, splits, runtime)
-    loss = build_loss(config)
+    loss = build_loss(config.loss, config.teacher, config.student)
     student_built = build("student", config.student, splits, config.student_kwargs)
     student = student_built.module
     with torch.random.fork_rng(devices=[]):  # a throwaway build must not shift the run's seeds
@@ -225,8 +195,9 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
                    num_classes=full.num_classes, in_chans=full.in_chans, model_kwargs=built_teacher.kwargs)
     if config.cache_teacher:
         teacher_cache.check_cacheable(loss, splits.augment, config.dataset)
-    if not config.resume:
-        startup_probe(config, loss, student, probe_teacher, splits, runtime)
+    if not config.resume:  # every term once, with the student and the untrained teacher, on eight training images
+        check_step(student, probe_teacher, loss, *probe_batch(splits, runtime.device), runtime, name=config.student,
+                   require_flow=config.check_gradients)
     del probe_teacher
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
