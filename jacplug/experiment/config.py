@@ -5,13 +5,14 @@ student run of its grid (:class:`RunSpec`). Kept apart from the protocol (:mod:`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import UserError
 from ..options import option
-from ..pipeline.config import check_device, resume_item, resume_mode
+from ..pipeline.config import FIELDS as TRAIN_FIELDS, TrainConfig, check_device, resume_item, resume_mode
 from ..pipeline.model_options import kwargs_option
 from .methods import FEW_SHOT_METHODS, METHODS, get_method
 
@@ -51,28 +52,41 @@ def _kwargs(value: Any) -> dict[str, Any]:
     return kwargs_option(value, "--student-kwargs")
 
 
+#: where an experiment's defaults differ from ``jacplug train``'s: a grid of many short runs wants small models,
+#: a fixed step budget per cell, smaller batches for few samples, a longer-trained teacher and bigger
+#: evaluation batches (many evaluations, no training in them)
+EXPERIMENT_DEFAULTS: dict[str, Any] = {"teacher": "resnet10t", "student": "test_resnet", "teacher_epochs": 10,
+                                       "steps": 100, "batch_size": 32, "eval_batch_size": 512,
+                                       "out": "runs/few-shot"}
+
+
+def from_train(name: str, **changes: Any) -> Any:
+    """``jacplug train``'s option ``name`` (:class:`TrainConfig`'s field: help, flag settings, default) as an
+    experiment option, so no default or help is written twice; the default is :data:`EXPERIMENT_DEFAULTS`'
+    where the experiment differs; ``changes`` replace flag settings (its ``--help`` group, a converter)."""
+    field = TRAIN_FIELDS[name]
+    settings = {**field.metadata, **changes}
+    if name in EXPERIMENT_DEFAULTS:
+        return option(EXPERIMENT_DEFAULTS[name], **settings)
+    return option(field.default, default_factory=field.default_factory, **settings)
+
+
 @dataclass
 class ExperimentConfig:
     """Every option of the experiment (recorded in the results JSON). ``samples_per_class``: ``None``
     stands for all training images. Each field is also the ``jacplug experiment`` flag and config-file
     key of the same name (:mod:`jacplug.options`)."""
 
-    dataset: str = option("digits", group="data and models",
-                          help="digits (embedded), cifar10, cifar100, imagefolder:PATH, ...")
-    data_root: str | None = option(None, group="data and models", help="where torchvision datasets live (none: data)")
-    download: bool = option(False, group="data and models", help="download the dataset (needs internet)")
-    image_size: int | None = option(None, group="data and models",
-                                    help="input size (none: the dataset's, digits 16, CIFAR 32)")
-    teacher: str = option("resnet10t", group="data and models", help="any timm name")
-    student: str = option("test_resnet", group="data and models", help="any timm name")
-    student_kwargs: dict[str, Any] = option(default_factory=dict, metavar="KEY=VALUE,...", convert=_kwargs,
-                                            group="data and models",
-                                            help="student constructor kwargs, e.g. patch_size=4 for a ViT (img_size "
-                                                 "is set automatically)")
-    teacher_checkpoint: str | None = option(None, group="data and models",
-                                            help="teacher weights (safetensors) instead of training one")
-    teacher_epochs: int = option(10, group="data and models", help="epochs of the teacher trained here")
-    teacher_lr: float = option(2e-3, group="data and models", help="the teacher's learning rate")
+    dataset: str = from_train("dataset", group="data and models")
+    data_root: str | None = from_train("data_root", group="data and models")
+    download: bool = from_train("download", group="data and models")
+    image_size: int | None = from_train("image_size", group="data and models")
+    teacher: str = from_train("teacher", group="data and models")
+    student: str = from_train("student", group="data and models")
+    student_kwargs: dict[str, Any] = from_train("student_kwargs", convert=_kwargs, group="data and models")
+    teacher_checkpoint: str | None = from_train("teacher_checkpoint", group="data and models")
+    teacher_epochs: int = from_train("teacher_epochs", group="data and models")
+    teacher_lr: float = from_train("teacher_lr", group="data and models")
     samples_per_class: list[int | None] = option(default_factory=lambda: [1, 5, 10, 50, None], metavar="N",
                                                  item=sample_size, convert=_sizes, group="grid",
                                                  help="student training images per class; 'all' = the whole split")
@@ -81,10 +95,10 @@ class ExperimentConfig:
     seeds: list[int] = option(default_factory=lambda: [0, 1, 2, 3, 4], metavar="N", single=True,
                               convert=_seed_count(0, "--seeds"), group="grid",
                               help="N seeds per cell, 0..N-1 (a config file may also list them)")
-    steps: int = option(100, group="grid", help="optimisation steps per student run")
-    batch_size: int = option(32, group="grid", help="batch size")
-    lr: float = option(2e-3, group="grid", help="the students' learning rate")
-    weight_decay: float = option(0.05, group="grid", help="AdamW weight decay")
+    steps: int = from_train("steps", group="grid")
+    batch_size: int = from_train("batch_size", group="grid")
+    lr: float = from_train("lr", group="grid")
+    weight_decay: float = from_train("weight_decay", group="grid")
     temperature: float = option(4.0, group="grid", help="KD temperature")
     attention_layers: str = option("layer1+layer2", group="grid",
                                    help="attention transfer layers (the same names in both models)")
@@ -111,19 +125,17 @@ class ExperimentConfig:
                                        help="also score val/test accuracy with additive Gaussian input noise of "
                                             "these std (units of the pixel std; 0 = clean); writes noise.png")
     noise_seed: int = option(0, group="robustness", help="seed of the scoring noise")
-    device: str = option("auto", group="execution", help="auto, cpu, cuda, cuda:N")
+    device: str = from_train("device", group="execution")
     workers: int = option(2, group="execution", help="processes on CPU (CUDA: one per device, see --devices)")
     threads: int = option(1, group="execution", help="torch threads per process")
     loader_workers: int | None = option(None, group="execution",
                                         help="processes loading training batches in each run (none: 0 on CPU, "
                                              "4 on CUDA)")
-    eval_batch_size: int = option(512, group="execution", help="batch size of evaluations")
-    out: str = option("runs/few-shot", group="execution", help="output directory")
-    log: list[str] = option(default_factory=list, metavar="NAME[:KEY=VAL,...]", group="observers",
-                            help="also report the teacher and every cell to these observers: tensorboard, mlflow, "
-                                 "or a plugin's (one tracker run per cell, grouped under --out)")
-    log_off: list[str] = option(default_factory=list, metavar="NAME", group="observers",
-                               help="switch off built-in observers: metrics (per-cell metrics.jsonl), plot")
+    eval_batch_size: int = from_train("eval_batch_size", group="execution")
+    agreement_images: int = from_train("agreement_images", group="execution")
+    out: str = from_train("out", group="execution")
+    log: list[str] = from_train("log")
+    log_off: list[str] = from_train("log_off")
     resume: bool | str = option(False, const=True, metavar="auto", item=resume_item, convert=resume_mode,
                                 group="execution",
                                 help="run only the unfinished cells of the interrupted experiment in --out, reusing "
@@ -181,9 +193,23 @@ class ExperimentConfig:
         resume_mode(self.resume)
         return self
 
+    def train_config(self, **replaced: Any) -> TrainConfig:
+        """The ``jacplug train`` configuration every cell starts from (the options the two commands share), with
+        ``replaced`` fields: a cell is this with its seed, sample size and loss."""
+        shared = {name: getattr(self, name) for name in SHARED}
+        return dataclasses.replace(TrainConfig(**shared), **replaced)
+
     def grid(self, key: str) -> list[float]:
         """The weights tried for ``key``; ``jacobian``, ``projected`` and ``preset`` share one grid."""
         return {"attention": self.attention_weights, "noisy": self.noisy_weights}.get(key, self.jacobian_weights)
+
+
+#: options named like ``jacplug train``'s that mean something else in an experiment: a list of sample sizes,
+#: processes running cells, resuming a grid
+OWN_MEANING = ("samples_per_class", "workers", "resume")
+#: the options an experiment shares with ``jacplug train`` (its cells are ``jacplug train`` runs)
+SHARED = tuple(name for name in (f.name for f in dataclasses.fields(ExperimentConfig))
+               if name in TRAIN_FIELDS and name not in OWN_MEANING)
 
 
 @dataclass(frozen=True)

@@ -72,16 +72,6 @@ from .methods import METHODS, get_method
 # one run
 
 
-def cell_config(spec: RunSpec, config: ExperimentConfig, specs: list[str]) -> TrainConfig:
-    """The cell as a ``jacplug train`` configuration: what its observers see as ``run.config``."""
-    return TrainConfig(teacher=config.teacher, student=config.student, student_kwargs=dict(config.student_kwargs),
-                       dataset=config.dataset, data_root=config.data_root, samples_per_class=spec.samples_per_class,
-                       image_size=config.image_size, loss=list(specs), steps=config.steps,
-                       batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay, seed=spec.seed,
-                       device=config.device, out=config.out, teacher_checkpoint=config.teacher_checkpoint,
-                       eval_batch_size=config.eval_batch_size, log=list(config.log), log_off=list(config.log_off))
-
-
 def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teacher: nn.Module,
             runtime: Runtime) -> dict[str, Any]:
     """Train a student for ``config.steps`` steps through the run loop and return the run's record
@@ -118,7 +108,7 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
                     scores[f"{name}_acc_noise"] = noisy_accuracy(student, split, config, runtime)
         return scores
 
-    train_config = cell_config(spec, config, specs)
+    train_config = config.train_config(seed=spec.seed, samples_per_class=spec.samples_per_class, loss=list(specs))
     run = RunContext(config=train_config, out_dir=Path(config.out), device=runtime.device, teacher=teacher,
                      student=student, loss=loss, splits=splits, runtime=runtime)
     phase = Phase(kind="cell", name=spec.name, out_dir=Path(config.out), group=str(config.out),
@@ -218,7 +208,8 @@ def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
     train_config = TrainConfig(teacher=config.teacher, teacher_epochs=config.teacher_epochs,
                                teacher_lr=config.teacher_lr, weight_decay=config.weight_decay,
                                eval_batch_size=config.eval_batch_size, workers=loader_workers(config, runtime),
-                               dataset=config.dataset, out=config.out, log=list(config.log), log_off=list(config.log_off))
+                               dataset=config.dataset, out=config.out, log=list(config.log),
+                               log_off=list(config.log_off))
     torch.manual_seed(train_config.seed)
     model = build("teacher", config.teacher, splits).module.to(runtime.device)
     run = RunContext(config=train_config, out_dir=out, device=runtime.device, teacher=None, student=None, loss=None,
