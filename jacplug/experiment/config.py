@@ -5,13 +5,14 @@ student run of its grid (:class:`RunSpec`). Kept apart from the protocol (:mod:`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import UserError
 from ..options import option
-from ..pipeline.config import check_device
+from ..pipeline.config import MAX_COUNT, MAX_SEED, check_device
 from ..pipeline.model_options import kwargs_option
 from .methods import FEW_SHOT_METHODS, METHODS, get_method
 
@@ -122,9 +123,36 @@ class ExperimentConfig:
 
     def validate(self) -> "ExperimentConfig":
         check_device(self.device)
-        for name in ("steps", "batch_size", "teacher_epochs", "workers", "threads"):
-            if int(getattr(self, name)) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "teacher_epochs", "workers", "threads", "eval_batch_size"):
+            if not 0 < int(getattr(self, name)) <= MAX_COUNT:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer up to {MAX_COUNT}, "
+                                f"got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2 (train-mode BatchNorm cannot normalise a single "
+                            f"sample), got {self.batch_size}")
+        for name in ("lr", "teacher_lr", "temperature"):
+            if not 0 < float(getattr(self, name)) < math.inf:
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        for name in ("seeds", "select_seeds"):
+            seeds = getattr(self, name)
+            if any(not 0 <= seed <= MAX_SEED for seed in seeds) or not 0 <= self.noise_seed <= MAX_SEED:
+                raise UserError(f"seeds must be integers from 0 to {MAX_SEED} (64 bits), got {seeds} and "
+                                f"--noise-seed {self.noise_seed}")
+            if len(set(seeds)) != len(seeds):
+                repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+                raise UserError(f"{name.replace('_', '-')} lists seed(s) {repeated} more than once; each seed "
+                                "is one independent run, so list each once")
+        if not str(self.out).strip():
+            raise UserError("--out is empty; pass the experiment's output directory")
+        if self.teacher_checkpoint:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            ignored = [f"--{name.replace('_', '-')}" for name in ("teacher_epochs", "teacher_lr")
+                       if getattr(self, name) != defaults[name]]
+            if ignored:
+                raise UserError(f"{' and '.join(ignored)} set how the teacher is trained, but --teacher-checkpoint "
+                                "gives a trained one; drop one of them")
         if self.loader_workers is not None and self.loader_workers < 0:
             raise UserError(f"--loader-workers must be >= 0, got {self.loader_workers}")
         if not self.seeds or not self.samples_per_class or not self.methods:
