@@ -153,6 +153,10 @@ class TrainConfig:
             raise UserError(f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.pretrained and self.teacher_checkpoint:
             raise UserError("--pretrained and --teacher-checkpoint both choose the teacher's weights; pass one")
+        if self.pretrained:
+            from .pretrained import check_hub_reachable
+
+            check_hub_reachable(self.teacher)
         return self
 
     def to_dict(self) -> dict[str, Any]:
