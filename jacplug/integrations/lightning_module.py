@@ -58,6 +58,12 @@ class DistillationModule(L.LightningModule):
         teacher_input: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
+        for name, factory, example in (("optimizer", optimizer, "functools.partial(torch.optim.SGD, lr=0.1)"),
+                                       ("lr_scheduler", lr_scheduler,
+                                        "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10)")):
+            if factory is not None and not callable(factory):
+                raise UserError(f"{name}= takes a callable that builds it, e.g. {example}; got "
+                                f"{type(factory).__name__} {factory!r}")
         self.distiller = Distiller(student, teacher, loss, amp=False, check_gradients=check_gradients,
                                    name=type(student).__name__, teacher_input=teacher_input)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-3))
