@@ -217,3 +217,16 @@ def test_hf_trainer_names_a_missing_label_key(tmp_path):
     with pytest.raises(UserError, match=r"the batch has no 'labels' \(it has \['pixel_values', 'target'\]\), but "
                                         r"loss terms \['ce'\] read labels; pass label_key="):
         trainer.compute_loss(trainer.model, {"pixel_values": batch()[0], "target": batch()[1]})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_checks_leave_the_captured_cuda_step_alone():
+    """Value checks run on the first (eager) call only: the captured step holds no host synchronisation."""
+    distiller = kd(capture=True).cuda()
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.01)
+    images, labels = (t.cuda() for t in batch(8))
+    for _ in range(5):
+        distiller.step(optimizer, images, labels)
+    assert distiller.capture_status == "CUDA graph"
+    with pytest.raises(UserError, match=r"the student is on cuda:0 but the inputs are on cpu"):
+        kd().cuda()(*batch())
