@@ -60,7 +60,7 @@ def test_a_config_file_weight_decay_of_nan_is_refused_too(capsys, tmp_path):
     (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0, got -0.1"),
     (["--eval-batch-size", "0"], "--eval-batch-size must be a positive integer"),
     (["--steps", str(2**63)], "--steps must be a positive integer up to"),
-    (["--noise-seed", str(2**64)], "seeds must be integers from 0 to"),
+    (["--noise-seed", str(2**64)], f"--noise-seed must be integers from 0 to {2**64 - 1} (64 bits), got [{2**64}]"),
     (["--teacher-checkpoint", "t.safetensors", "--teacher-epochs", "3"],
      "--teacher-epochs set how the teacher is trained, but --teacher-checkpoint gives a trained one"),
     (["--out", ""], "--out is empty"),
@@ -75,7 +75,7 @@ def test_experiment_refuses_values_that_can_never_work_before_the_teacher(capsys
 def test_experiment_refuses_duplicate_seeds_from_a_config_file(capsys, tmp_path):
     config = tmp_path / "e.json"
     config.write_text(json.dumps({"seeds": [0, 1, 1]}))
-    assert "seeds lists seed(s) [1] more than once" in one_line_error(
+    assert "--seeds lists seed(s) [1] more than once; each seed is one independent run" in one_line_error(
         capsys, ["experiment", "--config", str(config), "--out", str(tmp_path / "exp")])
     assert not (tmp_path / "exp").exists()
 

@@ -135,15 +135,14 @@ class ExperimentConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
         if not 0 <= self.weight_decay < math.inf:
             raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        for name in ("seeds", "select_seeds"):
-            seeds = getattr(self, name)
-            if any(not 0 <= seed <= MAX_SEED for seed in seeds) or not 0 <= self.noise_seed <= MAX_SEED:
-                raise UserError(f"seeds must be integers from 0 to {MAX_SEED} (64 bits), got {seeds} and "
-                                f"--noise-seed {self.noise_seed}")
+        for name, seeds in (("--seeds", self.seeds), ("--select-seeds", self.select_seeds),
+                            ("--noise-seed", [self.noise_seed])):
+            if any(not 0 <= seed <= MAX_SEED for seed in seeds):
+                raise UserError(f"{name} must be integers from 0 to {MAX_SEED} (64 bits), got {seeds}")
             if len(set(seeds)) != len(seeds):
                 repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-                raise UserError(f"{name.replace('_', '-')} lists seed(s) {repeated} more than once; each seed "
-                                "is one independent run, so list each once")
+                raise UserError(f"{name} lists seed(s) {repeated} more than once; each seed is one independent "
+                                "run, so list each once")
         if not str(self.out).strip():
             raise UserError("--out is empty; pass the experiment's output directory")
         if self.teacher_checkpoint:
