@@ -111,7 +111,7 @@ class Distiller(nn.Module):
         self.amp = _check_amp(amp)
         self.check_gradients = check_gradients
         self.substitutions = None if substitutions is None else _check_substitutions(substitutions)
-        self._validated = False  # the first call's checks of devices, dtypes, labels and values (see _first_call)
+        self._validated = False  # the first call checks devices, dtypes, labels and values (_check_models, _check_values)
         self._checked_optimizer: int | None = None
         self.name = name or type(self.student).__name__
         self.checked = not check_gradients
@@ -419,15 +419,17 @@ class Distiller(nn.Module):
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
             got = f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, Tensor) else type(inputs).__name__
             raise UserError(f"the Distiller's inputs must be a floating-point batch [B, *S], got {got}")
+        needing = self._reading_labels()
         if targets is None:
-            needing = [key for key, term in self.loss.terms.items() if "targets" in term.needs]
             if needing:
                 raise UserError(f"loss terms {needing} read labels: call distiller(inputs, targets) with targets [B]")
-        elif not isinstance(targets, Tensor) or targets.shape != inputs.shape[:1]:
+        elif not isinstance(targets, Tensor) or targets.shape[:1] != inputs.shape[:1]:
             got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
             raise UserError(f"targets must be a tensor [B] with B = {inputs.shape[0]} (the inputs' batch), got {got}")
-        elif targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise UserError(f"targets must be integer class indices [B] (torch.long), got {targets.dtype}")
+        elif needing and (targets.dim() != 1 or targets.is_floating_point() or targets.is_complex()
+                          or targets.dtype == torch.bool):
+            raise UserError(f"loss terms {needing} read class labels: targets must be integer class indices [B] "
+                            f"(torch.long), got {tuple(targets.shape)} {targets.dtype}")
         if cached is not None:
             if not isinstance(cached, Mapping) or "teacher_logits" not in cached:
                 got = sorted(cached) if isinstance(cached, Mapping) else type(cached).__name__
@@ -439,6 +441,9 @@ class Distiller(nn.Module):
             if wrong:
                 raise UserError(f"cached= entries must be tensors [B, ...] with B = {inputs.shape[0]} (the inputs' "
                                 f"batch), got {wrong}")
+
+    def _reading_labels(self) -> list[str]:
+        return [key for key, term in self.loss.terms.items() if "targets" in term.needs]
 
     def _check_models(self, inputs: Tensor) -> None:
         """Both models on the inputs' device, and in their dtype unless autocast casts them."""
@@ -468,7 +473,7 @@ class Distiller(nn.Module):
 
     def _check_values(self, inputs: Tensor, targets: Tensor | None, num_classes: int) -> None:
         """Labels in ``[0, C)`` and finite inputs, read once on the first call (each read is a host sync)."""
-        if targets is not None and targets.numel():
+        if targets is not None and targets.numel() and self._reading_labels():
             low, high = int(targets.min()), int(targets.max())
             if low < 0 or high >= num_classes:
                 raise UserError(f"targets hold labels from {low} to {high}, but the models classify {num_classes} "

@@ -61,7 +61,9 @@ def one_line(error: pytest.ExceptionInfo) -> str:
     (lambda: kd(teacher=mlp().to("meta")), batch, r"the teacher is on meta but the inputs are on cpu"),
     (kd, lambda: (batch()[0], torch.tensor([0, 1, 2, 7])),
      r"targets hold labels from 0 to 7, but the models classify 4 classes; labels must be 0 to 3"),
-    (kd, lambda: (batch()[0], torch.tensor([0.0, 1.0, 2.0, 3.0])), r"targets must be integer class indices"),
+    (kd, lambda: (batch()[0], torch.tensor([0.0, 1.0, 2.0, 3.0])),
+     r"loss terms \['ce'\] read class labels: targets must be integer class indices \[B\] \(torch.long\), got "
+     r"\(4,\) torch.float32"),
     (kd, lambda: (torch.full((4, 6), float("nan")), batch()[1]), r"the inputs hold NaN or infinite values"),
     (kd, lambda: (torch.full((4, 6), float("inf")), batch()[1]), r"the inputs hold NaN or infinite values"),
     (lambda: kd(student=Triple()), batch, r"the student returned \(4, 4, 2\) torch.float32 logits; a classifier's "
