@@ -104,10 +104,15 @@ class Distiller(nn.Module):
         if clashes:
             raise UserError(f"loss term key(s) {clashes} clash with the result's {list(RESERVED_KEYS)}; rename them")
         self._teacher = (teacher.eval().requires_grad_(False),)  # a tuple: not a registered sub-module
+        if teacher_input is not None and not callable(teacher_input):
+            raise UserError(f"teacher_input must be a callable (a function or nn.Module mapping the student's input "
+                            f"to the teacher's), got {type(teacher_input).__name__}")
         self.teacher_input = teacher_input
         self.amp = _check_amp(amp)
         self.check_gradients = check_gradients
-        self.substitutions = None if substitutions is None else list(substitutions)
+        self.substitutions = None if substitutions is None else _check_substitutions(substitutions)
+        self._validated = False  # the first call checks devices, dtypes, labels and values (_check_models, _check_values)
+        self._checked_optimizer: int | None = None
         self.name = name or type(self.student).__name__
         self.checked = not check_gradients
         self.capture = capture
@@ -177,12 +182,15 @@ class Distiller(nn.Module):
         (unless ``check_gradients=False``): a term that cannot train the student raises here, before
         any update.
         """
-        self._check_inputs(inputs, targets)
+        self._check_inputs(inputs, targets, cached)
+        if not self._validated:
+            self._check_models(inputs)
         if not self.checked:
             out = self._checked_forward(inputs, targets, cached)
-            self.checked = True
+            self.checked = self._validated = True
             return out
         values, logits = self._terms(inputs, targets, cached)
+        self._validated = True
         return {"loss": self._total(values), "output": logits, **values}
 
     def compute_gradients(self, inputs: Tensor, targets: Tensor | None = None, *,
@@ -206,9 +214,21 @@ class Distiller(nn.Module):
              cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """One whole training step: :meth:`compute_gradients`, then ``optimizer.step()``; returns the
         detached ``loss``, terms and ``output`` (read them before the next call)."""
+        if self._checked_optimizer != id(optimizer):
+            self._check_optimizer(optimizer)
+            self._checked_optimizer = id(optimizer)
         values = self.compute_gradients(inputs, targets, cached=cached)
         optimizer.step()
         return values
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer that holds none of the trainable parameters would make every step a silent no-op."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserError(f"step(optimizer, ...) takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in held for p in self.trainable_parameters()):
+            raise UserError("the optimizer holds none of the Distiller's trainable parameters, so step() would "
+                            "train nothing; build it with torch.optim.AdamW(distiller.trainable_parameters(), ...)")
 
     def sync_gradients(self) -> None:
         """Average the loss terms' adapter gradients over the ranks of a multi-process run (a no-op in
@@ -269,6 +289,7 @@ class Distiller(nn.Module):
         raised (:func:`jacplug.checks.gradient_flow.raise_for_detached` raises it).
         """
         self._check_inputs(inputs, targets)
+        self._check_models(inputs)
         devices = [inputs.device] if inputs.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), isolated_running_stats(self.student):
             _, report = flow_of_terms(lambda: self._terms(inputs, targets, None)[0], self.trainable_parameters(),
@@ -318,6 +339,9 @@ class Distiller(nn.Module):
                 with torch.set_grad_enabled(input_grad), self._autocast(x.device):
                     teacher_logits = at_least_float32(logits_of(teacher(self._teacher_view(x)), "teacher"))
             teacher_features = t_tap.maps() if t_tap else {}
+        self._check_outputs(student_logits, teacher_logits, cached is not None and not layers)
+        if not self._validated:
+            self._check_values(inputs, targets, student_logits.shape[1])
         batch = DistillBatch(
             inputs=x,
             student_logits=student_logits,
@@ -331,7 +355,7 @@ class Distiller(nn.Module):
             logits_match_fns=self.amp_dtype(x.device) is None,
         )
         with torch.autocast(x.device.type, enabled=False):  # also when the caller's loop runs under autocast
-            values = {key: as_scalar(term(batch), term) for key, term in loss.terms.items()}
+            values = {key: as_scalar(term(batch), term, loss.origin(key)) for key, term in loss.terms.items()}
         return values, student_logits
 
     def _teacher_view(self, x: Tensor) -> Tensor:
@@ -391,17 +415,78 @@ class Distiller(nn.Module):
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         return torch.autocast(device.type, dtype=dtype, cache_enabled=not capturing)
 
-    def _check_inputs(self, inputs: Tensor, targets: Tensor | None) -> None:
+    # --------------------------------------------------------------------------------------------
+    # checks of what the caller hands over: shapes and types on every call (Python attributes, no host
+    # synchronisation); values, devices and dtypes on the first call only, which runs eagerly before any
+    # CUDA graph is captured, so the captured step holds no data-dependent decision
+
+    def _check_inputs(self, inputs: Tensor, targets: Tensor | None,
+                      cached: Mapping[str, Tensor] | None = None) -> None:
         if not isinstance(inputs, Tensor) or not inputs.is_floating_point() or inputs.dim() < 2:
             got = f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, Tensor) else type(inputs).__name__
             raise UserError(f"the Distiller's inputs must be a floating-point batch [B, *S], got {got}")
+        needing = self._reading_labels()
         if targets is None:
-            needing = [key for key, term in self.loss.terms.items() if "targets" in term.needs]
             if needing:
                 raise UserError(f"loss terms {needing} read labels: call distiller(inputs, targets) with targets [B]")
         elif not isinstance(targets, Tensor) or targets.shape[:1] != inputs.shape[:1]:
             got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
             raise UserError(f"targets must be a tensor [B] with B = {inputs.shape[0]} (the inputs' batch), got {got}")
+        elif needing and (targets.dim() != 1 or targets.is_floating_point() or targets.is_complex()
+                          or targets.dtype == torch.bool):
+            raise UserError(f"loss terms {needing} read class labels: targets must be integer class indices [B] "
+                            f"(torch.long), got {tuple(targets.shape)} {targets.dtype}")
+        if cached is not None:
+            if not isinstance(cached, Mapping) or "teacher_logits" not in cached:
+                got = sorted(cached) if isinstance(cached, Mapping) else type(cached).__name__
+                raise UserError(f"cached= must be a mapping with at least 'teacher_logits' [B, C] (see "
+                                f"jacplug.pipeline.cache), got {got}")
+            wrong = {key: tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                     for key, value in cached.items()
+                     if not isinstance(value, Tensor) or value.shape[:1] != inputs.shape[:1]}
+            if wrong:
+                raise UserError(f"cached= entries must be tensors [B, ...] with B = {inputs.shape[0]} (the inputs' "
+                                f"batch), got {wrong}")
+
+    def _reading_labels(self) -> list[str]:
+        return [key for key, term in self.loss.terms.items() if "targets" in term.needs]
+
+    def _check_models(self, inputs: Tensor) -> None:
+        """Both models on the inputs' device, and in their dtype unless autocast casts them."""
+        autocast = self.amp_dtype(inputs.device) is not None
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+            if weight is None:
+                continue
+            if weight.device != inputs.device:
+                raise UserError(f"the {role} is on {weight.device} but the inputs are on {inputs.device}; move both "
+                                f"models and the batches to one device (distiller.to(device) moves both models)")
+            if weight.dtype != inputs.dtype and not autocast:
+                raise UserError(f"the {role}'s parameters are {weight.dtype} but the inputs are {inputs.dtype}; "
+                                "use one dtype for both models and the inputs (e.g. .float() on all three)")
+
+    def _check_outputs(self, student_logits: Tensor, teacher_logits: Tensor, from_cache: bool) -> None:
+        """Logits ``[B, C]``, the same ``C`` for both models: a shape check, free on every call."""
+        for role, logits in (("student", student_logits), ("teacher (cached)" if from_cache else "teacher",
+                                                           teacher_logits)):
+            if logits.dim() != 2 or not logits.is_floating_point():
+                raise UserError(f"the {role} returned {tuple(logits.shape)} {logits.dtype} logits; a classifier's "
+                                "forward must return floating-point logits [B, C]")
+        if student_logits.shape != teacher_logits.shape:
+            raise UserError(f"the student returns logits {tuple(student_logits.shape)} but the teacher "
+                            f"{tuple(teacher_logits.shape)}; both must classify the same C classes (build both "
+                            "with the same num_classes)")
+
+    def _check_values(self, inputs: Tensor, targets: Tensor | None, num_classes: int) -> None:
+        """Labels in ``[0, C)`` and finite inputs, read once on the first call (each read is a host sync)."""
+        if targets is not None and targets.numel() and self._reading_labels():
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= num_classes:
+                raise UserError(f"targets hold labels from {low} to {high}, but the models classify {num_classes} "
+                                f"classes; labels must be 0 to {num_classes - 1}")
+        if not bool(torch.isfinite(inputs).all()):
+            raise UserError("the inputs hold NaN or infinite values; check the data and its normalisation (a "
+                            "zero standard deviation divides by zero)")
 
 
 def as_weighted_loss(loss: LossSpec) -> WeightedLoss:
@@ -420,6 +505,17 @@ def as_weighted_loss(loss: LossSpec) -> WeightedLoss:
         return build_loss(list(loss))
     raise UserError(f"loss= takes spec strings such as ['kd=0.5', 'jacobian=0.15'], a {{name: weight}} dict or a "
                     f"WeightedLoss, got {type(loss).__name__}")
+
+
+def _check_substitutions(substitutions: Iterable[Substitution]) -> list[Substitution]:
+    if isinstance(substitutions, (str, bytes)) or not isinstance(substitutions, Iterable):
+        raise UserError(f"substitutions= takes Substitution objects, e.g. jacplug.engine.substitutions."
+                        f"registered_substitutions(), got {type(substitutions).__name__} {substitutions!r}")
+    items = list(substitutions)
+    wrong = [type(item).__name__ for item in items if not isinstance(item, Substitution)]
+    if wrong:
+        raise UserError(f"substitutions= takes Substitution objects (jacplug.engine.substitutions), got {wrong}")
+    return items
 
 
 def _check_amp(amp: Amp) -> Amp:

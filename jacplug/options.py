@@ -129,6 +129,9 @@ def check_value(name: str, value: Any, annotation: Any, where: str) -> None:
     """A one-line error unless ``value`` fits ``annotation`` (``int``, ``float``, ``bool``, ``str``,
     ``dict``, ``list[...]``, each optionally ``| None``)."""
     if value is None:
+        if not _admits_none(annotation):
+            raise UserError(f"{where}: option {name.replace('_', '-')!r} cannot be null; give a value, or leave the "
+                            "option out for its default")
         return
     base, is_list = _base_type(annotation)
     items = value if is_list else [value]
@@ -153,14 +156,16 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                        "pass a YAML, TOML or JSON text file") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
+            data = _load_yaml(text, path) or {}
         elif path.suffix == ".json":
             data = json.loads(text)
         else:
@@ -183,6 +188,25 @@ def _members(annotation: Any) -> list[Any]:
     return [annotation]
 
 
+def _load_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error naming it: PyYAML
+    keeps the last value silently, so a pasted-over option would lose its first value unnoticed."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise UserError(f"config file {str(path)!r}: key {key!r} is given twice (lines {seen[key]} and "
+                                    f"{key_node.start_mark.line + 1}); keep one")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """``(element type, is a list)`` of an annotation, ``None`` and unions with ``None`` unwrapped; a
     union of several types (``int | None`` inside a list) gives its first non-None member."""
@@ -196,6 +220,11 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     if origin is dict:
         return dict, False
     return annotation, False
+
+
+def _admits_none(annotation: Any) -> bool:
+    return annotation is type(None) or type(None) in typing.get_args(annotation) and (
+        isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union)
 
 
 def _fits(value: Any, base: Any, annotation: Any) -> bool:

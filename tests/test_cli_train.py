@@ -363,7 +363,7 @@ BAD = [
     (["--loss", "kd=0"], "weight must be finite and > 0"),
     (["--loss", "kd=-1"], "weight must be finite and > 0"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
-    (["--teacher-epochs", "-1"], "--teacher-epochs must be >= 0"),
+    (["--teacher-epochs", "-1"], "--teacher-epochs must be a positive integer"),
     (["--samples-per-class", "0"], "--samples-per-class must be a positive integer"),
     (["--samples-per-class", "500"], "--samples-per-class 500 is more than class"),
     (["--workers", "-1"], "--workers must be >= 0"),

@@ -23,6 +23,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see {self.prog} --help)")
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse's, with a close match for a misspelled option (``--stpes``: did you mean --steps?).
+        Each sub-command's parser checks its own options, so the match comes from the command typed."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        known = [name for name in self._option_string_actions if name.startswith("--")]
+        for extra in extras:
+            if extra.startswith("--"):
+                near = close_matches(extra.split("=", 1)[0], known, n=3)
+                if near:
+                    self.error(f"unrecognized argument {extra}; did you mean {', '.join(near)}?")
+        return namespace, extras
+
     def _check_value(self, action: argparse.Action, value: object) -> None:
         if action.choices is not None and value not in action.choices:
             choices = [str(c) for c in action.choices]

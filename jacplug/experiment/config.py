@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ..errors import UserError
 from ..options import option
-from ..pipeline.config import FIELDS as TRAIN_FIELDS, TrainConfig, check_device, resume_item, resume_mode
+from ..pipeline.config import FIELDS as TRAIN_FIELDS, MAX_COUNT, MAX_SEED, TrainConfig, check_device, resume_item, resume_mode
 from ..pipeline.model_options import kwargs_option
 from .methods import FEW_SHOT_METHODS, METHODS, get_method
 
@@ -153,9 +153,35 @@ class ExperimentConfig:
 
     def validate(self) -> "ExperimentConfig":
         check_device(self.device)
-        for name in ("steps", "batch_size", "teacher_epochs", "workers", "threads"):
-            if int(getattr(self, name)) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "teacher_epochs", "workers", "threads", "eval_batch_size"):
+            if not 0 < int(getattr(self, name)) <= MAX_COUNT:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer up to {MAX_COUNT}, "
+                                f"got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2 (train-mode BatchNorm cannot normalise a single "
+                            f"sample), got {self.batch_size}")
+        for name in ("lr", "teacher_lr", "temperature"):
+            if not 0 < float(getattr(self, name)) < math.inf:
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        for name, seeds in (("--seeds", self.seeds), ("--select-seeds", self.select_seeds),
+                            ("--noise-seed", [self.noise_seed])):
+            if any(not 0 <= seed <= MAX_SEED for seed in seeds):
+                raise UserError(f"{name} must be integers from 0 to {MAX_SEED} (64 bits), got {seeds}")
+            if len(set(seeds)) != len(seeds):
+                repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+                raise UserError(f"{name} lists seed(s) {repeated} more than once; each seed is one independent "
+                                "run, so list each once")
+        if not str(self.out).strip():
+            raise UserError("--out is empty; pass the experiment's output directory")
+        if self.teacher_checkpoint:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            ignored = [f"--{name.replace('_', '-')}" for name in ("teacher_epochs", "teacher_lr")
+                       if getattr(self, name) != defaults[name]]
+            if ignored:
+                raise UserError(f"{' and '.join(ignored)} set how the teacher is trained, but --teacher-checkpoint "
+                                "gives a trained one; drop one of them")
         if self.loader_workers is not None and self.loader_workers < 0:
             raise UserError(f"--loader-workers must be >= 0, got {self.loader_workers}")
         if not self.seeds or not self.samples_per_class or not self.methods:

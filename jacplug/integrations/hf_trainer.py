@@ -163,4 +163,9 @@ class JacobianDistillationTrainer(Trainer):
             raise UserError(f"the batch has no {self.input_key!r} (it has {sorted(inputs)}); pass "
                             f"input_key= the name of the images, or remove_unused_columns=False in TrainingArguments "
                             f"when the model's forward does not take {self.input_key!r}")
+        if self.label_key not in inputs and self.model.training:
+            needing = [key for key, term in self.distiller.loss.terms.items() if "targets" in term.needs]
+            if needing:
+                raise UserError(f"the batch has no {self.label_key!r} (it has {sorted(inputs)}), but loss terms "
+                                f"{needing} read labels; pass label_key= the name of the labels")
         return inputs[self.input_key], inputs.get(self.label_key)

@@ -76,6 +76,12 @@ class DistillationModule(L.LightningModule):
         teacher_input: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
+        for name, factory, example in (("optimizer", optimizer, "functools.partial(torch.optim.SGD, lr=0.1)"),
+                                       ("lr_scheduler", lr_scheduler,
+                                        "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10)")):
+            if factory is not None and not callable(factory):
+                raise UserError(f"{name}= takes a callable that builds it, e.g. {example}; got "
+                                f"{type(factory).__name__} {factory!r}")
         # what can rebuild the module: names, spec strings and plain options (modules and callables cannot)
         self.save_hyperparameters(ignore=[key for key, value in (("student", student), ("teacher", teacher),
                                                                 ("loss", loss)) if not _recordable(value)]

@@ -41,11 +41,12 @@ import torch
 from torch import Tensor, nn
 
 from ..distiller import Distiller, as_weighted_loss
-from ..errors import UserError
+from ..errors import UnknownNameError, UserError
 from ..losses.composite import WeightedLoss
 from ..losses.distill import KDLoss
 
 try:
+    import timm
     from timm.models import group_parameters
     from timm.optim import auto_group_layers
     from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss
@@ -141,6 +142,17 @@ class JacobianDistillationTask(TrainingTask):
             raise UserError(f"loss_type={loss_type!r}: JacobianDistillationTask distils logits with 'kl' (as timm's "
                             f"LogitDistillationTask); add other jacplug terms through loss=")
         self.task_loss_weight, self.distill_loss_weight = _weights(distill_loss_weight, task_loss_weight)
+        for name, weight in (("task_loss_weight", self.task_loss_weight), ("distill_loss_weight", self.distill_loss_weight)):
+            if not 0 <= weight < float("inf"):
+                raise UserError(f"{name}={weight!r}: weights must be finite and >= 0 (a negative weight would "
+                                "maximise its loss)")
+        if self.distill_loss_weight == 0 and loss is None:
+            raise UserError("distill_loss_weight=0 leaves nothing to distil (the default Jacobian weight is 0.3 x "
+                            "distill_loss_weight); pass loss= with jacplug terms to distil without KD, or train with "
+                            "timm's classification task")
+        if isinstance(teacher_model, str) and not timm.is_model(teacher_model) and ":" not in teacher_model:
+            raise UnknownNameError("timm model", teacher_model, timm.list_models(),
+                                   hint="teacher_model= takes a timm model name or an nn.Module")
         self.temperature = temperature
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
         student = unwrap_model(student_model)

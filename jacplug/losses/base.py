@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
 
+from ..errors import PluginError
+
 #: the things a term may declare in ``needs``
 NEEDS = frozenset(
     {
@@ -88,8 +90,18 @@ def require(batch: DistillBatch, term: LossTerm, *fields: str) -> None:
         )
 
 
-def as_scalar(value: Tensor, term: LossTerm) -> Tensor:
+def as_scalar(value: Tensor, term: LossTerm, origin: str = "") -> Tensor:
+    """``value``, checked to be the scalar tensor a term must return; ``origin`` (e.g. " (registered by
+    plugin 'x')") says where the term came from, so a plugin's bug names the plugin. A Python type and
+    shape check: no host synchronisation, so it costs nothing per step and a CUDA graph can capture it."""
+    if not isinstance(value, Tensor):
+        raise PluginError(f"loss term {term.name!r}{origin} returned {type(value).__name__}, not a tensor; a term's "
+                          "forward must return a scalar torch.Tensor")
     if value.dim() != 0:
-        raise RuntimeError(f"loss term {term.name!r} returned shape {tuple(value.shape)}, expected a scalar")
+        raise PluginError(f"loss term {term.name!r}{origin} returned shape {tuple(value.shape)}, not a scalar; "
+                          "reduce it (e.g. .mean()) in the term's forward")
+    if not value.is_floating_point():
+        raise PluginError(f"loss term {term.name!r}{origin} returned a {value.dtype} tensor, which has no gradient; "
+                          "return a floating-point scalar")
     return value
 

@@ -29,7 +29,12 @@ class WeightedLoss(nn.Module):
             raise UserError("a loss needs at least one term, e.g. --loss kd=1")
         self.terms = nn.ModuleDict()
         self.weights: dict[str, float] = {}
+        #: term key -> " (registered by plugin 'x')" for terms built through the registry (see :meth:`origin`)
+        self.origins: dict[str, str] = {}
         for key, (term, weight) in terms.items():
+            if not isinstance(term, nn.Module):
+                raise UserError(f"loss term {key!r} is a {type(term).__name__}, not a torch.nn.Module; a term is a "
+                                "jacplug.losses.LossTerm (an nn.Module whose forward returns a scalar)")
             weight = float(weight)
             if not (weight > 0 and weight < float("inf")):
                 raise UserError(f"loss term {key!r} has weight {weight}; weights must be finite and > 0")
@@ -56,8 +61,12 @@ class WeightedLoss(nn.Module):
         return layers
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, float]]:
-        values = {key: as_scalar(term(batch), term) for key, term in self.terms.items()}
+        values = {key: as_scalar(term(batch), term, self.origin(key)) for key, term in self.terms.items()}
         return self.weighted_sum(values), {key: float(value.detach()) for key, value in values.items()}
+
+    def origin(self, key: str) -> str:
+        """Where term ``key`` came from, for error messages: the plugin that registered it, or nothing."""
+        return self.origins.get(key, "")
 
     def weighted_sum(self, values: Mapping[str, Tensor]) -> Tensor:
         """``sum_i weight_i * values[i]`` over each term's unweighted scalar value, on the graph; no host

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..registry import ModelPair
 from .base import DistillBatch, LossTerm
 from .jacobian_terms import row_distance
-from .options import choice, positive_float
+from .options import boolean, choice, positive_float
 from .teacher_rows import CACHE_GRAPH_USED
 
 
@@ -216,7 +216,7 @@ class FeatureJacobianLoss(LossTerm):
         self.feature_layers = layer_map(self.name, layers)
         self.summary = choice(self.name, "summary", summary, ("projection", "energy"))
         self.p = positive_float(self.name, "p", p)
-        self.squared, self.eps = bool(squared), positive_float(self.name, "eps", eps)
+        self.squared, self.eps = boolean(self.name, "squared", squared), positive_float(self.name, "eps", eps)
 
     def _maps(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
         a_s, a_t = common_size(attention_map(student, self.p), attention_map(teacher, self.p))

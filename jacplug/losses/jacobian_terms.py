@@ -22,7 +22,7 @@ from ..engine import jacobian, jvp, resolve_backend, vjp
 from ..engine.substitutions import DOUBLE_BACKWARD, FORWARD_AD
 from ..errors import UserError
 from .base import DistillBatch, LossTerm, require
-from .options import choice, positive_float, positive_int
+from .options import boolean, choice, positive_float, positive_int
 from .teacher_rows import teacher_jacobian_rows, teacher_vjp
 
 CLASS_CHOICES = ("top1", "label", "topk", "all")
@@ -87,7 +87,7 @@ class JacobianLoss(LossTerm):
         if classes != "topk" and k != 1:
             raise UserError(f"loss term 'jacobian': k={k!r} only applies to classes='topk' (got classes={classes!r})")
         self.classes, self.k = classes, positive_int(self.name, "k", k)
-        self.squared, self.eps, self.backend = bool(squared), positive_float(self.name, "eps", eps), backend
+        self.squared, self.eps, self.backend = boolean(self.name, "squared", squared), positive_float(self.name, "eps", eps), backend
         if classes == "label":
             self.needs = type(self).needs | {"targets"}
 
@@ -145,7 +145,7 @@ class ProjectedJacobianLoss(LossTerm):
     def __init__(self, k: int = 1, normalize: bool = False, eps: float = 1e-8) -> None:
         super().__init__()
         self.k = positive_int(self.name, "k", k)
-        self.normalize, self.eps = bool(normalize), positive_float(self.name, "eps", eps)
+        self.normalize, self.eps = boolean(self.name, "normalize", normalize), positive_float(self.name, "eps", eps)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         require(batch, self, "student_logits")
@@ -194,7 +194,7 @@ class DirectionalJacobianLoss(LossTerm):
         self.scheme = choice(self.name, "scheme", scheme, FD_SCHEMES)
         self.step = None if step is None else positive_float(self.name, "step", step, " or None (automatic)")
         self.k = positive_int(self.name, "k", k)
-        self.normalize, self.eps = bool(normalize), positive_float(self.name, "eps", eps)
+        self.normalize, self.eps = boolean(self.name, "normalize", normalize), positive_float(self.name, "eps", eps)
         self.higher_order = frozenset({FORWARD_AD}) if self.method == "forward" else frozenset()
 
     def forward(self, batch: DistillBatch) -> Tensor:

@@ -23,6 +23,14 @@ def positive_float(term: str, option: str, value: object, hint: str = "") -> flo
     return float(value)
 
 
+def boolean(term: str, option: str, value: object) -> bool:
+    """``True``/``False`` only: ``bool("maybe")`` is ``True``, so a misspelt spec value would silently
+    switch the option on."""
+    if not isinstance(value, bool):
+        raise UserError(f"loss term {term!r}: {option} must be true or false, got {value!r}")
+    return value
+
+
 def choice(term: str, option: str, value: object, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise UserError(

@@ -11,7 +11,9 @@ import inspect
 import math
 from typing import Any, Mapping, Sequence
 
-from ..errors import UserError
+from torch import nn
+
+from ..errors import PluginError, UserError
 from ..registry import create_loss, registry
 from .composite import WeightedLoss
 from .distill import KDLoss, SoftMSELoss, TeacherCELoss
@@ -115,7 +117,7 @@ def build_loss(specs: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] 
     """
     if isinstance(specs, str):
         specs = [specs]
-    terms = {}
+    terms, origins = {}, {}
     for spec in specs:
         name, weight, options = parse_spec(spec)
         if name in terms:
@@ -129,5 +131,13 @@ def build_loss(specs: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] 
             accepted = ", ".join(p for p in signature.parameters if p not in ("self", "args", "kwargs")) or "none"
             usage = f" ({entry.description})" if entry.description else ""
             raise UserError(f"bad options for loss term {name!r} in {spec!r}: {exc}; it accepts: {accepted}{usage}") from None
-        terms[name] = (create_loss(name, **options), weight)
-    return WeightedLoss(terms)
+        term = create_loss(name, **options)
+        if not isinstance(term, nn.Module) or not hasattr(term, "needs"):
+            raise PluginError(f"loss {name!r} (registered by plugin {entry.plugin!r}) was built as a "
+                              f"{type(term).__name__}, not a loss term; its factory must return a "
+                              "jacplug.losses.LossTerm (an nn.Module with needs, returning a scalar)")
+        terms[name] = (term, weight)
+        origins[name] = f" (registered by plugin {entry.plugin!r})"
+    loss = WeightedLoss(terms)
+    loss.origins = origins
+    return loss

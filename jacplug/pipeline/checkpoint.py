@@ -147,8 +147,9 @@ def pretrained_cfg(
     }
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file; a missing or unreadable file is a one-line UserError."""
+def read_checkpoint(path: str | Path, remedy: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; a missing or unreadable file is a one-line UserError
+    that names the file and ends with ``remedy`` (default: :func:`_damaged_remedy`)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {str(path)!r} is a directory; pass the .safetensors file in it")
@@ -163,9 +164,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(
             f"checkpoint {str(path)!r} is corrupt or not a safetensors file ({' '.join(str(exc).split())}); "
-            "re-create it, or train the teacher again without --teacher-checkpoint"
+            f"{remedy or _damaged_remedy(path)}"
         ) from exc
     return tensors, metadata
+
+
+def _damaged_remedy(path: Path) -> str:
+    """What to do about a damaged checkpoint: a run directory's own file (beside its ``config.json``) is
+    computed again by ``--resume`` once deleted; a file given by the user must be re-created or replaced."""
+    if (path.parent / "config.json").is_file():
+        return (f"it belongs to the run in {str(path.parent)!r}: delete it and run again with --resume --out "
+                f"{str(path.parent)!r} to compute it again")
+    return "re-create it, or train the teacher again without --teacher-checkpoint"
 
 
 def checkpoint_model_kwargs(path: str | Path) -> dict[str, Any] | None:
@@ -320,7 +330,9 @@ def load_resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> dict[str, Any]:
     """Restore what :func:`save_resume` wrote (RNG included); returns the saved position."""
-    tensors, meta = read_checkpoint(path)
+    tensors, meta = read_checkpoint(path, remedy=(
+        f"this run's resume state is damaged: delete it to restart the student phase with --resume (the trained "
+        f"teacher is kept), or start a new run with another --out"))
     if meta.get("format") != RESUME_FORMAT:
         raise UserError(f"{str(path)!r} is not a jacplug resume file (format {meta.get('format')!r})")
 

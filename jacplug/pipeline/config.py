@@ -23,6 +23,11 @@ from ..options import check_value, option, read_options
 from .model_options import merge_options, model_options
 
 
+#: the largest count option (steps, epochs, batch sizes): the loops index with 64-bit integers
+MAX_COUNT = 2**63 - 1
+#: the largest --seed: torch's generators take 64 bits
+MAX_SEED = 2**64 - 1
+
 #: the largest --image-size: one 4096 px image's activations and their double backward exceed a GPU's memory
 MAX_IMAGE_SIZE = 4096
 
@@ -140,12 +145,25 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Reject values no run could use, with the option name in the message."""
-        for name in ("epochs", "steps", "teacher_steps", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "steps", "teacher_steps", "batch_size", "eval_batch_size", "teacher_epochs",
+                     "samples_per_class", "max_steps_per_epoch"):
             value = getattr(self, name)
-            if value is not None and int(value) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        if self.teacher_epochs is not None and self.teacher_epochs < 0:
-            raise UserError(f"--teacher-epochs must be >= 0, got {self.teacher_epochs}")
+            if value is not None and not 0 < int(value) <= MAX_COUNT:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer up to {MAX_COUNT}, got {value}")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2 (train-mode BatchNorm cannot normalise a single sample), "
+                            f"got {self.batch_size}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be an integer from 0 to {MAX_SEED} (64 bits), got {self.seed}")
+        if self.out is not None and not str(self.out).strip():
+            raise UserError("--out is empty; pass a directory, or leave --out out for runs/TEACHER-STUDENT-TIMESTAMP")
+        if self.teacher_checkpoint:
+            ignored = [f"--{_flag(name)}" for name in ("teacher_epochs", "teacher_steps")
+                       if getattr(self, name) is not None]
+            ignored += ["--teacher-lr"] if self.teacher_lr != FIELDS["teacher_lr"].default else []
+            if ignored:
+                raise UserError(f"{' and '.join(ignored)} set how the teacher is trained, but --teacher-checkpoint "
+                                "gives a trained one; drop one of them")
         for epochs, steps in LENGTHS:
             if getattr(self, epochs) is not None and getattr(self, steps) is not None:
                 raise UserError(f"--{_flag(epochs)} and --{_flag(steps)} both set the training length; pass one")
@@ -155,10 +173,8 @@ class TrainConfig:
             value = float(getattr(self, name))
             if not (value > 0 and value < float("inf")):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-        if self.weight_decay < 0:
-            raise UserError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.samples_per_class is not None and self.samples_per_class <= 0:
-            raise UserError(f"--samples-per-class must be a positive integer, got {self.samples_per_class}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise UserError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.image_size is not None and self.image_size <= 0:
             raise UserError(f"--image-size must be a positive integer, got {self.image_size}")
         if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
@@ -168,8 +184,6 @@ class TrainConfig:
             raise UserError(f"--agreement-images must be >= 0 (0 switches the measurement off), got {self.agreement_images}")
         if self.save_every < 0:
             raise UserError(f"--save-every must be >= 0, got {self.save_every}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
-            raise UserError(f"--max-steps-per-epoch must be a positive integer, got {self.max_steps_per_epoch}")
         check_device(self.device)
         if self.resume not in (True, False):  # "auto" is settled against --out before the config is resolved
             raise UserError(f"resume must be true or false once the run directory is known, got {self.resume!r}; "
@@ -178,6 +192,10 @@ class TrainConfig:
             raise UserError(f"--cuda-graphs must be auto, on or off, got {self.cuda_graphs!r}")
         if self.pretrained and self.teacher_checkpoint:
             raise UserError("--pretrained and --teacher-checkpoint both choose the teacher's weights; pass one")
+        if self.pretrained:
+            from .pretrained import check_hub_reachable
+
+            check_hub_reachable(self.teacher)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -302,6 +302,15 @@ class UnreadableImageWarning(UserWarning):
     """An image of an image folder could not be read; another image took its place."""
 
 
+def unreadable_image_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file that cannot be an image: truncated (``OSError``), not an image
+    (``UnidentifiedImageError``, a ``SyntaxError`` in old PIL), or a header that claims more pixels than
+    PIL's decompression-bomb limit (``DecompressionBombError``, a plain ``Exception``)."""
+    from PIL import Image
+
+    return OSError, SyntaxError, Image.DecompressionBombError
+
+
 class SkipUnreadable(Dataset):
     """An ``ImageFolder`` whose unreadable images (truncated, corrupt, not an image) are skipped with a
     warning naming the file: sample ``i`` is then the next readable sample, with its own label.
@@ -327,7 +336,7 @@ class SkipUnreadable(Dataset):
             i = (index + offset) % len(self.folder)
             try:
                 return self.folder[i]
-            except (OSError, SyntaxError) as exc:  # PIL: truncated (OSError), not an image (UnidentifiedImageError)
+            except unreadable_image_errors() as exc:
                 warnings.warn(f"image {self.folder.samples[i][0]!r} cannot be read ({' '.join(str(exc).split())}); "
                               "the next image takes its place: replace or remove the file", UnreadableImageWarning)
         raise UserError(f"no image under {self.folder.root!r} can be read")
@@ -348,6 +357,37 @@ def _same_classes(split, train):
         raise UserError(f"image folder {split.root!r} {' and '.join(problems)}; every split needs the same "
                         "class sub-folders")
     return split
+
+
+#: the stratified train/validation/test split of an image folder without train/, val/ and test/
+FOLDER_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def _check_classes(path: Path, classes: Sequence[str]) -> None:
+    """A classifier needs two classes: with one, every prediction is right and accuracy says nothing."""
+    if len(classes) < 2:
+        raise UserError(f"image folder {str(path)!r} has {len(classes)} class sub-folder ({', '.join(map(repr, classes))}); "
+                        "a classifier needs at least two classes, one sub-folder of images each")
+
+
+def fewest_per_class(fractions: Sequence[float]) -> int:
+    """The fewest images per class for which :func:`stratified_split` puts at least one in every part."""
+    n = len(fractions)
+    while min(len(part) for part in stratified_split([0] * n, fractions)) == 0:
+        n += 1
+    return n
+
+
+def _check_not_empty(path: Path, folder, parts: dict[str, list[int]]) -> None:
+    """An empty split would report 0 % from zero images, and choose the best checkpoint on nothing."""
+    empty = [name for name, indices in parts.items() if not indices]
+    if empty:
+        counts = {name: folder.targets.count(i) for i, name in enumerate(folder.classes)}
+        smallest = min(counts, key=counts.get)
+        raise UserError(
+            f"image folder {str(path)!r} is too small to split 80/10/10: the {' and '.join(empty)} split(s) would be "
+            f"empty (class {smallest!r} has {counts[smallest]} image(s)); give each class at least "
+            f"{fewest_per_class(FOLDER_FRACTIONS)} images, or split them yourself into train/, val/ and test/")
 
 
 def imagefolder(
@@ -380,6 +420,7 @@ def imagefolder(
 
     if (path / "train").is_dir():
         train = folder(path / "train", train_tf)
+        _check_classes(path / "train", train.classes)
         if not (path / "test").is_dir() and not (path / "val").is_dir():
             raise UserError(f"image folder {str(path)!r} has train/ but neither test/ nor val/ to evaluate on")
         # with train/ and val/ only, val/ is the test split and there is no validation split: the best
@@ -392,7 +433,9 @@ def imagefolder(
         train = SkipUnreadable(train)
     else:
         full, plain = folder(path, train_tf), folder(path, eval_tf)
-        train_idx, val_idx, test_idx = stratified_split(full.targets, (0.8, 0.1, 0.1))
+        _check_classes(path, full.classes)
+        train_idx, val_idx, test_idx = stratified_split(full.targets, FOLDER_FRACTIONS)
+        _check_not_empty(path, full, {"train": train_idx, "validation": val_idx, "test": test_idx})
         targets, classes = [full.targets[i] for i in train_idx], full.classes
         full, plain = SkipUnreadable(full), SkipUnreadable(plain)
         train, val, test = Subset(full, train_idx), Subset(plain, val_idx), Subset(plain, test_idx)

@@ -79,6 +79,29 @@ def loss_keys(steps: list[dict[str, Any]]) -> list[str]:
     return sorted({k for r in steps for k in r if k not in NOT_LOSSES})
 
 
+def check_plottable(steps: list[dict[str, Any]], evaluations: list[dict[str, Any]], path: Path) -> None:
+    """A one-line :class:`UserError` unless every step record has a numeric ``step`` and numeric losses, and
+    every evaluation record a numeric ``epoch`` and numeric (or null) accuracies: a curve drawn through text
+    would be meaningless, and a record without its position cannot be placed."""
+    from ..errors import UserError
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for rows, position, values in ((steps, "step", lambda r: {k: r[k] for k in r if k not in NOT_LOSSES}),
+                                   (evaluations, "epoch", lambda r: {k: r[k] for k in ("val_acc", "test_acc")
+                                                                     if r.get(k) is not None})):
+        for record in rows:
+            if not number(record.get(position)):
+                raise UserError(f"{str(path)!r}: a {record.get('kind')!r} record has no numeric {position!r} "
+                                f"({json.dumps(record)[:80]}); it was not written by jacplug train")
+            bad = {k: v for k, v in values(record).items() if not number(v)}
+            if bad:
+                key, value = next(iter(bad.items()))
+                raise UserError(f"{str(path)!r}: {record.get('kind')} {record[position]} has {key} = {value!r}, "
+                                "not a number; it was not written by jacplug train")
+
+
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the per-step loss terms and the per-epoch accuracies of a run into a PNG; returns its path."""
     import matplotlib
@@ -95,6 +118,7 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     teacher = [r for r in records if r.get("kind") == "teacher_epoch"]
     if not steps and not teacher:
         raise UserError(f"{str(run_dir)!r} has no {METRICS} with training records; is it a jacplug run directory?")
+    check_plottable(steps, epochs + teacher, run_dir / METRICS)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     if steps:
         keys = loss_keys(steps)

@@ -61,3 +61,51 @@ def load_model(path: str | Path) -> nn.Module:
     if hasattr(model, "default_cfg"):
         model.default_cfg = model.pretrained_cfg
     return model
+
+
+def check_hub_reachable(model: str, timeout_s: float = 5.0) -> None:
+    """A one-line :class:`UserError` when ``--pretrained`` weights for ``model`` (a timm name, optionally
+    ``NAME:KEY=VAL,...``) can neither come from the local Hugging Face cache nor be downloaded.
+
+    Why: offline, ``huggingface_hub`` retries for about 50 s and timm prints a long chain of errors, after the
+    run directory was written. Here cached weights pass without touching the network; ``HF_HUB_OFFLINE``
+    without them is refused at once; otherwise one request to the hub's endpoint (through the user's
+    proxies) must answer within ``timeout_s``. Models whose weights are not on the hub are left to timm."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    repo, filenames = _hub_weights(model.split(":", 1)[0])
+    if repo is None:
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in filenames):
+        return
+    fix = "connect to the internet, or drop --pretrained to train the teacher from scratch"
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise UserError(f"--pretrained: the weights of {model!r} ({repo}) are not in the local Hugging Face cache "
+                        f"and HF_HUB_OFFLINE is set; {fix}")
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"--pretrained: cannot reach {constants.ENDPOINT} to download the weights of {model!r} "
+                        f"({reason}); {fix}") from None
+
+
+def _hub_weights(name: str) -> tuple[str | None, tuple[str, ...]]:
+    """The Hugging Face repository of a timm model's default pretrained weights and the files timm may fetch
+    from it, or ``(None, ())`` for a name timm does not know or weights that are not on the hub."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # a plugin's model, or a timm without this helper: timm reports its own error later
+        return None, ()
+    if cfg is None or not cfg.hf_hub_id:
+        return None, ()
+    return cfg.hf_hub_id, tuple(filter(None, (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin",
+                                              "open_clip_pytorch_model.bin")))
