@@ -331,8 +331,8 @@ def load_resume(
 ) -> dict[str, Any]:
     """Restore what :func:`save_resume` wrote (RNG included); returns the saved position."""
     tensors, meta = read_checkpoint(path, remedy=(
-        f"this run's resume state is damaged: delete it to restart the student phase with --resume (the trained "
-        f"teacher is kept), or start a new run with another --out"))
+        "this run's resume state is damaged: delete it to restart the student phase with --resume (the trained "
+        "teacher is kept), or start a new run with another --out"))
     if meta.get("format") != RESUME_FORMAT:
         raise UserError(f"{str(path)!r} is not a jacplug resume file (format {meta.get('format')!r})")
 
