@@ -146,7 +146,7 @@ class Position:
 @dataclass
 class Loop:
     """One phase's loop. ``evaluate(step) -> metrics`` scores the model (accuracies, agreement);
-    ``on_non_finite``: ``"raise"`` (a one-line error naming ``lr_option``) or ``"stop"`` (the phase ends
+    ``on_non_finite``: ``"raise"`` (a one-line error ending with ``remedy``) or ``"stop"`` (the phase ends
     where it is and :attr:`diverged_at` says where: an experiment cell scores a diverged weight as it stands);
     ``save_state()`` writes the resume state (every ``save_every`` steps and after every evaluation);
     ``checkpoints``: the files an evaluation asks the checkpoint writer for (``{role: path}``; none: no
@@ -163,7 +163,7 @@ class Loop:
     position: Position = field(default_factory=Position)
     cache: Any = None  # jacplug.pipeline.cache.TeacherCache or None
     on_non_finite: str = "raise"
-    lr_option: str = "--lr"
+    remedy: str = "lower --lr or the weights of the loss terms"
     save_every: int = 0
     save_state: Callable[[], None] | None = None
     checkpoints: dict[str, Path] | None = None
@@ -241,8 +241,7 @@ class Loop:
             self.diverged_at = step
             return False
         where = f" ({bad})" if bad else " on another process"
-        raise UserError(f"loss became non-finite at step {step}{where}; lower {self.lr_option} or the weights of "
-                        "the loss terms")
+        raise UserError(f"loss became non-finite at step {step}{where}; {self.remedy}")
 
     def _report_fallback(self) -> None:
         fallback = getattr(self.step, "capture_fallback", None)

@@ -211,10 +211,23 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     context = RunContext(config=config, out_dir=run_dir, device=runtime.device, teacher=None, student=student,
                          loss=loss, splits=splits, runtime=runtime, extra={"plan": plan},
                          student_kwargs=student_built.kwargs)
-    with observing(config.log, config.log_off, enabled=runtime.is_main):
-        teacher, teacher_source, teacher_speed = prepare_teacher(config, full, runtime, run_dir, context, show)
-        context.teacher = teacher
-        return _student_phase(context, plan, teacher_source, teacher_speed, graphs, show, started)
+    try:
+        with observing(config.log, config.log_off, enabled=runtime.is_main):
+            teacher, teacher_source, teacher_speed = prepare_teacher(config, full, runtime, run_dir, context, show)
+            context.teacher = teacher
+            return _student_phase(context, plan, teacher_source, teacher_speed, graphs, show, started)
+    except UserError as exc:  # training had started: say what the run directory keeps
+        raise UserError(f"{exc} [{_kept(run_dir)}]") from None
+
+
+def _kept(run_dir: Path) -> str:
+    """What an interrupted run leaves in ``run_dir``, and how to go on from it."""
+    files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")) if run_dir.is_dir() else []
+    if (run_dir / RESUME_FILE).is_file() or (run_dir / TEACHER_FILE).is_file():
+        how = "--resume continues from there once the cause is fixed (with the same options)"
+    else:
+        how = "nothing trained was kept: remove it, or choose another --out"
+    return f"{str(run_dir)!r} keeps {', '.join(files) or 'nothing'}; {how}"
 
 
 def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher_speed: float | None, graphs: bool,

@@ -115,7 +115,7 @@ def train_teacher(
     phase = Phase(kind="teacher", name="teacher", out_dir=out_dir, group=group, params=config.to_dict(), plan=plan)
     events = Events(run, phase, enabled=runtime.is_main)
     loop = Loop(ClassifierStep(model, alone), EpochBatches(loader, plan), optimizer, cosine_schedule(optimizer, plan.total),
-                plan, alone, events, evaluate, lr_option="--teacher-lr")
+                plan, alone, events, evaluate, remedy="lower --teacher-lr (or --weight-decay)")
     events.emit("on_train_start")
     last = loop.run()
     done: dict[str, Any] = {"steps": plan.total, "images": plan.images, "images_per_s": loop.images_per_s}
