@@ -63,3 +63,25 @@ def test_flags_win_over_the_file_and_bad_files_are_one_line(tmp_path):
         path.write_text(text)
         with pytest.raises(UserError, match=message):
             read_options(TrainConfig, path)
+
+
+def test_an_experiment_writes_none_of_trains_defaults_again():
+    from jacplug.experiment.config import EXPERIMENT_DEFAULTS, OWN_MEANING, SHARED
+
+    def default(field: dataclasses.Field):
+        return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    shared = [f for f in dataclasses.fields(ExperimentConfig) if f.name in train and f.name not in OWN_MEANING]
+    assert [f.name for f in shared] == list(SHARED) and len(SHARED) >= 15
+    for field in shared:  # declared from train's own field: its help, and its default unless the table differs
+        assert field.metadata["help"] == train[field.name].metadata["help"], field.name
+        assert default(field) == EXPERIMENT_DEFAULTS.get(field.name, default(train[field.name])), field.name
+    for name, value in EXPERIMENT_DEFAULTS.items():  # the table holds only real differences
+        assert value != default(train[name]), name
+
+    experiment = ExperimentConfig(batch_size=16, lr=1e-3, log=["tensorboard"])
+    cell = experiment.train_config(seed=7, samples_per_class=5, loss=["kd=1"])
+    assert isinstance(cell, TrainConfig) and (cell.seed, cell.samples_per_class, cell.loss) == (7, 5, ["kd=1"])
+    assert all(getattr(cell, name) == getattr(experiment, name) for name in SHARED)
+    assert cell.validate() is cell
