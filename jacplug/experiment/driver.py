@@ -183,6 +183,10 @@ def _write_reports(config: ExperimentConfig, results: dict[str, Any], sizes: lis
     sections = [report.markdown_table(summary, sizes)]
     if len(config.methods) > 1:
         sections.append(report.gains_table(report.paired_gains(runs, baseline), baseline, sizes))
+    agreement = report.summarise_agreement(runs)
+    if agreement:
+        results["agreement_summary"] = agreement
+        sections.append(report.agreement_table(agreement, sizes))
     if results["selection"]:
         sections.append(report.selection_table(results["selection"], lambda r: selection_score(config, r)))
     if config.noise_sigmas:

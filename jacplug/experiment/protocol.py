@@ -55,6 +55,7 @@ from ..pipeline.config import TrainConfig
 from ..pipeline.data import DatasetSplits, few_sample_subset
 from ..pipeline.device import Runtime
 from ..pipeline.evaluate import accuracy
+from ..pipeline.heldout import HeldOutAgreement
 from ..events import Phase
 from ..pipeline.loop import Loop, StreamBatches
 from ..pipeline.observe import Events, observing
@@ -97,6 +98,8 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     distiller = Distiller(student, teacher, loss, amp=runtime.amp_dtype, capture=runtime.device.type == "cuda",
                           name=config.student)
 
+    heldout = HeldOutAgreement(teacher, splits, config.agreement_images) if config.agreement_images else None
+
     def evaluate(step: int) -> dict[str, Any]:
         scores: dict[str, Any] = {}
         for name in ("val", "test"):
@@ -106,7 +109,7 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
                                                  show=False, desc=name)
                 if config.noise_sigmas:
                     scores[f"{name}_acc_noise"] = noisy_accuracy(student, split, config, runtime)
-        return scores
+        return {**scores, **(heldout.measure(student) if heldout is not None else {})}
 
     train_config = config.train_config(seed=spec.seed, samples_per_class=spec.samples_per_class, loss=list(specs))
     run = RunContext(config=train_config, out_dir=Path(config.out), device=runtime.device, teacher=teacher,
@@ -130,7 +133,7 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
             "train_samples": len(splits.train),
             "final_terms": {k: v for k, v in loop.last_values.items() if k not in RESERVED_KEYS},
             "diverged_at_step": loop.diverged_at,
-            **{k: v for k, v in scores.items() if k.startswith(("val_acc", "test_acc"))},
+            **{k: v for k, v in scores.items() if k.startswith(("val_acc", "test_acc", "agreement_"))},
         }
         record["time_s"] = round(time.perf_counter() - started, 3)
         events.emit("on_train_end", summary=record)

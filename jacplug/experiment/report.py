@@ -43,6 +43,27 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     return {method: {size: _stats(v) for size, v in by_size.items()} for method, by_size in cells.items()}
 
 
+def summarise_agreement(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{method: {size label: {"mean", "std", "n"}}}`` of the held-out gradient agreement (cosine) of the main
+    runs that measured it (see :mod:`jacplug.agreement`)."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for run in _main_runs(runs):
+        if "agreement_cosine" in run:
+            cells.setdefault(run["method"], {}).setdefault(_size(run), []).append(run["agreement_cosine"])
+    return {method: {size: _stats(v) for size, v in by_size.items()} for method, by_size in cells.items()}
+
+
+def agreement_table(agreement: dict[str, dict[str, dict[str, float]]], sizes: list[str]) -> str:
+    """Methods as rows, samples per class as columns: the mean cosine ``± std`` over seeds, three decimals."""
+    lines = ["Held-out agreement of the students' input gradients with the teacher's (cosine of the teacher's "
+             "top-1 rows; 1 = the same direction):", "", "| method | " + " | ".join(f"{s} / class" for s in sizes)
+             + " |", "|---|" + "---:|" * len(sizes)]
+    for method, cells in agreement.items():
+        row = [f"{cells[s]['mean']:.3f} ± {cells[s]['std']:.3f}" if s in cells else "" for s in sizes]
+        lines.append(f"| {METHODS[method].label} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summarise_noise(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """``{method: {size label: {sigma: {"mean", "std", "n"}}}}`` of noisy test accuracy in percent."""
     cells: dict[str, dict[str, dict[str, list[float]]]] = {}
