@@ -15,6 +15,7 @@ and the models' training state are exactly as they were. A library function, usa
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -59,6 +60,30 @@ def input_gradient_agreement(
 
     Models need no double-differentiable ops here (one backward pass each, no graph kept).
     """
+    reference = teacher_reference(teacher, images, batch_size=batch_size, projections=projections,
+                                  generator=generator)
+    return agreement_with(student, reference, eps=eps)
+
+
+@dataclass(frozen=True)
+class TeacherReference:
+    """What the agreement compares a student with, computed once for a frozen teacher: the images in chunks,
+    each chunk's output vectors ``[B, 1 + k, C]`` (the teacher's top-1 one-hot, then ``k`` random mixtures)
+    and the teacher's rows ``v^T J_T`` (float64). A loop measuring at every evaluation reuses it, so each
+    evaluation costs the student's forward and backward only."""
+
+    chunks: tuple[Tensor, ...]
+    vectors: tuple[Tensor, ...]
+    rows: tuple[Tensor, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+
+def teacher_reference(teacher: nn.Module, images: Tensor, *, batch_size: int = 256, projections: int = 0,
+                      generator: torch.Generator | None = None) -> TeacherReference:
+    """The teacher's side of :func:`input_gradient_agreement` for ``images`` ``[N, C, H, W]``."""
     if images.dim() < 2 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty batch [N, C, H, W], got shape {tuple(images.shape)}")
     if batch_size < 1 or projections < 0:
@@ -66,23 +91,33 @@ def input_gradient_agreement(
     device = _device_of(teacher)
     if generator is None and projections:
         generator = torch.Generator(device=device).manual_seed(0)
-    totals: dict[str, float] = {}
-    with _measuring(student, teacher):
+    chunks, vectors, rows = [], [], []
+    with _measuring(teacher):
         for chunk in images.split(batch_size):
             chunk = chunk.to(device)
             teacher_logits, teacher_inputs = _forward(teacher, chunk)
             classes = teacher_logits.detach().argmax(1)
-            vectors = _output_vectors(teacher_logits, classes, projections, generator)
-            teacher_rows = vjp(teacher_logits, teacher_inputs, vectors, create_graph=False).double()
-            student_logits, student_inputs = _forward(student, chunk)
-            student_rows = vjp(student_logits, student_inputs, vectors.to(student_logits.dtype), create_graph=False)
+            chunk_vectors = _output_vectors(teacher_logits, classes, projections, generator)
+            chunks.append(chunk)
+            vectors.append(chunk_vectors)
+            rows.append(vjp(teacher_logits, teacher_inputs, chunk_vectors, create_graph=False).double())
+    return TeacherReference(tuple(chunks), tuple(vectors), tuple(rows))
+
+
+def agreement_with(student: nn.Module, reference: TeacherReference, *, eps: float = EPS) -> dict[str, float]:
+    """:func:`input_gradient_agreement` of ``student`` against a :func:`teacher_reference`."""
+    totals: dict[str, float] = {}
+    with _measuring(student):
+        for chunk, vectors, teacher_rows in zip(reference.chunks, reference.vectors, reference.rows):
+            student_logits, student_inputs = _forward(student, chunk.to(_device_of(student)))
+            student_rows = vjp(student_logits, student_inputs, vectors.to(student_logits), create_graph=False)
             student_rows = student_rows.double()
             for key, value in _row_agreement(student_rows[:, :1], teacher_rows[:, :1], eps).items():
                 totals[f"agreement_{key}"] = totals.get(f"agreement_{key}", 0.0) + value
-            if projections:
+            if vectors.shape[1] > 1:
                 for key, value in _row_agreement(student_rows[:, 1:], teacher_rows[:, 1:], eps).items():
                     totals[f"agreement_projected_{key}"] = totals.get(f"agreement_projected_{key}", 0.0) + value
-    return {key: value / images.shape[0] for key, value in totals.items()}
+    return {key: value / reference.count for key, value in totals.items()}
 
 
 def predicted_classes(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> Tensor:
@@ -104,6 +139,19 @@ def gradient_maps(model: nn.Module, images: Tensor, classes: Tensor) -> Tensor:
         logits, inputs = _forward(model, images.to(device))
         onehot = nn.functional.one_hot(classes.to(device), logits.shape[1]).to(logits.dtype)
         grads = vjp(logits, inputs, onehot, create_graph=False)
+    return _saliency(grads)
+
+
+def reference_maps(reference: TeacherReference, count: int) -> tuple[Tensor, Tensor]:
+    """The teacher's classes ``[count]`` and gradient maps ``[count, H, W]`` (as :func:`gradient_maps` draws
+    them) of the first ``count`` images of a :func:`teacher_reference`, read from its rows: no teacher pass."""
+    classes = torch.cat([vectors[:, 0].argmax(-1) for vectors in reference.vectors])[:count].cpu()
+    rows = torch.cat([rows[:, 0] for rows in reference.rows])[:count]
+    return classes, _saliency(rows)
+
+
+def _saliency(grads: Tensor) -> Tensor:
+    """``|grads|`` ``[N, C, H, W]`` summed over channels, each map divided by its maximum."""
     saliency = grads.detach().abs().sum(1).float().cpu()
     peak = saliency.flatten(1).amax(1).clamp_min(torch.finfo(saliency.dtype).tiny)
     return saliency / peak.view(-1, 1, 1)

@@ -160,3 +160,21 @@ def test_gradient_map_figure_is_a_png_of_the_stated_size(tmp_path):
     with pytest.raises(ValueError, match="teacher_maps must be"):
         gradient_map_figure(images, before[:3], before, after, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_the_teacher_reference_gives_the_same_agreement_and_maps_as_the_teacher_itself():
+    from jacplug.agreement import (agreement_with, gradient_maps, input_gradient_agreement, predicted_classes,
+                                   reference_maps, teacher_reference)
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                  torch.nn.Linear(64, 5)).double()
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Softplus(), torch.nn.Flatten(),
+                                  torch.nn.Linear(32, 5)).double()
+    images = torch.randn(10, 3, 6, 6, dtype=torch.float64)
+    reference = teacher_reference(teacher, images, batch_size=4, projections=2)
+    assert agreement_with(student, reference) == input_gradient_agreement(student, teacher, images, batch_size=4,
+                                                                          projections=2)
+    classes, maps = reference_maps(reference, 6)
+    assert torch.equal(classes, predicted_classes(teacher, images[:6]))
+    torch.testing.assert_close(maps, gradient_maps(teacher, images[:6], classes), rtol=1e-6, atol=1e-7)

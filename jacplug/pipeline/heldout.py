@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..agreement import gradient_map_figure, gradient_maps, input_gradient_agreement, predicted_classes
+from ..agreement import agreement_with, gradient_map_figure, gradient_maps, reference_maps, teacher_reference
 from .data import DatasetSplits
 
 #: images shown in the gradient-map picture
@@ -20,16 +20,16 @@ class HeldOutAgreement:
     """A fixed held-out subset (``count`` images spread evenly over the validation split, else the test split)
     on which the student is compared with the frozen ``teacher``; the first :data:`PICTURED` of them are drawn.
 
-    The teacher's maps are computed once; :meth:`start` keeps the student's maps before training."""
+    The teacher's rows and maps are computed once (it is frozen), so an evaluation costs the student's forward
+    and backward on the subset; :meth:`start` keeps the student's maps before training."""
 
     def __init__(self, teacher: nn.Module, splits: DatasetSplits, count: int) -> None:
         split = splits.val if splits.val is not None else splits.test
         picks = torch.linspace(0, len(split) - 1, min(count, len(split))).round().long().unique().tolist()
         self.teacher, self.splits = teacher, splits
         self.images = torch.stack([split[i][0] for i in picks])
-        shown = self.images[:PICTURED]
-        self.classes = predicted_classes(teacher, shown)
-        self.teacher_maps = gradient_maps(teacher, shown, self.classes)
+        self.reference = teacher_reference(teacher, self.images)
+        self.classes, self.teacher_maps = reference_maps(self.reference, PICTURED)
         self.before: torch.Tensor | None = None
 
     def start(self, student: nn.Module) -> None:
@@ -37,7 +37,7 @@ class HeldOutAgreement:
 
     def measure(self, student: nn.Module) -> dict[str, float]:
         """``agreement_cosine`` and ``agreement_distance`` (see :func:`jacplug.agreement.input_gradient_agreement`)."""
-        return input_gradient_agreement(student, self.teacher, self.images)
+        return agreement_with(student, self.reference)
 
     def picture(self, student: nn.Module, path: Path) -> Path:
         """The images over the teacher's maps and the student's before (:meth:`start`) and now."""
