@@ -98,9 +98,14 @@ def main() -> None:
     seconds = train(teacher, cross_entropy_step(teacher), train_x, train_y, steps=args.teacher_steps, batch_size=64,
                     lr=2e-3, seed=0)
     teacher.eval()
-    print(f"teacher resnet10t: {accuracy(teacher, test_x, test_y):.1%} test accuracy ({seconds:.0f} s)")
+    print(f"teacher resnet10t: {accuracy(teacher, test_x, test_y):.1%} test accuracy ({seconds:.0f} s)", flush=True)
 
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+
+    def record(name: str, method: str, result: dict[str, float]) -> None:
+        rows.setdefault((name, method), []).append(result)
+        print(f"  {name} seed {seed}, {method}: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items()), flush=True)
+
     for name, (factory, weight, lr) in STUDENTS.items():
         for seed in range(args.seeds):
             subset = few_per_class(train_y, args.per_class, seed)
@@ -110,8 +115,8 @@ def main() -> None:
             initial = factory()
             measured = time.perf_counter()
             agreement = input_gradient_agreement(initial, teacher, held_out)
-            rows.setdefault((name, "untrained"), []).append(
-                {**agreement, "acc": accuracy(initial, test_x, test_y), "measure_s": time.perf_counter() - measured})
+            record(name, "untrained",
+                   {**agreement, "acc": accuracy(initial, test_x, test_y), "measure_s": time.perf_counter() - measured})
 
             runs = {"KD": {"kd": 1.0}, "KD + Eq. 10": {"kd": 1.0, "jacobian": weight}}
             seconds = {}
@@ -121,9 +126,9 @@ def main() -> None:
                 distiller = jacplug.Distiller(student, teacher, loss=loss)
                 seconds[method] = train(student, distill_step(distiller), images, labels, steps=args.steps,
                                         batch_size=batch, lr=lr, seed=seed)
-                rows.setdefault((name, method), []).append(
-                    {**input_gradient_agreement(student, teacher, held_out), "acc": accuracy(student, test_x, test_y),
-                     "train_s": seconds[method], "steps": args.steps})
+                record(name, method,
+                       {**input_gradient_agreement(student, teacher, held_out), "acc": accuracy(student, test_x, test_y),
+                        "train_s": seconds[method], "steps": args.steps})
                 if method == "KD + Eq. 10" and args.figure and name == "ViT" and seed == 0:
                     shown = test_x[:8]
                     classes = predicted_classes(teacher, shown)
@@ -139,9 +144,9 @@ def main() -> None:
             distiller = jacplug.Distiller(student, teacher, loss=runs["KD"])
             spent = train(student, distill_step(distiller), images, labels, steps=equal_steps, batch_size=batch,
                           lr=lr, seed=seed)
-            rows.setdefault((name, "KD, equal time"), []).append(
-                {**input_gradient_agreement(student, teacher, held_out), "acc": accuracy(student, test_x, test_y),
-                 "train_s": spent, "steps": equal_steps})
+            record(name, "KD, equal time",
+                   {**input_gradient_agreement(student, teacher, held_out), "acc": accuracy(student, test_x, test_y),
+                    "train_s": spent, "steps": equal_steps})
 
     print(f"\n{args.per_class} images per class, {args.steps} steps, seeds 0-{args.seeds - 1}; mean ± std over seeds; "
           f"agreement on {len(held_out)} test images (teacher's top-1 class)\n")
