@@ -8,7 +8,7 @@ teacher's (:func:`jacplug.agreement.input_gradient_agreement` on 200 test images
 costs more than a KD step, so KD also runs **at equal compute**: as many steps as fit in the wall time
 that KD + Eq. 10 took (from the measured time per KD step), with the same schedule stretched over them.
 
-Usage: ``python benchmarks/agreement.py [--seeds 3] [--steps 150] [--figure PATH]``; prints a table
+Usage: ``python benchmarks/agreement.py [--seeds 3] [--steps 100] [--students ViT CNN] [--figure PATH]``; prints a table
 (the published one is in docs/results.md). ``--figure`` draws the gradient maps of seed 0's ViT.
 """
 
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--teacher-steps", type=int, default=100)
     parser.add_argument("--held-out", type=int, default=200, help="test images the agreement is measured on")
+    parser.add_argument("--students", nargs="+", choices=sorted(STUDENTS), default=list(STUDENTS))
     parser.add_argument("--figure", help="write the gradient maps of seed 0's ViT to this PNG")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -106,7 +107,8 @@ def main() -> None:
         rows.setdefault((name, method), []).append(result)
         print(f"  {name} seed {seed}, {method}: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items()), flush=True)
 
-    for name, (factory, weight, lr) in STUDENTS.items():
+    for name in args.students:
+        factory, weight, lr = STUDENTS[name]
         for seed in range(args.seeds):
             subset = few_per_class(train_y, args.per_class, seed)
             images, labels = train_x[subset], train_y[subset]
