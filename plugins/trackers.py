@@ -35,7 +35,8 @@ def register_observers(register):
         "tensorboard",
         tensorboard_tracker,
         default=False,
-        description="TensorBoard event files in OUT/tensorboard/PHASE (open with `tensorboard --logdir OUT/tensorboard`)",
+        description="TensorBoard event files, one directory per phase: OUT/tensorboard/PHASE "
+        "(`tensorboard --logdir OUT/tensorboard`)",
     )
     register(
         "mlflow",
@@ -147,7 +148,8 @@ class MLflowTracker:
         _end_runs(self._open, "FAILED")
         uri, local = self._resolve_uri(phase)
         client = MlflowClient(tracking_uri=uri)
-        experiment = _experiment_id(client, phase.group or "jacplug", Path(phase.out_dir) / "mlartifacts" if local else None)
+        artifacts = Path(phase.out_dir) / "mlartifacts" if local else None
+        experiment = _experiment_id(client, phase.group or "jacplug", artifacts)
         run = client.create_run(experiment, run_name=phase.name, tags={"kind": phase.kind, "group": phase.group})
         self._open[phase.name] = (client, run.info.run_id)
         self._pending[phase.name] = []
@@ -164,7 +166,8 @@ class MLflowTracker:
 
     @hookimpl
     def on_epoch_end(self, phase, epoch, metrics) -> None:
-        self._queue(phase.name, "eval", {k: v for k, v in metrics.items() if k != "step"}, _evaluated_step(epoch, metrics))
+        evaluated = {name: value for name, value in metrics.items() if name != "step"}
+        self._queue(phase.name, "eval", evaluated, _evaluated_step(epoch, metrics))
         self._send(phase.name)
 
     @hookimpl
