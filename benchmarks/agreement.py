@@ -8,7 +8,7 @@ teacher's (:func:`jacplug.agreement.input_gradient_agreement` on 200 test images
 costs more than a KD step, so KD also runs **at equal compute**: as many steps as fit in the wall time
 that KD + Eq. 10 took (from the measured time per KD step), with the same schedule stretched over them.
 
-Usage: ``python benchmarks/agreement.py [--seeds 3] [--steps 150] [--figure PATH]``; prints a table
+Usage: ``python benchmarks/agreement.py [--seeds 3] [--steps 100] [--students ViT CNN] [--figure PATH]``; prints a table
 (the published one is in docs/results.md). ``--figure`` draws the gradient maps of seed 0's ViT.
 """
 
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--teacher-steps", type=int, default=100)
     parser.add_argument("--held-out", type=int, default=200, help="test images the agreement is measured on")
+    parser.add_argument("--students", nargs="+", choices=sorted(STUDENTS), default=list(STUDENTS))
     parser.add_argument("--figure", help="write the gradient maps of seed 0's ViT to this PNG")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -98,10 +99,16 @@ def main() -> None:
     seconds = train(teacher, cross_entropy_step(teacher), train_x, train_y, steps=args.teacher_steps, batch_size=64,
                     lr=2e-3, seed=0)
     teacher.eval()
-    print(f"teacher resnet10t: {accuracy(teacher, test_x, test_y):.1%} test accuracy ({seconds:.0f} s)")
+    print(f"teacher resnet10t: {accuracy(teacher, test_x, test_y):.1%} test accuracy ({seconds:.0f} s)", flush=True)
 
     rows: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for name, (factory, weight, lr) in STUDENTS.items():
+
+    def record(name: str, method: str, result: dict[str, float]) -> None:
+        rows.setdefault((name, method), []).append(result)
+        print(f"  {name} seed {seed}, {method}: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items()), flush=True)
+
+    for name in args.students:
+        factory, weight, lr = STUDENTS[name]
         for seed in range(args.seeds):
             subset = few_per_class(train_y, args.per_class, seed)
             images, labels = train_x[subset], train_y[subset]
@@ -110,8 +117,8 @@ def main() -> None:
             initial = factory()
             measured = time.perf_counter()
             agreement = input_gradient_agreement(initial, teacher, held_out)
-            rows.setdefault((name, "untrained"), []).append(
-                {**agreement, "acc": accuracy(initial, test_x, test_y), "measure_s": time.perf_counter() - measured})
+            record(name, "untrained",
+                   {**agreement, "acc": accuracy(initial, test_x, test_y), "measure_s": time.perf_counter() - measured})
 
             runs = {"KD": {"kd": 1.0}, "KD + Eq. 10": {"kd": 1.0, "jacobian": weight}}
             seconds = {}
@@ -121,9 +128,9 @@ def main() -> None:
                 distiller = jacplug.Distiller(student, teacher, loss=loss)
                 seconds[method] = train(student, distill_step(distiller), images, labels, steps=args.steps,
                                         batch_size=batch, lr=lr, seed=seed)
-                rows.setdefault((name, method), []).append(
-                    {**input_gradient_agreement(student, teacher, held_out), "acc": accuracy(student, test_x, test_y),
-                     "train_s": seconds[method], "steps": args.steps})
+                record(name, method,
+                       {**input_gradient_agreement(student, teacher, held_out), "acc": accuracy(student, test_x, test_y),
+                        "train_s": seconds[method], "steps": args.steps})
                 if method == "KD + Eq. 10" and args.figure and name == "ViT" and seed == 0:
                     shown = test_x[:8]
                     classes = predicted_classes(teacher, shown)
@@ -139,9 +146,9 @@ def main() -> None:
             distiller = jacplug.Distiller(student, teacher, loss=runs["KD"])
             spent = train(student, distill_step(distiller), images, labels, steps=equal_steps, batch_size=batch,
                           lr=lr, seed=seed)
-            rows.setdefault((name, "KD, equal time"), []).append(
-                {**input_gradient_agreement(student, teacher, held_out), "acc": accuracy(student, test_x, test_y),
-                 "train_s": spent, "steps": equal_steps})
+            record(name, "KD, equal time",
+                   {**input_gradient_agreement(student, teacher, held_out), "acc": accuracy(student, test_x, test_y),
+                    "train_s": spent, "steps": equal_steps})
 
     print(f"\n{args.per_class} images per class, {args.steps} steps, seeds 0-{args.seeds - 1}; mean ± std over seeds; "
           f"agreement on {len(held_out)} test images (teacher's top-1 class)\n")

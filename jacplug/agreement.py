@@ -124,7 +124,8 @@ def predicted_classes(model: nn.Module, images: Tensor, *, batch_size: int = 256
     """The model's top-1 class for each image ``[N]`` (eval mode, its own precision, no autocast)."""
     device = _device_of(model)
     with _measuring(model), torch.no_grad():
-        return torch.cat([model(_as_input(model, chunk.to(device))).argmax(1).cpu() for chunk in images.split(batch_size)])
+        chunks = images.split(batch_size)
+        return torch.cat([model(_as_input(model, chunk.to(device))).argmax(1).cpu() for chunk in chunks])
 
 
 def gradient_maps(model: nn.Module, images: Tensor, classes: Tensor) -> Tensor:

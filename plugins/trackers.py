@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 import time
 import weakref
 from pathlib import Path
@@ -34,7 +35,8 @@ def register_observers(register):
         "tensorboard",
         tensorboard_tracker,
         default=False,
-        description="TensorBoard event files in OUT/tensorboard/PHASE (open with `tensorboard --logdir OUT/tensorboard`)",
+        description="TensorBoard event files, one directory per phase: OUT/tensorboard/PHASE "
+        "(`tensorboard --logdir OUT/tensorboard`)",
     )
     register(
         "mlflow",
@@ -74,7 +76,8 @@ class TensorBoardTracker:
 
     @hookimpl
     def on_train_start(self, phase) -> None:
-        self._close(phase.name)  # a phase of the same name that never ended (it crashed): keep what it wrote
+        for name in list(self._writers):  # a phase that never ended (it crashed): write out what it logged
+            self._close(name)
         self._writers[phase.name] = self._writer_class(log_dir=str(Path(phase.out_dir) / "tensorboard" / phase.name))
         self._last_step[phase.name] = 0
 
@@ -145,12 +148,13 @@ class MLflowTracker:
         _end_runs(self._open, "FAILED")
         uri, local = self._resolve_uri(phase)
         client = MlflowClient(tracking_uri=uri)
-        experiment = _experiment_id(client, phase.group or "jacplug", Path(phase.out_dir) / "mlartifacts" if local else None)
+        artifacts = Path(phase.out_dir) / "mlartifacts" if local else None
+        experiment = _experiment_id(client, phase.group or "jacplug", artifacts)
         run = client.create_run(experiment, run_name=phase.name, tags={"kind": phase.kind, "group": phase.group})
         self._open[phase.name] = (client, run.info.run_id)
         self._pending[phase.name] = []
         self._last_step[phase.name] = 0
-        params = [Param(key[:_limits().key], str(value)[: _limits().param]) for key, value in phase.params.items()]
+        params = [Param(_mlflow_key(key), str(value)[: _limits().param]) for key, value in phase.params.items()]
         for start in range(0, len(params), _limits().params_per_batch):
             client.log_batch(run.info.run_id, params=params[start : start + _limits().params_per_batch])
 
@@ -162,7 +166,8 @@ class MLflowTracker:
 
     @hookimpl
     def on_epoch_end(self, phase, epoch, metrics) -> None:
-        self._queue(phase.name, "eval", {k: v for k, v in metrics.items() if k != "step"}, _evaluated_step(epoch, metrics))
+        evaluated = {name: value for name, value in metrics.items() if name != "step"}
+        self._queue(phase.name, "eval", evaluated, _evaluated_step(epoch, metrics))
         self._send(phase.name)
 
     @hookimpl
@@ -199,7 +204,7 @@ class MLflowTracker:
         stamp = int(time.time() * 1000)
         self._last_step[phase_name] = max(self._last_step[phase_name], step)
         self._pending[phase_name].extend(
-            Metric(f"{prefix}/{name}"[: _limits().key], value, stamp, step) for name, value in _numbers(values).items()
+            Metric(_mlflow_key(f"{prefix}/{name}"), value, stamp, step) for name, value in _numbers(values).items()
         )
 
     def _send(self, phase_name: str) -> None:
@@ -256,6 +261,11 @@ def _limits() -> _Limits:
     if _LIMITS is None:
         _LIMITS = _Limits()
     return _LIMITS
+
+
+def _mlflow_key(name: str) -> str:
+    """MLflow takes letters, digits, ``_ - . /`` and spaces in names, up to its length limit: anything else is ``_``."""
+    return re.sub(r"[^\w\-. /]", "_", str(name))[: _limits().key]
 
 
 def _evaluated_step(epoch: int, metrics: Mapping[str, Any]) -> int:

@@ -33,7 +33,7 @@ def strict_plugins(monkeypatch):
 
 def step_metrics(phase: Phase, step: int) -> dict[str, float]:
     offset = len(phase.name)  # different numbers in every phase
-    return {"loss": offset + 1.0 / step, "kd": 0.5 / step, "jacobian": 0.25 / step, "lr": 0.1}
+    return {"loss": offset + 1.0 / step, "kd": 0.5 / step, "jacobian": 0.25 / step, "attention@layer1": 0.1, "lr": 0.1}
 
 
 def eval_metrics(phase: Phase, step: int) -> dict[str, float]:
@@ -151,12 +151,24 @@ def test_mlflow_logs_one_finished_run_per_phase_in_a_local_store(tmp_path, pictu
                 (s, pytest.approx(eval_metrics(phase, s)["test_acc"])) for s in EVALUATED
             ]
             assert run.data.metrics["summary/test_acc"] == 0.875 and "eval/step" not in run.data.metrics
+            assert run.data.metrics["train/attention_layer1"] == 0.1  # a character MLflow refuses, replaced
             images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
             assert images, "the picture was not logged"
             png = next(Path(client.download_artifacts(run.info.run_id, p, str(tmp_path / "dl"))) for p in images
                        if p.endswith(".png"))
             with Image.open(png) as logged:
                 assert logged.size == (24, 12)
+
+
+def test_tensorboard_writes_out_a_crashed_phase_when_the_next_starts(tmp_path):
+    host = observing("tensorboard")
+    first, second = phases(tmp_path)[:2]
+    run = types.SimpleNamespace(out_dir=first.out_dir)
+    host.notify("on_train_start", run=run, phase=first)
+    host.notify("on_step_end", run=run, phase=first, step=1, metrics={"loss": 3.0})  # then it crashes
+    host.notify("on_train_start", run=run, phase=second)
+    events = EventAccumulator(str(first.out_dir / "tensorboard" / first.name)).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 3.0)]
 
 
 def test_mlflow_ends_a_crashed_phase_and_the_option_beats_the_environment(tmp_path, monkeypatch):
