@@ -150,9 +150,11 @@ class JacobianDistillationTask(TrainingTask):
             raise UserError("distill_loss_weight=0 leaves nothing to distil (the default Jacobian weight is 0.3 x "
                             "distill_loss_weight); pass loss= with jacplug terms to distil without KD, or train with "
                             "timm's classification task")
-        if isinstance(teacher_model, str) and not timm.is_model(teacher_model) and ":" not in teacher_model:
+        if (isinstance(teacher_model, str) and not timm.is_model(teacher_model) and ":" not in teacher_model
+                and Path(teacher_model).suffix != ".safetensors"):
             raise UnknownNameError("timm model", teacher_model, timm.list_models(),
-                                   hint="teacher_model= takes a timm model name or an nn.Module")
+                                   hint="teacher_model= takes a timm model name, a jacplug checkpoint "
+                                        "(.safetensors) or an nn.Module")
         self.temperature = temperature
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
         student = unwrap_model(student_model)
