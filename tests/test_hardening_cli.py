@@ -37,6 +37,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
      "--teacher-steps set how the teacher is trained, but --teacher-checkpoint gives a trained one; drop one of them"),
     (["--teacher-checkpoint", "t.safetensors", "--teacher-lr", "0.1"], "--teacher-lr set how the teacher is trained"),
     (["--stpes", "3"], "unrecognized argument --stpes; did you mean --steps"),
+    (["--agreement-images", "-1"], "--agreement-images must be >= 0 (0 switches the measurement off), got -1"),
 ])
 def test_train_refuses_values_that_can_never_work(capsys, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)  # an empty --out must not fall back to ./runs
@@ -64,6 +65,9 @@ def test_a_config_file_weight_decay_of_nan_is_refused_too(capsys, tmp_path):
     (["--teacher-checkpoint", "t.safetensors", "--teacher-epochs", "3"],
      "--teacher-epochs set how the teacher is trained, but --teacher-checkpoint gives a trained one"),
     (["--out", ""], "--out is empty"),
+    (["--agreement-images", "-1"], "--agreement-images must be >= 0 (0 switches the measurement off), got -1"),
+    (["--log", "tensorbord"], "unknown run observer 'tensorbord'; did you mean 'tensorboard'?"),
+    (["--log-off", "checkpoints"], "the 'checkpoints' observer is essential to a run and cannot be switched off"),
 ])
 def test_experiment_refuses_values_that_can_never_work_before_the_teacher(capsys, tmp_path, argv, message):
     out = [] if "--out" in argv else ["--out", str(tmp_path / "exp")]

@@ -182,6 +182,9 @@ class ExperimentConfig:
             if ignored:
                 raise UserError(f"{' and '.join(ignored)} set how the teacher is trained, but --teacher-checkpoint "
                                 "gives a trained one; drop one of them")
+        if self.agreement_images < 0:
+            raise UserError(f"--agreement-images must be >= 0 (0 switches the measurement off), got "
+                            f"{self.agreement_images}")
         if self.loader_workers is not None and self.loader_workers < 0:
             raise UserError(f"--loader-workers must be >= 0, got {self.loader_workers}")
         if not self.seeds or not self.samples_per_class or not self.methods:

@@ -58,7 +58,7 @@ from ..pipeline.evaluate import accuracy
 from ..pipeline.heldout import HeldOutAgreement
 from ..events import Phase
 from ..pipeline.loop import Loop, StreamBatches
-from ..pipeline.observe import Events, observing
+from ..pipeline.observe import Events, check_observers, observing
 from ..pipeline.optim import create_adamw
 from ..pipeline.prepare import build_loss, check_step
 from ..checks.probe_batch import probe_batch
@@ -144,7 +144,9 @@ def check_before_training(config: ExperimentConfig, full: DatasetSplits, runtime
     """Everything a run could refuse, checked once before the teacher is trained (which may take long):
     every sample size, both model names and kwargs (a given teacher checkpoint against the teacher),
     and each method's loss on a few training images (:meth:`jacplug.Distiller.check`: options, feature
-    layers, ops without the derivatives a term takes). Leaves no trace (RNG state included)."""
+    layers, ops without the derivatives a term takes) and the observers ``--log`` names. Leaves no trace (RNG
+    state included)."""
+    check_observers(config.log, config.log_off)
     for n in {*config.samples_per_class, *config.select_at} - {None}:
         few_sample_subset(full, n, config.seeds[0])
     devices = [runtime.device] if runtime.device.type == "cuda" else []
