@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from jacplug.pipeline.config import TrainConfig
-from jacplug.pipeline.heldout import HeldOutAgreement
-from jacplug.pipeline.models import build
-from jacplug.pipeline.prepare import load_data
+from jacplug.training.config import TrainConfig
+from jacplug.training.heldout import HeldOutAgreement
+from jacplug.models.build import build_model
+from jacplug.training.prepare import load_data
 
 
 def main() -> None:
@@ -30,8 +30,8 @@ def main() -> None:
     torch.manual_seed(0)
     config = TrainConfig()
     splits = load_data(config)
-    teacher = build("teacher", config.teacher, splits, {}).module.eval().requires_grad_(False)
-    student = build("student", config.student, splits, {}).module.train()
+    teacher = build_model("teacher", config.teacher, splits, {}).module.eval().requires_grad_(False)
+    student = build_model("student", config.student, splits, {}).module.train()
     HeldOutAgreement(teacher, splits, config.agreement_images)  # warm-up
     times = {}
     start = time.perf_counter()

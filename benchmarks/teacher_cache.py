@@ -19,10 +19,10 @@ import torch
 
 from jacplug import Distiller
 from jacplug.losses import jacobian_distillation
-from jacplug.pipeline import cache as teacher_cache
-from jacplug.pipeline.data import few_sample_subset
-from jacplug.pipeline.device import init_runtime
-from jacplug.pipeline.models import build
+from jacplug.training import teacher_cache
+from jacplug.data.datasets import few_sample_subset
+from jacplug.training.runtime import init_runtime
+from jacplug.models.build import build_model
 from jacplug.registry import create_dataset
 
 
@@ -38,14 +38,14 @@ def main() -> None:
     torch.manual_seed(0)
     runtime = init_runtime(args.device)
     splits = few_sample_subset(create_dataset("digits"), 10, seed=0)
-    teacher = build("teacher", args.teacher, splits).module.to(runtime.device).eval().requires_grad_(False)
-    student = build("student", args.student, splits).module.to(runtime.device).train()
+    teacher = build_model("teacher", args.teacher, splits).module.to(runtime.device).eval().requires_grad_(False)
+    student = build_model("student", args.student, splits).module.to(runtime.device).train()
     loss = jacobian_distillation()
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache.safetensors"
         start = time.perf_counter()
-        teacher_cache.build(path, teacher, loss, splits.train, runtime, 64, key="bench", show=False)
+        teacher_cache.build_cache(path, teacher, loss, splits.train, runtime, 64, key="bench", show=False)
         build_s = time.perf_counter() - start
         cache = teacher_cache.TeacherCache(path, runtime.device)
         distiller = Distiller(student, teacher, loss, amp=runtime.amp_dtype)

@@ -31,7 +31,7 @@ _LAZY = {
     "create_model": "jacplug.registry",
     "create_loss": "jacplug.registry",
     "create_dataset": "jacplug.registry",
-    "load_model": "jacplug.pipeline.pretrained",
+    "load_model": "jacplug.models.pretrained",
 }
 
 __all__ = ["__version__", "hookimpl", "UserError", "UnknownNameError", "DetachedLossError", *_LAZY]

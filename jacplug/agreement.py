@@ -176,7 +176,7 @@ def gradient_map_figure(
     """
     from matplotlib.figure import Figure
 
-    from .pipeline.checkpoint import atomic_write
+    from .io.checkpoint import atomic_write
 
     count = images.shape[0]
     for name, maps in (("teacher_maps", teacher_maps), ("student_maps_before", student_maps_before),

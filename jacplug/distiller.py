@@ -177,7 +177,7 @@ class Distiller(nn.Module):
         """``{"loss": weighted total, "output": student logits [B, C], <term key>: unweighted value}``,
         all on the student's graph, for ``inputs`` ``[B, *S]`` and ``targets`` ``[B]`` (optional when
         no term reads labels). ``cached``: the teacher's precomputed entries for this batch
-        (``teacher_logits`` ``[B, C]``, and rows, see :mod:`jacplug.pipeline.cache`), which replace
+        (``teacher_logits`` ``[B, C]``, and rows, see :mod:`jacplug.training.teacher_cache`), which replace
         its forward and backward. On the first call, the checks of :mod:`jacplug.checks.first_call` run
         (unless ``check_gradients=False``): a term that cannot train the student raises here, before
         any update.
@@ -440,7 +440,7 @@ class Distiller(nn.Module):
             if not isinstance(cached, Mapping) or "teacher_logits" not in cached:
                 got = sorted(cached) if isinstance(cached, Mapping) else type(cached).__name__
                 raise UserError(f"cached= must be a mapping with at least 'teacher_logits' [B, C] (see "
-                                f"jacplug.pipeline.cache), got {got}")
+                                f"jacplug.training.teacher_cache), got {got}")
             wrong = {key: tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
                      for key, value in cached.items()
                      if not isinstance(value, Tensor) or value.shape[:1] != inputs.shape[:1]}

@@ -1,10 +1,13 @@
-"""What the lifecycle hooks say about where an event comes from (torch-free, so plugins import it cheaply)."""
+"""A run's events: where each comes from (:class:`Phase`) and what emits them (:class:`Events`); torch-free, so
+plugins import it cheaply."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .registry import PluginHost, get_host
 
 #: the kinds of phase a run loop runs
 PHASE_KINDS = ("teacher", "student", "cell")
@@ -26,9 +29,23 @@ class Phase:
     out_dir: Path
     group: str
     params: Mapping[str, Any] = field(default_factory=dict)
-    #: the phase's :class:`jacplug.pipeline.steps.StepPlan` (``total`` steps, ``batch``, ``epoch_of(step)``)
+    #: the phase's :class:`jacplug.training.plan.StepPlan` (``total`` steps, ``batch``, ``epoch_of(step)``)
     plan: Any = None
 
     def __post_init__(self) -> None:
         if self.kind not in PHASE_KINDS:
             raise ValueError(f"phase kind must be one of {PHASE_KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class Events:
+    """Emits one phase's lifecycle hooks; a no-op off rank 0 (``enabled=False``)."""
+
+    run: Any
+    phase: Phase
+    enabled: bool = True
+    host: PluginHost | None = None
+
+    def emit(self, hook: str, **kwargs: Any) -> None:
+        if self.enabled:
+            (self.host or get_host()).notify(hook, run=self.run, phase=self.phase, **kwargs)

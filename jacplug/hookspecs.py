@@ -53,7 +53,7 @@ def register_jacobian_backends(register):
 
 @hookspec
 def register_datasets(register):
-    """Register datasets: ``factory(**options) -> jacplug.pipeline.DatasetSplits``.
+    """Register datasets: ``factory(**options) -> jacplug.commands.DatasetSplits``.
 
     Pattern names such as ``"imagefolder:*"`` receive the full requested name first.
     """
@@ -92,7 +92,7 @@ def register_commands(subparsers):
 
 @hookspec
 def on_train_start(run, phase):
-    """A training phase is about to start. ``run``: :class:`jacplug.pipeline.RunContext` (config, models,
+    """A training phase is about to start. ``run``: :class:`jacplug.commands.RunContext` (config, models,
     out_dir, device); ``phase``: :class:`jacplug.events.Phase` (``kind`` is ``"teacher"``, ``"student"`` or
     ``"cell"``; its ``name``, ``out_dir`` and ``params``). Called on rank 0 only under DDP, for every phase
     of ``jacplug train`` and for every cell of ``jacplug experiment``."""

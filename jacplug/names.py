@@ -59,7 +59,7 @@ class ModelPair:
     channels: dict[str, tuple[int, int]]
 
 
-class Registry:
+class NameTable:
     """Names of one kind (models, losses, ...) mapped to factories, with pattern entries and
     close-match suggestions for unknown names."""
 

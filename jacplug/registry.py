@@ -23,7 +23,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, UnknownNameError
-from .names import KINDS, Entry, ModelPair, Registry  # noqa: F401  (Entry: re-exported with the tables)
+from .names import KINDS, Entry, ModelPair, NameTable  # noqa: F401  (Entry: re-exported with the tables)
 
 ENTRY_POINT_GROUP = "jacplug"
 LIFECYCLE_HOOKS = ("on_train_start", "on_step_end", "on_epoch_end", "on_checkpoint", "on_image", "on_train_end")
@@ -69,7 +69,7 @@ class PluginHost:
         self.failed: dict[str, PluginInfo] = {}
         self._load_entry_points = load_entry_points
         self._loaded = False
-        self._registries: dict[str, Registry] | None = None
+        self._registries: dict[str, NameTable] | None = None
 
     def load(self) -> None:
         """Load the entry-point plugins once, built-ins first (so their names are registered first)."""
@@ -125,12 +125,12 @@ class PluginHost:
         if info is not None and info.registered:
             self._registries = None
 
-    def registry(self, kind: str) -> Registry:
+    def registry(self, kind: str) -> NameTable:
         if kind not in KINDS:
             raise UnknownNameError("registry kind", kind, KINDS)
         self.load()
         if self._registries is None:
-            self._registries = {k: Registry(k) for k in KINDS}
+            self._registries = {k: NameTable(k) for k in KINDS}
             for name in list(self.plugins):  # load order: the first registration of a name wins
                 self._collect_from(name, self._registries)
         return self._registries[kind]
@@ -161,7 +161,7 @@ class PluginHost:
         if impls:
             self.pm._hookexec(hook_name, impls, kwargs, bool(caller.spec and caller.spec.opts.get("firstresult")))
 
-    def _collect_from(self, name: str, registries: dict[str, Registry]) -> None:
+    def _collect_from(self, name: str, registries: dict[str, NameTable]) -> None:
         """Call one plugin's registration hooks; if one raises, the plugin and all it registered go."""
         info = self.plugins[name]
         info.registered, info.descriptions = {}, {}
@@ -224,7 +224,7 @@ def _builtin_first(ep) -> tuple[int, str]:
     return (0 if ep.dist is not None and ep.dist.name == "jacplug" else 1, ep.name)
 
 
-def _registrar(table: Registry, info: PluginInfo, kind: str) -> Callable[..., None]:
+def _registrar(table: NameTable, info: PluginInfo, kind: str) -> Callable[..., None]:
     def register(name: str, factory: Callable[..., Any], **metadata: Any) -> None:
         table.add(name, factory, info.name, **metadata)
         info.registered.setdefault(kind, []).append(name)
@@ -252,7 +252,7 @@ def reset_host(host: PluginHost | None = None) -> PluginHost | None:
     return previous
 
 
-def registry(kind: str) -> Registry:
+def registry(kind: str) -> NameTable:
     return get_host().registry(kind)
 
 

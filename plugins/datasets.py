@@ -1,7 +1,7 @@
 """Built-in plugin: the embedded digits, CIFAR-10/100 (torchvision) and ``imagefolder:PATH``.
 
 Registered exactly like a third-party dataset plugin; the factories live in
-:mod:`jacplug.pipeline.data` and import torchvision only when called.
+:mod:`jacplug.data.datasets` and import torchvision only when called.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from jacplug import hookimpl
 
 
 def _digits(**options):
-    from jacplug.pipeline.data import digits
+    from jacplug.data.datasets import digits
 
     return digits(**options)
 
 
 def _cifar(name: str):
     def build(**options):
-        from jacplug.pipeline.data import cifar
+        from jacplug.data.datasets import cifar
 
         return cifar(name, **options)
 
@@ -25,7 +25,7 @@ def _cifar(name: str):
 
 
 def _imagefolder(name: str, **options):
-    from jacplug.pipeline.data import imagefolder
+    from jacplug.data.datasets import imagefolder
 
     return imagefolder(name, **options)
 

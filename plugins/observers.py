@@ -21,7 +21,7 @@ class MetricsFile:
         self.logs: dict[str, object] = {}
 
     def _log(self, phase):
-        from jacplug.pipeline.metrics import MetricsLog
+        from jacplug.training.metrics import MetricsLog
 
         if phase.name not in self.logs:
             directory = _metrics_dir(phase)
@@ -44,7 +44,7 @@ class MetricsFile:
 
 class ProgressDisplay:
     """Progress of the teacher and student phases: tqdm bars on a terminal, plain lines in logs (see
-    :mod:`jacplug.pipeline.progress`). Experiment cells report one line each when they finish, elsewhere."""
+    :mod:`jacplug.training.progress`). Experiment cells report one line each when they finish, elsewhere."""
 
     def __init__(self, bars: bool | None = None) -> None:
         self.bars = bars
@@ -52,7 +52,7 @@ class ProgressDisplay:
 
     @hookimpl
     def on_train_start(self, run, phase):
-        from jacplug.pipeline.progress import PhaseProgress, want_progress
+        from jacplug.training.progress import PhaseProgress, want_progress
 
         if phase.kind == "cell":
             return
@@ -84,7 +84,7 @@ class CheckpointWriter:
 
     @hookimpl(tryfirst=True)
     def on_checkpoint(self, run, phase, metrics, files):
-        from jacplug.pipeline.checkpoint import save_model
+        from jacplug.io.checkpoint import save_model
 
         if phase.kind != "student":
             return
@@ -101,12 +101,12 @@ class CurvesPlot:
 
     @hookimpl(tryfirst=True)
     def on_train_end(self, run, phase, summary):
-        from jacplug.pipeline.metrics import METRICS, plot
+        from jacplug.training.metrics import METRICS, plot_curves
         from jacplug.registry import get_host
 
         if phase.kind != "student" or not (_metrics_dir(phase) / METRICS).is_file():
             return
-        path = plot(_metrics_dir(phase))
+        path = plot_curves(_metrics_dir(phase))
         summary["plot"] = str(path)
         get_host().notify("on_image", run=run, phase=phase, name="curves", path=path, step=phase.plan.total)
 

@@ -36,7 +36,7 @@ def test_cuda_graphs_on_without_cuda_is_a_one_line_error(tmp_path, capsys):
 
 def test_bad_cuda_graphs_value_in_a_config_file_is_named(tmp_path):
     from jacplug.errors import UserError
-    from jacplug.pipeline.config import read_config_file, resolve
+    from jacplug.training.config import read_config_file, resolve
 
     path = tmp_path / "run.yaml"
     path.write_text("cuda-graphs: sometimes\n")

@@ -104,9 +104,9 @@ def test_under_torchrun_only_rank_0_prints_an_error(capsys, monkeypatch):
 def test_the_experiments_teacher_warning_names_the_experiments_option(tmp_path):
     from jacplug.experiment import ExperimentConfig
     from jacplug.experiment.protocol import teacher_weights
-    from jacplug.pipeline.prepare import load_data
-    from jacplug.pipeline.device import init_runtime
-    from jacplug.pipeline.steps import FewStepsWarning
+    from jacplug.training.prepare import load_data
+    from jacplug.training.runtime import init_runtime
+    from jacplug.training.plan import FewStepsWarning
 
     config = ExperimentConfig(teacher="test_resnet", image_size=8, teacher_epochs=1, out=str(tmp_path))
     with pytest.warns(FewStepsWarning, match="pass --teacher-epochs N"):

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from jacplug import hookimpl
 from jacplug.cli.main import main
-from jacplug.pipeline.checkpoint import save_model
-from jacplug.pipeline.metrics import loss_keys, read_metrics
+from jacplug.io.checkpoint import save_model
+from jacplug.training.metrics import loss_keys, read_metrics
 from jacplug.registry import create_dataset, get_host
 from detached_loss import DetachedPlugin
 from image_tree import image_tree
@@ -171,7 +171,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, capsys
 
 KILLED_MID_WRITE = """
 import os, signal, sys
-from jacplug.pipeline.checkpoint import atomic_write
+from jacplug.io.checkpoint import atomic_write
 
 def write(tmp):
     open(tmp, "wb").write(b"x" * 1000)
@@ -215,7 +215,7 @@ def tiny_folder(tmp_path):
 
 
 def test_resume_after_an_interrupted_teacher_logs_each_teacher_epoch_once(tmp_path, capsys, monkeypatch, tiny_folder):
-    from jacplug.pipeline.metrics import MetricsLog
+    from jacplug.training.metrics import MetricsLog
 
     common = ["--dataset", f"imagefolder:{tiny_folder}", "--teacher-epochs", "2", "--epochs", "1", "--loss", "kd=1"]
     write = MetricsLog.write
@@ -305,8 +305,8 @@ def test_teacher_phase_obeys_the_step_cap_and_records_its_accuracy(tmp_path, cap
 
 
 def test_warnings_for_few_steps_and_another_input_size(tmp_path, capsys, teacher_file):
-    from jacplug.pipeline.steps import FewStepsWarning
-    from jacplug.pipeline.teacher import InputSizeWarning
+    from jacplug.training.plan import FewStepsWarning
+    from jacplug.training.teacher import InputSizeWarning
 
     with pytest.warns(InputSizeWarning, match=r"trained on 8x8 inputs, but this run feeds it 10x10.*--image-size 8"):
         with pytest.warns(FewStepsWarning, match=r"the student will make only 1 optimizer step .*pass --steps N"):
@@ -320,8 +320,8 @@ def test_train_steps_reproduces_an_experiment_cell(tmp_path, teacher_file):
     cell's options train the same student."""
     from jacplug.experiment import ExperimentConfig, RunSpec, run_one
     from jacplug.experiment.protocol import load_teacher
-    from jacplug.pipeline import TrainConfig, train
-    from jacplug.pipeline.device import init_runtime
+    from jacplug.commands import TrainConfig, train
+    from jacplug.training.runtime import init_runtime
 
     config = ExperimentConfig(teacher="test_resnet", student="test_resnet", image_size=8, steps=5, batch_size=8,
                               device="cpu", eval_batch_size=256)

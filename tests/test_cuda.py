@@ -64,8 +64,8 @@ def test_vit_student_exact_term_runs_on_cuda_fused_attention():
 
 
 def test_train_with_cuda_graphs_matches_eager_first_losses(tmp_path):
-    from jacplug.pipeline.config import TrainConfig
-    from jacplug.pipeline.run import train
+    from jacplug.training.config import TrainConfig
+    from jacplug.commands.train_run import train
 
     losses = {}
     for mode in ("off", "on"):

@@ -16,7 +16,7 @@ ALLOWED = {
     "jacplug/engine/": "the engine's own functions: Jacobians of a callable, substitutions",
     "jacplug/losses/": "the loss terms' own evaluations (extra_evaluation is defined there; teacher rows)",
     "jacplug/checks/": "the checks re-run a model on a copy of the batch to name an op",
-    "jacplug/pipeline/cache.py": "the frozen teacher's rows, computed once before training",
+    "jacplug/training/teacher_cache.py": "the frozen teacher's rows, computed once before training",
     "jacplug/agreement.py": "a measurement of input gradients (one backward, no graph kept), not a training step",
     "jacplug/bench/measure.py": "the bench's hand-written reference steps, measured against the Distiller",
     "benchmarks/double_backward_layers.py": "one layer's double backward, timed alone",

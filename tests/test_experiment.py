@@ -139,8 +139,8 @@ def test_noise_is_one_fixed_direction_for_every_model_and_sigma():
     """Each sigma shows the model ``x + sigma * z`` with the same ``z`` (for every model, so curves are
     comparable), in eval mode (restored), and sigma 0 is the clean accuracy."""
     from jacplug.experiment.protocol import noisy_accuracy
-    from jacplug.pipeline.device import init_runtime
-    from jacplug.pipeline.evaluate import accuracy
+    from jacplug.training.runtime import init_runtime
+    from jacplug.training.evaluate import accuracy
 
     torch.manual_seed(0)
     images, labels = torch.randn(20, 1, 4, 4), torch.arange(20) % 3
@@ -296,7 +296,7 @@ def test_a_failing_run_stops_the_worker_processes(tmp_path, monkeypatch):
 
 
 def test_two_experiments_cannot_share_an_output_directory(tmp_path):
-    from jacplug.pipeline.lock import RunDirBusy, RunDirLock
+    from jacplug.io.lock import RunDirBusy, RunDirLock
 
     with RunDirLock(tmp_path / "out"):  # another experiment (or training run) holds the directory
         with pytest.raises(RunDirBusy, match="is in use by another jacplug run"):
@@ -309,8 +309,8 @@ def test_loading_batches_in_worker_processes_changes_nothing_but_speed(tmp_path)
     own process: same batches, and the run's random draws (here the projections) untouched."""
     from jacplug.experiment import RunSpec, run_one
     from jacplug.experiment.protocol import teacher_weights, load_teacher
-    from jacplug.pipeline.prepare import load_data
-    from jacplug.pipeline.device import init_runtime
+    from jacplug.training.prepare import load_data
+    from jacplug.training.runtime import init_runtime
 
     config = tiny_config(tmp_path)
     runtime = init_runtime("cpu")

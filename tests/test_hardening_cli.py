@@ -104,7 +104,7 @@ def test_config_file_keys_given_twice_or_null_are_refused(capsys, tmp_path, text
 
 
 def test_a_null_is_still_accepted_where_the_option_takes_none(tmp_path):
-    from jacplug.pipeline.config import read_config_file
+    from jacplug.training.config import read_config_file
 
     config = tmp_path / "c.yaml"
     config.write_text("samples_per_class: null\n")
@@ -164,7 +164,7 @@ def claim_size(png, width: int, height: int) -> None:
 
 
 def test_a_decompression_bomb_is_skipped_with_the_documented_warning(tmp_path):
-    from jacplug.pipeline.data import UnreadableImageWarning
+    from jacplug.data.datasets import UnreadableImageWarning
     from jacplug.registry import create_dataset
 
     root = image_tree(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]}, per_class=3)
@@ -181,7 +181,7 @@ def test_a_decompression_bomb_is_skipped_with_the_documented_warning(tmp_path):
 
 
 def test_a_damaged_teacher_or_resume_file_of_the_run_is_named(capsys, tmp_path):
-    from jacplug.pipeline.config import resolve
+    from jacplug.training.config import resolve
 
     run = tmp_path / "run"
     run.mkdir()

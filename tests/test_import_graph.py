@@ -79,3 +79,49 @@ def test_no_import_time_circle():
     for name in sorted(graph):
         visit(name)
     assert cycles == []
+
+
+# The floors of the house, bottom first. A module imports only from its own floor or the floors below it,
+# at import time or inside a function alike, so a newcomer can read the package from the bottom up.
+FLOORS = [
+    # files, names and values: nothing about models or training
+    ("jacplug._version", "jacplug._lazy", "jacplug.errors", "jacplug.specs", "jacplug.config_fields",
+     "jacplug.hookspecs", "jacplug.names", "jacplug.outputs", "jacplug.io"),
+    # the library a user's own loop imports: engine, taps, losses, checks; the plugin host; datasets
+    ("jacplug.engine", "jacplug.features", "jacplug.losses", "jacplug.checks", "jacplug.registry",
+     "jacplug.events", "jacplug.capture", "jacplug.data"),
+    # the step every caller runs, the models of a run, what the student learned
+    ("jacplug.distiller", "jacplug.models", "jacplug.agreement"),
+    # the frameworks' thin layers over the step; the run loop, its phases and observers
+    ("jacplug.integrations", "jacplug.training"),
+    # the commands' set-up, the benchmark, the built-in plugins
+    ("jacplug.commands", "jacplug.experiment", "jacplug.bench", "jacplug_plugins"),
+    # the command line and the package's front door
+    ("jacplug.cli", "jacplug.__main__"),
+]
+
+
+def floor_of(module: str) -> int:
+    if module == "jacplug":  # the front door imports only the bottom floor; the rest of its names are lazy
+        return 0
+    best = None
+    for index, floor in enumerate(FLOORS):
+        for prefix in floor:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > len(best[1]):
+                    best = (index, prefix)
+    assert best is not None, f"{module} is on no floor: add it to FLOORS"
+    return best[0]
+
+
+def test_every_module_sits_on_a_floor():
+    for name in modules():
+        floor_of(name)
+
+
+def test_no_import_runs_back_up():
+    known = modules()
+    graph = edges(known, top_level_only=False)
+    upward = {name: sorted(t for t in targets if floor_of(t) > floor_of(name))
+              for name, targets in graph.items()}
+    assert {k: v for k, v in upward.items() if v} == {}

@@ -166,7 +166,7 @@ def test_timm_optimizer_groups_the_student_as_with_timms_own_task(kind, layer_de
 def test_a_jacplug_checkpoint_or_a_local_file_is_the_teacher_without_a_download(tmp_path):
     """train.py hands the task a string (``--kd-model-name``): a ``jacplug train`` checkpoint's path
     builds the model it records; a timm name with ``teacher_pretrained_path`` loads any local file."""
-    from jacplug.pipeline.checkpoint import save_model
+    from jacplug.io.checkpoint import save_model
 
     trained = teacher()
     path = tmp_path / "teacher.safetensors"

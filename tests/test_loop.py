@@ -14,12 +14,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from jacplug.errors import UserError
 from jacplug.events import Phase
-from jacplug.pipeline.device import Runtime
-from jacplug.pipeline.loop import ClassifierStep, EpochBatches, Loop
-from jacplug.pipeline.observe import Events
-from jacplug.pipeline.optim import create_adamw
-from jacplug.pipeline.steps import plan_steps
-from jacplug.pipeline.teacher import cosine_schedule
+from jacplug.training.runtime import Runtime
+from jacplug.training.loop import ClassifierStep, EpochBatches, Loop
+from jacplug.events import Events
+from jacplug.training.optim import create_adamw
+from jacplug.training.plan import plan_steps
+from jacplug.training.teacher import cosine_schedule
 
 CPU = Runtime(device=torch.device("cpu"))
 

@@ -7,8 +7,8 @@ import pytest
 from jacplug.cli.cmd_train import resolve_config
 from jacplug.cli.main import build_parser
 from jacplug.errors import UserError
-from jacplug.pipeline.config import for_resume, resolve
-from jacplug.pipeline.model_options import merge_options, parse_kwargs, split_spec
+from jacplug.training.config import for_resume, resolve
+from jacplug.specs import merge_options, parse_kwargs, split_spec
 
 
 def test_values_are_read_as_python_or_yaml_literals():

@@ -14,8 +14,8 @@ from jacplug.bench import BenchConfig
 from jacplug.cli.main import build_parser
 from jacplug.errors import UserError
 from jacplug.experiment.config import ExperimentConfig
-from jacplug.options import given_flags, options_of, read_options
-from jacplug.pipeline.config import TrainConfig
+from jacplug.config_fields import given_flags, options_of, read_options
+from jacplug.training.config import TrainConfig
 
 COMMANDS = {"train": (TrainConfig, {"--config", "--json"}), "experiment": (ExperimentConfig, {"--config"}),
             "bench": (BenchConfig, {"--config"})}

@@ -22,7 +22,7 @@ def test_toml_config_files_load_without_tomllib(tmp_path):
             import tomllib
             sys.modules["tomli"], sys.modules["tomllib"] = tomllib, None
         from jacplug.errors import UserError
-        from jacplug.pipeline.config import read_config_file
+        from jacplug.training.config import read_config_file
         assert read_config_file({str(tmp_path / "good.toml")!r}) == {{"epochs": 7, "loss": ["kd=1"]}}
         try:
             read_config_file({str(tmp_path / "bad.toml")!r})
@@ -37,7 +37,7 @@ def test_toml_config_files_load_without_tomllib(tmp_path):
 
 
 def test_requires_python_and_the_tomli_dependency_agree():
-    from jacplug.options import tomllib
+    from jacplug.config_fields import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     floor = tuple(int(part) for part in project["requires-python"].removeprefix(">=").split("."))

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from jacplug.errors import UserError
-from jacplug.pipeline.checkpoint import (
-    atomic_write, load_model, load_resume, remove_stale_temp_files, save_model, save_resume,
+from jacplug.io.checkpoint import (
+    atomic_write, load_weights, load_resume, remove_stale_temp_files, save_model, save_resume,
 )
-from jacplug.pipeline.teacher import cosine_schedule
+from jacplug.training.teacher import cosine_schedule
 
 META = dict(name="test_resnet", num_classes=10, input_shape=(1, 8, 8), mean=(0.3,), std=(0.3,), config={"seed": 0})
 
@@ -69,10 +69,10 @@ def test_checkpoint_errors_are_one_line_user_errors(tmp_path):
     ]
     for path, kwargs, message in cases:
         with pytest.raises(UserError, match=message) as info:
-            load_model(path, model(), **kwargs)
+            load_weights(path, model(), **kwargs)
         assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="does not fit"):  # no metadata to check, but the shapes disagree
-        load_model(good, model(num_classes=3))
+        load_weights(good, model(num_classes=3))
 
 
 def loss_module() -> torch.nn.Module:
@@ -127,7 +127,7 @@ def test_checkpoints_get_the_mode_of_the_umask(tmp_path):
 
 KILLED_MID_WRITE = """
 import os, signal, sys
-from jacplug.pipeline.checkpoint import atomic_write
+from jacplug.io.checkpoint import atomic_write
 
 def write(tmp):
     open(tmp, "wb").write(b"half a checkpoint")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from jacplug.errors import UnknownNameError, UserError
-from jacplug.pipeline.config import TrainConfig, read_config_file, resolve
-from jacplug.pipeline.data import few_sample_subset
+from jacplug.training.config import TrainConfig, read_config_file, resolve
+from jacplug.data.datasets import few_sample_subset
 from jacplug.registry import create_dataset
 from image_tree import image_tree
 
@@ -135,7 +135,7 @@ def test_image_folder_with_train_and_val_only_has_no_validation_split(tmp_path):
 
 
 def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(tmp_path):
-    from jacplug.pipeline.data import UnreadableImageWarning
+    from jacplug.data.datasets import UnreadableImageWarning
 
     root = image_tree(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]}, per_class=3)
     bad = root / "train" / "a" / "1.png"

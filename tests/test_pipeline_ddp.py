@@ -24,16 +24,16 @@ from torch import nn
 
 from jacplug.distiller import Distiller
 from jacplug.losses import FitNetLoss, JacobianLoss, KDLoss, WeightedLoss
-from jacplug.pipeline.config import TrainConfig
-from jacplug.pipeline.device import Runtime, distribute
-from jacplug.pipeline.lock import RunDirLock
+from jacplug.training.config import TrainConfig
+from jacplug.training.runtime import Runtime, distribute
+from jacplug.io.lock import RunDirLock
 from jacplug.events import Phase
-from jacplug.pipeline.loop import Loop
-from jacplug.pipeline.observe import Events
-from jacplug.pipeline.optim import create_adamw
-from jacplug.pipeline.run import RunContext, _run_dir
-from jacplug.pipeline.steps import stream_plan
-from jacplug.pipeline.teacher import cosine_schedule
+from jacplug.training.loop import Loop
+from jacplug.events import Events
+from jacplug.training.optim import create_adamw
+from jacplug.commands.train_run import RunContext, _run_dir
+from jacplug.training.plan import stream_plan
+from jacplug.training.teacher import cosine_schedule
 
 WORLD = 2
 

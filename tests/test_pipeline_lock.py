@@ -12,12 +12,12 @@ import pytest
 
 from jacplug.cli.main import main
 from jacplug.errors import UserError
-from jacplug.pipeline.lock import LOCK_FILE, RunDirBusy, RunDirLock
+from jacplug.io.lock import LOCK_FILE, RunDirBusy, RunDirLock
 from image_tree import image_tree
 
 HOLDER = """
 import sys, time
-from jacplug.pipeline.lock import RunDirLock
+from jacplug.io.lock import RunDirLock
 RunDirLock(sys.argv[1]).__enter__()
 print("locked", flush=True)
 time.sleep(300)

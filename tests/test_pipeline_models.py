@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from jacplug.cli.main import main
 from jacplug.errors import UserError
-from jacplug.pipeline.checkpoint import save_model
-from jacplug.pipeline.models import SIZE_LADDER, build
+from jacplug.io.checkpoint import save_model
+from jacplug.models.build import SIZE_LADDER, build_model
 from jacplug.registry import create_dataset
 
 RUN = ["--image-size", "8", "--batch-size", "8", "--seed", "0", "--device", "cpu", "--no-progress",
@@ -31,58 +31,58 @@ def digits():
 
 
 def test_img_size_follows_the_data_for_models_that_take_it(digits):
-    vit = build("student", "vit_tiny_patch16_224", digits[32])
+    vit = build_model("student", "vit_tiny_patch16_224", digits[32])
     assert vit.kwargs == {"img_size": 32} and vit.module.patch_embed.grid_size == (2, 2)
     assert vit.module(torch.randn(2, 1, 32, 32)).shape == (2, 10)
-    cnn = build("student", "mobilenetv3_small_050", digits[16])
+    cnn = build_model("student", "mobilenetv3_small_050", digits[16])
     assert cnn.kwargs == {} and cnn.module(torch.randn(2, 1, 16, 16)).shape == (2, 10)
 
 
 def test_user_kwargs_reach_the_constructor_and_win_over_the_automatic_img_size(digits):
-    built = build("student", "test_vit", digits[8], {"patch_size": 4, "depth": 1})
+    built = build_model("student", "test_vit", digits[8], {"patch_size": 4, "depth": 1})
     assert built.kwargs == {"patch_size": 4, "depth": 1, "img_size": 8}
     assert len(built.module.blocks) == 1 and built.module.patch_embed.grid_size == (2, 2)
 
 
 def test_unknown_kwarg_names_the_model_and_the_key(digits):
     with pytest.raises(UserError, match="student model 'test_resnet' does not take the keyword argument 'patch_sise'"):
-        build("student", "test_resnet", digits[8], {"patch_sise": 4})
+        build_model("student", "test_resnet", digits[8], {"patch_sise": 4})
 
 
 def test_a_kwarg_the_constructor_rejects_is_a_user_error(digits):
     with pytest.raises(UserError, match=r"could not build teacher 'test_vit' \(patch_size='x'\): TypeError"):
-        build("teacher", "test_vit", digits[8], {"patch_size": "x"})
+        build_model("teacher", "test_vit", digits[8], {"patch_size": "x"})
 
 
 def test_too_small_input_names_the_smallest_size_that_works(digits):
     with pytest.raises(UserError) as info:
-        build("student", "test_convnext", digits[16])
+        build_model("student", "test_convnext", digits[16])
     message = str(info.value)
     assert "student 'test_convnext' cannot run on 16x16 inputs (RuntimeError:" in message
     assert message.endswith("the smallest input size that works is 32 px: pass --image-size 32")
     assert "\n" not in message
     # the claim holds: 32 runs, and no smaller size of the ladder does
-    assert build("student", "test_convnext", digits[32]).module(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    assert build_model("student", "test_convnext", digits[32]).module(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 
 def test_size_search_rebuilds_models_whose_img_size_is_automatic(digits):
     with pytest.raises(UserError, match="smallest input size that works is 16 px") as info:
-        build("student", "test_vit", digits[8])  # patch 16 cannot cut an 8 px image
+        build_model("student", "test_vit", digits[8])  # patch 16 cannot cut an 8 px image
     assert "(img_size" not in str(info.value)  # the automatic img_size is not the user's doing
     with pytest.raises(UserError, match=r"dynamic_img_size=False\) cannot run on 16x16 inputs .*works is 32 px"):
-        build("student", "test_vit", digits[16], {"img_size": 32, "dynamic_img_size": False})  # only 32 fits
+        build_model("student", "test_vit", digits[16], {"img_size": 32, "dynamic_img_size": False})  # only 32 fits
 
 
 def test_building_and_checking_draws_no_random_numbers(digits):
     torch.manual_seed(0)
-    build("student", "test_resnet", digits[8])
+    build_model("student", "test_resnet", digits[8])
     after_build = torch.rand(3)
     torch.manual_seed(0)
     timm.create_model("test_resnet", num_classes=10, in_chans=1)
     assert torch.equal(after_build, torch.rand(3))
     torch.manual_seed(0)
     with pytest.raises(UserError):
-        build("student", "test_convnext", digits[16])
+        build_model("student", "test_convnext", digits[16])
     failed = torch.rand(3)
     torch.manual_seed(0)
     timm.create_model("test_convnext", num_classes=10, in_chans=1)
@@ -181,7 +181,7 @@ def test_a_metaformer_builds_and_checks_through_the_cli(digits, capsys):
     model takes img_size comes from its class's signature, so PoolFormer builds without it."""
     from jacplug.cli.main import main
 
-    built = build("student", "poolformer_s12", digits[32])
+    built = build_model("student", "poolformer_s12", digits[32])
     assert "img_size" not in built.kwargs
     assert main(["check", "--teacher", "test_resnet", "--student", "poolformer_s12", "--image-size", "32",
                  "--loss", "kd=1", "--loss", "jacobian=1"]) == 0
@@ -192,7 +192,7 @@ def test_a_model_rebuilt_for_img_size_has_the_weights_of_a_single_build(digits):
     import timm
 
     torch.manual_seed(3)
-    built = build("student", "test_vit", digits[32])
+    built = build_model("student", "test_vit", digits[32])
     assert built.kwargs == {"img_size": 32}
     torch.manual_seed(3)
     direct = timm.create_model("test_vit", num_classes=10, in_chans=1, img_size=32)
@@ -203,7 +203,7 @@ def test_a_model_rebuilt_for_img_size_has_the_weights_of_a_single_build(digits):
 def test_a_distilled_levit_takes_img_size_from_its_base_class(capsys):
     """timm's ``levit_128s`` is a ``LevitDistilled``, whose ``__init__`` takes only ``**kwargs`` and hands
     them to ``Levit.__init__(img_size=...)``: it builds at the run's size, through the CLI too."""
-    built = build("student", "levit_128s", create_dataset("digits", image_size=64))
+    built = build_model("student", "levit_128s", create_dataset("digits", image_size=64))
     assert type(built.module).__name__ == "LevitDistilled" and built.kwargs == {"img_size": 64}
     assert main(["check", "--teacher", "test_resnet", "--student", "levit_128s", "--image-size", "64",
                  "--batch-size", "2", "--loss", "kd=1", "--loss", "jacobian=1"]) == 0

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from jacplug.losses import FitNetLoss, KDLoss, WeightedLoss
-from jacplug.pipeline.optim import create_adamw
+from jacplug.training.optim import create_adamw
 
 
 class WithToken(nn.Module):

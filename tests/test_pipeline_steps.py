@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from jacplug.errors import UserError
-from jacplug.pipeline.config import TrainConfig, resolve
-from jacplug.pipeline.device import Runtime
-from jacplug.pipeline.progress import PhaseProgress
-from jacplug.pipeline.steps import (
+from jacplug.training.config import TrainConfig, resolve
+from jacplug.training.runtime import Runtime
+from jacplug.training.progress import PhaseProgress
+from jacplug.training.plan import (
     DEFAULT_EPOCHS,
     FEW_SAMPLE_STEPS,
     FEW_STEPS,
@@ -115,9 +115,9 @@ def test_progress_without_bars_prints_lines_every_n_steps_and_at_evaluations(cap
 
 def test_resolved_config_spells_out_the_defaults():
     from jacplug.losses import jacobian_distillation
-    from jacplug.pipeline.data import few_sample_subset
-    from jacplug.pipeline.prepare import build_loss
-    from jacplug.pipeline.run import resolve_run
+    from jacplug.data.datasets import few_sample_subset
+    from jacplug.training.prepare import loss_for_pair
+    from jacplug.commands.train_run import resolve_run
     from jacplug.registry import create_dataset
 
     full = create_dataset("digits")
@@ -131,7 +131,7 @@ def test_resolved_config_spells_out_the_defaults():
     config, _ = resolve_run(TrainConfig(samples_per_class=10, epochs=3, teacher_checkpoint="t.safetensors"), few, CPU)
     assert (config.epochs, config.steps, config.teacher_epochs) == (3, None, None)
 
-    spelled, preset = build_loss(config.loss, config.teacher, config.student), jacobian_distillation()  # config.loss: the preset as specs
+    spelled, preset = loss_for_pair(config.loss, config.teacher, config.student), jacobian_distillation()  # config.loss: the preset as specs
     assert spelled.weights == preset.weights
     assert {k: (type(t), vars(t)) for k, t in spelled.terms.items()} == {k: (type(t), vars(t)) for k, t in preset.terms.items()}
 
@@ -148,7 +148,7 @@ def test_help_and_docs_state_the_default_budget_the_code_uses():
 
 
 def test_piped_progress_says_when_a_phase_starts_and_never_stays_silent_for_long(capsys, monkeypatch):
-    from jacplug.pipeline import progress as module
+    from jacplug.training import progress as module
 
     clock = {"now": 0.0}
     monkeypatch.setattr(module.time, "perf_counter", lambda: clock["now"])

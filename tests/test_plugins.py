@@ -20,7 +20,7 @@ import jacplug
 from jacplug import hookimpl
 from jacplug.cli.main import main
 from jacplug.errors import DuplicateNameError, PluginError, UnknownNameError
-from jacplug.registry import PluginHost, PluginWarning, Registry, reset_host
+from jacplug.registry import PluginHost, PluginWarning, NameTable, reset_host
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,7 +194,7 @@ def test_plugins_listing_says_which_builtin_a_plugin_overrode(host, capsys):
 
 
 def test_registry_duplicate_and_unknown_names():
-    reg = Registry("losses")
+    reg = NameTable("losses")
     reg.add("jacobian", object, "a")
     with pytest.raises(DuplicateNameError, match="plugin 'a' and again by plugin 'b'"):
         reg.add("jacobian", object, "b")

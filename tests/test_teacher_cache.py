@@ -9,8 +9,8 @@ from torch import nn
 
 from jacplug.errors import UserError
 from jacplug.losses import JacobianLoss, KDLoss, WeightedLoss, jacobian_distillation
-from jacplug.pipeline import cache as teacher_cache
-from jacplug.pipeline.device import Runtime
+from jacplug.training import teacher_cache
+from jacplug.training.runtime import Runtime
 from jacplug.distiller import Distiller
 
 CPU = Runtime(device=torch.device("cpu"))
@@ -42,7 +42,7 @@ def test_cached_teacher_gives_the_same_terms_and_gradients(tmp_path, classes):
     loss = WeightedLoss({"kd": (KDLoss(), 1.0), "jacobian": (JacobianLoss(classes=classes), 10.0)})
     data = Images()
     path = tmp_path / "cache.safetensors"
-    teacher_cache.build(path, teacher, loss, data, CPU, batch_size=5, key="k", show=False)
+    teacher_cache.build_cache(path, teacher, loss, data, CPU, batch_size=5, key="k", show=False)
     assert teacher_cache.TeacherCache.matches(path, "k") and not teacher_cache.TeacherCache.matches(path, "other")
     cache = teacher_cache.TeacherCache(path, CPU.device)
 
@@ -112,7 +112,7 @@ def test_cache_is_built_in_the_precision_the_live_teacher_runs_in(tmp_path):
     bf16 = Runtime(device=torch.device("cpu"), amp_dtype=torch.bfloat16)
     loss = WeightedLoss({"kd": (KDLoss(), 1.0), "jacobian": (JacobianLoss(), 1.0)})
     path = tmp_path / "cache.safetensors"
-    teacher_cache.build(path, teacher, loss, data, bf16, batch_size=len(data), key="k", show=False)
+    teacher_cache.build_cache(path, teacher, loss, data, bf16, batch_size=len(data), key="k", show=False)
     cached = teacher_cache.TeacherCache(path, CPU.device).lookup(torch.arange(len(data)))
     with bf16.autocast():
         live = teacher(data.x).float()

@@ -14,7 +14,7 @@ from timm.data import resolve_data_config
 import jacplug
 from jacplug.cli.main import main
 from jacplug.errors import UserError
-from jacplug.pipeline.checkpoint import save_model
+from jacplug.io.checkpoint import save_model
 from jacplug.registry import create_dataset, create_model
 
 TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8",

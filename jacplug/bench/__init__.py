@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._lazy import lazy_attributes
-from ..options import option
+from ..config_fields import option
 
 #: every method :func:`.measure.methods` builds, in its order (a test keeps the two equal)
 METHOD_NAMES = (
@@ -38,7 +38,7 @@ DEFAULT_CUDA_CONFIGS = ["resnet34->resnet18:10@32", "resnet50->resnet18:1000@224
 
 @dataclass
 class BenchConfig:
-    """What ``jacplug bench`` measures; each field is also its flag and config-file key (:mod:`jacplug.options`)."""
+    """What ``jacplug bench`` measures; each field is also its flag and config-file key (:mod:`jacplug.config_fields`)."""
 
     configs: list[str] = option(default_factory=list, metavar="MODELS:CLASSES[@SIZE]",
                                 help="TEACHER->STUDENT:C[@SIZE] (timm names, optionally NAME(key=value,...)) or "

@@ -36,9 +36,9 @@ from ..losses import DistillBatch, KDLoss, WeightedLoss
 from ..losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, ProjectedJacobianLoss, row_distance
 from ..losses.teacher_rows import CACHE_JACOBIAN_ROWS, CACHE_ROWS
 from ..outputs import at_least_float32
-from ..pipeline.device import Runtime
-from ..pipeline.model_options import parse_kwargs
-from ..pipeline.models import ModelInput, build
+from ..training.runtime import Runtime
+from ..specs import parse_kwargs
+from ..models.build import ModelInput, build_model
 
 Step = Callable[[], object]
 Builder = Callable[["Setup", bool], Step]  # (setup, graphed) -> a whole training step
@@ -64,14 +64,14 @@ class Setup:
 _MODEL_SPEC = re.compile(r"^([\w.\-]+)(?:\((.*)\))?$")
 
 
-def build_model(spec: str, classes: int, size: int) -> nn.Module:
+def bench_model(spec: str, classes: int, size: int) -> nn.Module:
     """``NAME`` or ``NAME(key=value,...)`` (e.g. ``vit_tiny_patch16_224(patch_size=4)``), built by the
-    pipeline's one model factory (:func:`jacplug.pipeline.models.build`) for RGB ``size`` px inputs."""
+    pipeline's one model factory (:func:`jacplug.models.build.build_model`) for RGB ``size`` px inputs."""
     match = _MODEL_SPEC.match(spec)
     if match is None:
         raise UserError(f"bad model {spec!r} in --configs; expected NAME or NAME(key=value,...)")
     kwargs = parse_kwargs(match.group(2) or "", f"--configs model {spec!r}")  # the values --student-kwargs takes
-    return build("model", match.group(1), ModelInput(classes, (3, size, size)), kwargs).module
+    return build_model("model", match.group(1), ModelInput(classes, (3, size, size)), kwargs).module
 
 
 def make_setup(name: str, classes: int, batch: int, size: int, device: torch.device, seed: int = 0,
@@ -84,7 +84,7 @@ def make_setup(name: str, classes: int, batch: int, size: int, device: torch.dev
         teacher, student = mlp(1024), mlp(256)
     else:
         teacher_name, student_name = name.split("->")
-        teacher, student = build_model(teacher_name, classes, size), build_model(student_name, classes, size)
+        teacher, student = bench_model(teacher_name, classes, size), bench_model(student_name, classes, size)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
     student = student.to(device, memory_format=memory_format).train()

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # the pipeline's data types; this module sits below the pipeline
-    from ..pipeline.data import DatasetSplits
+    from ..data.datasets import DatasetSplits
 
 
 def probe_batch(splits: DatasetSplits, device: torch.device, size: int = 8) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..bench import DEFAULT_CONFIGS, DEFAULT_CUDA_CONFIGS, BenchConfig
-from ..options import add_options, given_flags, read_options
+from ..config_fields import add_options, given_flags, read_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,12 +38,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..checks.gradient_flow import format_flow_table, raise_for_detached
-    from ..pipeline.checkpoint import load_model
-    from ..pipeline.config import resolve
-    from ..pipeline.device import init_runtime
-    from ..pipeline.models import build
-    from ..pipeline.prepare import build_loss, check_step, load_data
-    from ..pipeline.teacher import build_teacher
+    from ..io.checkpoint import load_weights
+    from ..training.config import resolve
+    from ..training.runtime import init_runtime
+    from ..models.build import build_model
+    from ..training.prepare import loss_for_pair, check_step, load_data
+    from ..training.teacher import build_teacher
 
     config = resolve({}, dict(
         teacher=args.teacher, student=args.student, teacher_kwargs=args.teacher_kwargs,
@@ -54,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     runtime = init_runtime(config.device)
     splits = load_data(config)
-    loss = build_loss(config.loss, config.teacher, config.student).to(runtime.device)
-    student = build("student", config.student, splits, config.student_kwargs).module.to(runtime.device).train()
+    loss = loss_for_pair(config.loss, config.teacher, config.student).to(runtime.device)
+    student = build_model("student", config.student, splits, config.student_kwargs).module.to(runtime.device).train()
     built = build_teacher(config, splits)
     if args.teacher_checkpoint:
-        load_model(args.teacher_checkpoint, built.module, expected_name=config.teacher, num_classes=splits.num_classes,
+        load_weights(args.teacher_checkpoint, built.module, expected_name=config.teacher, num_classes=splits.num_classes,
                    in_chans=splits.in_chans, model_kwargs=built.kwargs)
     teacher = built.module.to(runtime.device).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(config.seed)

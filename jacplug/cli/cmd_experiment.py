@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ..experiment.config import ExperimentConfig
-from ..options import add_options, given_flags, read_options
+from ..config_fields import add_options, given_flags, read_options
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

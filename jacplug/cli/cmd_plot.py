@@ -16,9 +16,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UserError
-    from ..pipeline.metrics import plot
+    from ..training.metrics import plot_curves
 
     if not Path(args.run_dir).is_dir():
         raise UserError(f"run directory {args.run_dir!r} does not exist")
-    print(plot(args.run_dir, args.out))
+    print(plot_curves(args.run_dir, args.out))
     return 0

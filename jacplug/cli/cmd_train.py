@@ -1,7 +1,7 @@
 """``jacplug train``: distil a teacher into a student and print a summary table.
 
 Every option defaults to ``None`` here so the pipeline can tell what the user gave: defaults come
-from :class:`jacplug.pipeline.config.TrainConfig`, then ``--config FILE``, then these flags.
+from :class:`jacplug.training.config.TrainConfig`, then ``--config FILE``, then these flags.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 import re
 import sys
 
-from ..options import add_options
-from ..pipeline.config import TrainConfig, read_config_file
+from ..config_fields import add_options
+from ..training.config import TrainConfig, read_config_file
 
 
 def add_parser(sub) -> None:
@@ -36,8 +36,8 @@ def resolve_config(args: argparse.Namespace):
     ``--resume auto`` resumes when ``--out`` holds a run (its ``config.json``) and starts one when it
     holds none; a run of another configuration there is refused like ``--resume`` refuses it."""
     from ..errors import UserError
-    from ..pipeline.config import FIELDS, for_resume, resolve, resume_mode, saved_run
-    from ..pipeline.model_options import merge_options
+    from ..training.config import FIELDS, for_resume, resolve, resume_mode, saved_run
+    from ..specs import merge_options
 
     given = {k: v for k, v in vars(args).items() if k in FIELDS and k != "resume"}
     file_options = read_config_file(args.config) if args.config else {}
@@ -105,7 +105,7 @@ def format_summary(summary: dict) -> str:
         rows.append(("held-out gradient agreement (cosine)", f"{agreement['agreement_cosine']:.3f}  (1: the teacher's "
                                                              "input gradients; see gradient_maps.png)"))
         rows.append(("held-out gradient distance (Eq. 10)", f"{agreement['agreement_distance']:.4g}"))
-    from ..pipeline.steps import WARMUP_STEPS
+    from ..training.plan import WARMUP_STEPS
 
     too_short = f"not measured: the first {WARMUP_STEPS} steps are warm-up, and the phase was not longer"
     if summary.get("teacher_images_per_s"):
@@ -129,7 +129,7 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..pipeline.run import train
+    from ..commands.train_run import train
 
     config = resolve_config(args)
     try:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import UserError
-from ..options import option
-from ..pipeline.config import FIELDS as TRAIN_FIELDS, MAX_COUNT, MAX_SEED, TrainConfig, check_device, resume_item, resume_mode
-from ..pipeline.model_options import kwargs_option
+from ..config_fields import option
+from ..training.config import FIELDS as TRAIN_FIELDS, MAX_COUNT, MAX_SEED, TrainConfig, check_device, resume_item, resume_mode
+from ..specs import kwargs_option
 from .methods import FEW_SHOT_METHODS, METHODS, get_method
 
 
@@ -75,7 +75,7 @@ def from_train(name: str, **changes: Any) -> Any:
 class ExperimentConfig:
     """Every option of the experiment (recorded in the results JSON). ``samples_per_class``: ``None``
     stands for all training images. Each field is also the ``jacplug experiment`` flag and config-file
-    key of the same name (:mod:`jacplug.options`)."""
+    key of the same name (:mod:`jacplug.config_fields`)."""
 
     dataset: str = from_train("dataset", group="data and models")
     data_root: str | None = from_train("data_root", group="data and models")

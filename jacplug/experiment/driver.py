@@ -16,11 +16,11 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError
-from ..pipeline.prepare import load_data
-from ..pipeline.device import init_runtime
-from ..pipeline.evaluate import accuracy
-from ..pipeline.lock import RunDirLock
-from ..pipeline.teacher import TEACHER_FILE
+from ..training.prepare import load_data
+from ..training.runtime import init_runtime
+from ..training.evaluate import accuracy
+from ..io.lock import RunDirLock
+from ..training.teacher import TEACHER_FILE
 from . import report
 from .executors import CellExecutor, make_executor
 from .protocol import (
@@ -67,7 +67,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     """The protocol, holding ``config.out``'s run-directory lock: a second experiment writing the same
-    files at the same time is refused in one line (see :mod:`jacplug.pipeline.lock`)."""
+    files at the same time is refused in one line (see :mod:`jacplug.io.lock`)."""
     with RunDirLock(config.out):
         records = Records(config.out)
         state = records.state(config)
@@ -204,7 +204,7 @@ def _write_reports(config: ExperimentConfig, results: dict[str, Any], sizes: lis
             name = report.NOISE_PNG if len(sizes) == 1 else f"noise_{size}.png"
             report.plot_noise(noise, size, teacher, out / name, f"{title}, {size} / class")
     if len(sizes) > 1:
-        report.plot(summary, sizes, full_per_class, out / report.PLOT_PNG, title)
+        report.plot_results(summary, sizes, full_per_class, out / report.PLOT_PNG, title)
     table = "\n".join(sections)
     report.write_table(out / report.TABLE_MD, table)
     report.write_json(out / report.RESULTS_JSON, results)  # last: its presence marks the experiment finished

@@ -30,8 +30,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..errors import UserError
-from ..pipeline.prepare import load_data
-from ..pipeline.device import Runtime, init_runtime
+from ..training.prepare import load_data
+from ..training.runtime import Runtime, init_runtime
 from . import protocol
 from .config import ExperimentConfig, RunSpec
 from .methods import METHODS

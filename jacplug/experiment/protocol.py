@@ -21,13 +21,13 @@ methods and the teacher are scored on identical noisy images and the curves diff
 Why a fixed number of optimisation steps rather than epochs: one image per class is 10 images, a
 single batch; an epoch budget would give that run almost no updates. Every run takes ``steps``
 AdamW steps on batches of ``min(batch_size, n_train)`` drawn from seeded permutations, with the
-step arithmetic and batch order of :mod:`jacplug.pipeline.steps` and the optimizer of
-:mod:`jacplug.pipeline.optim`, the same code ``jacplug train`` runs: a cell of the table is
+step arithmetic and batch order of :mod:`jacplug.training.plan` and the optimizer of
+:mod:`jacplug.training.optim`, the same code ``jacplug train`` runs: a cell of the table is
 ``jacplug train --steps`` with the cell's options.
 
 Determinism: each run seeds torch's global RNG with its seed before building the student, so its
 result does not depend on which worker process runs it or in which order; the few-sample subset of
-seed ``s`` is :func:`jacplug.pipeline.data.few_sample_subset` with ``s`` (the same images for every
+seed ``s`` is :func:`jacplug.data.datasets.few_sample_subset` with ``s`` (the same images for every
 method, so methods are compared on identical data). On CPU with a fixed thread count a rerun is
 bit-identical.
 
@@ -50,22 +50,23 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..distiller import RESERVED_KEYS, Distiller
-from ..pipeline.checkpoint import load_model, save_model
-from ..pipeline.config import TrainConfig
-from ..pipeline.data import DatasetSplits, few_sample_subset
-from ..pipeline.device import Runtime
-from ..pipeline.evaluate import accuracy
-from ..pipeline.heldout import HeldOutAgreement
+from ..io.checkpoint import load_weights, save_model
+from ..training.config import TrainConfig
+from ..data.datasets import DatasetSplits, few_sample_subset
+from ..training.runtime import Runtime
+from ..training.evaluate import accuracy
+from ..training.heldout import HeldOutAgreement
 from ..events import Phase
-from ..pipeline.loop import Loop, StreamBatches
-from ..pipeline.observe import Events, check_observers, observing
-from ..pipeline.optim import create_adamw
-from ..pipeline.prepare import build_loss, check_step
+from ..training.loop import Loop, StreamBatches
+from ..events import Events
+from ..training.observers import check_observers, observing
+from ..training.optim import create_adamw
+from ..training.prepare import loss_for_pair, check_step
 from ..checks.probe_batch import probe_batch
-from ..pipeline.run import RunContext
-from ..pipeline.steps import stream_plan
-from ..pipeline.models import build
-from ..pipeline.teacher import TEACHER_FILE, cosine_schedule, train_teacher
+from ..commands.train_run import RunContext
+from ..training.plan import stream_plan
+from ..models.build import build_model
+from ..training.teacher import TEACHER_FILE, cosine_schedule, train_teacher
 from .config import ExperimentConfig, RunSpec
 from .methods import METHODS, get_method
 
@@ -87,9 +88,9 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     method = get_method(spec.method)
     specs = method.specs(dict(spec.weights), config)
     torch.manual_seed(spec.seed)
-    student = build("student", config.student, splits, config.student_kwargs).module
+    student = build_model("student", config.student, splits, config.student_kwargs).module
     student = student.to(runtime.device).train()
-    loss = build_loss(specs, config.teacher, config.student).to(runtime.device)
+    loss = loss_for_pair(specs, config.teacher, config.student).to(runtime.device)
     optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
     plan = stream_plan(len(splits.train), config.batch_size, steps=config.steps)
     batches = StreamBatches(splits.train, plan, config.batch_size, spec.seed, loader_workers(config, runtime),
@@ -151,16 +152,16 @@ def check_before_training(config: ExperimentConfig, full: DatasetSplits, runtime
         few_sample_subset(full, n, config.seeds[0])
     devices = [runtime.device] if runtime.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        student = build("student", config.student, full, config.student_kwargs).module.to(runtime.device)
+        student = build_model("student", config.student, full, config.student_kwargs).module.to(runtime.device)
         if config.teacher_checkpoint:
             teacher = load_teacher(config, full, Path(config.teacher_checkpoint), runtime)
         else:
-            teacher = build("teacher", config.teacher, full).module.to(runtime.device)
+            teacher = build_model("teacher", config.teacher, full).module.to(runtime.device)
         inputs, targets = probe_batch(full, runtime.device)
         for name in config.methods:
             method = get_method(name)
             specs = method.specs({key: config.grid(key)[0] for key in method.uses}, config)
-            check_step(student, teacher, build_loss(specs, config.teacher, config.student), inputs, targets, runtime,
+            check_step(student, teacher, loss_for_pair(specs, config.teacher, config.student), inputs, targets, runtime,
                        name=config.student)
 
 
@@ -216,7 +217,7 @@ def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
                                dataset=config.dataset, out=config.out, log=list(config.log),
                                log_off=list(config.log_off))
     torch.manual_seed(train_config.seed)
-    model = build("teacher", config.teacher, splits).module.to(runtime.device)
+    model = build_model("teacher", config.teacher, splits).module.to(runtime.device)
     run = RunContext(config=train_config, out_dir=out, device=runtime.device, teacher=None, student=None, loss=None,
                      splits=splits, runtime=runtime)
     with observing(config.log, config.log_off):
@@ -229,8 +230,8 @@ def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
 
 
 def load_teacher(config: ExperimentConfig, splits: DatasetSplits, path: Path, runtime: Runtime) -> nn.Module:
-    model = build("teacher", config.teacher, splits).module
-    load_model(path, model, expected_name=config.teacher, num_classes=splits.num_classes, in_chans=splits.in_chans)
+    model = build_model("teacher", config.teacher, splits).module
+    load_weights(path, model, expected_name=config.teacher, num_classes=splits.num_classes, in_chans=splits.in_chans)
     return model.to(runtime.device).eval().requires_grad_(False)
 
 

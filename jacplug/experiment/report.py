@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..pipeline.checkpoint import atomic_write, atomic_write_text
+from ..io.checkpoint import atomic_write, atomic_write_text
 from .methods import METHODS
 
 RESULTS_JSON = "results.json"
@@ -186,7 +186,7 @@ def _save(fig, ax, path: Path, title: str, xlabel: str) -> None:
     plt.close(fig)
 
 
-def plot(summary: dict[str, dict[str, dict[str, float]]], sizes: list[str], full_per_class: float, path: Path,
+def plot_results(summary: dict[str, dict[str, dict[str, float]]], sizes: list[str], full_per_class: float, path: Path,
          title: str) -> None:
     """Test accuracy vs samples per class (log x; "all" at the full split's mean per class), one line
     per method, error bars of one standard deviation."""

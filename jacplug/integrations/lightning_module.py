@@ -177,7 +177,7 @@ def _model(model: nn.Module | str | Path, kwargs: Mapping[str, Any] | None, role
             raise UserError(f"{role}_kwargs= builds a {role} from a name; the {role} given is a module already")
         return model
     if isinstance(model, (str, Path)) and str(model).endswith(".safetensors"):
-        from ..pipeline.pretrained import load_model
+        from ..models.pretrained import load_model
 
         return load_model(model)
     if isinstance(model, str):

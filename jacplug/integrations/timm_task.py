@@ -289,7 +289,7 @@ class JacobianDistillationTask(TrainingTask):
 def _jacplug_checkpoint(path: Union[str, Path]) -> nn.Module:
     """The model a ``jacplug train`` checkpoint records, with its weights and its ``pretrained_cfg``
     (whose mean and std the teacher's input is normalised with)."""
-    from ..pipeline.pretrained import load_model
+    from ..models.pretrained import load_model
 
     return load_model(path)
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .base import DistillBatch, LossTerm, require
-from .options import positive_float
+from .values import positive_float
 
 _T_HINT = " (typical: 1 to 8)"
 

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..registry import ModelPair
 from .base import DistillBatch, LossTerm
 from .jacobian_terms import row_distance
-from .options import boolean, choice, positive_float
+from .values import boolean, choice, positive_float
 from .teacher_rows import CACHE_GRAPH_USED
 
 

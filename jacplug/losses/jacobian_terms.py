@@ -22,7 +22,7 @@ from ..engine import jacobian, jvp, resolve_backend, vjp
 from ..engine.substitutions import DOUBLE_BACKWARD, FORWARD_AD
 from ..errors import UserError
 from .base import DistillBatch, LossTerm, require
-from .options import boolean, choice, positive_float, positive_int
+from .values import boolean, choice, positive_float, positive_int
 from .teacher_rows import teacher_jacobian_rows, teacher_vjp
 
 CLASS_CHOICES = ("top1", "label", "topk", "all")

@@ -38,7 +38,7 @@ def digits_dataset(split: str = "train", image_size: int = 16, samples_per_class
     ``samples_per_class`` keeps that many training images per class, chosen by ``seed`` (the
     few-sample setting of docs/results.md); it applies to the train split only.
     """
-    from ...pipeline.data import few_sample_subset
+    from ...data.datasets import few_sample_subset
     from ...registry import create_dataset
 
     splits = create_dataset("digits", image_size=image_size)

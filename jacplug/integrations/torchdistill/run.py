@@ -156,7 +156,7 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None
     """Weights as safetensors (string ``metadata``), written to a temporary name and renamed into place."""
     from safetensors.torch import save_file
 
-    from jacplug.pipeline.checkpoint import atomic_write
+    from jacplug.io.checkpoint import atomic_write
 
     state = {k: v.detach().contiguous().cpu() for k, v in getattr(model, "module", model).state_dict().items()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))

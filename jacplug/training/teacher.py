@@ -32,17 +32,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import UserError
-from .checkpoint import checkpoint_model_kwargs, load_model, save_model
+from ..io.checkpoint import checkpoint_model_kwargs, load_weights, save_model
 from .config import TrainConfig
-from .data import DatasetSplits
-from .device import Runtime, barrier
+from ..data.datasets import DatasetSplits
+from .runtime import Runtime, barrier
 from ..events import Phase
 from .evaluate import accuracy
 from .loop import ClassifierStep, EpochBatches, Loop
-from .models import BuiltModel, build
-from .observe import Events
+from ..models.build import BuiltModel, build_model
+from ..events import Events
 from .optim import create_adamw
-from .steps import DEFAULT_EPOCHS, plan_steps, warn_if_few
+from .plan import DEFAULT_EPOCHS, plan_steps, warn_if_few
 
 TEACHER_FILE = "teacher.safetensors"
 
@@ -62,7 +62,7 @@ def teacher_kwargs(config: TrainConfig, run_dir: Path | None = None) -> dict:
 
 def build_teacher(config: TrainConfig, splits: DatasetSplits, run_dir: Path | None = None,
                   pretrained: bool = False) -> BuiltModel:
-    return build("teacher", config.teacher, splits, teacher_kwargs(config, run_dir), pretrained=pretrained)
+    return build_model("teacher", config.teacher, splits, teacher_kwargs(config, run_dir), pretrained=pretrained)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -160,11 +160,11 @@ def prepare_teacher(
     speed = None
     if config.resume and own.is_file():
         built, source = build_teacher(config, splits, run_dir), f"{own} (resumed)"
-        load_model(own, built.module, expected_name=config.teacher, num_classes=splits.num_classes,
+        load_weights(own, built.module, expected_name=config.teacher, num_classes=splits.num_classes,
                    in_chans=splits.in_chans, model_kwargs=built.kwargs)
     elif config.teacher_checkpoint:
         built, source = build_teacher(config, splits, run_dir), config.teacher_checkpoint
-        meta = load_model(config.teacher_checkpoint, built.module, expected_name=config.teacher,
+        meta = load_weights(config.teacher_checkpoint, built.module, expected_name=config.teacher,
                           num_classes=splits.num_classes, in_chans=splits.in_chans, model_kwargs=built.kwargs)
         if runtime.is_main:
             _check_input_size(meta, config.teacher_checkpoint, splits)
@@ -188,7 +188,7 @@ def prepare_teacher(
                        metrics=metrics, model_kwargs=built.kwargs)
         barrier(runtime)
         built = build_teacher(config, splits, run_dir)
-        meta = load_model(own, built.module)
+        meta = load_weights(own, built.module)
         trained = json.loads(meta.get("metrics", "{}"))
         speed = trained.get("images_per_s")
         source = f"{own} (trained here: {trained.get('steps', '?')} optimizer steps, {trained.get('images', 0):,} images seen)"

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..agreement import agreement_with, gradient_map_figure, gradient_maps, reference_maps, teacher_reference
-from .data import DatasetSplits
+from ..data.datasets import DatasetSplits
 
 #: images shown in the gradient-map picture
 PICTURED = 8

@@ -12,33 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from ..errors import UserError
-from ..events import Phase
+from ..events import Events, Phase
 from ..registry import PluginHost, get_host
 
 _RUN_IDS = itertools.count()
 
 
-@dataclass
-class Events:
-    """Emits one phase's lifecycle hooks; a no-op off rank 0 (``enabled=False``)."""
-
-    run: Any
-    phase: Phase
-    enabled: bool = True
-    host: PluginHost | None = None
-
-    def emit(self, hook: str, **kwargs: Any) -> None:
-        if self.enabled:
-            (self.host or get_host()).notify(hook, run=self.run, phase=self.phase, **kwargs)
-
-
 def parse_observer(spec: str) -> tuple[str, dict[str, Any]]:
     """``"NAME[:KEY=VALUE,...]"`` -> ``(name, options)``; values are read as YAML literals."""
-    from .model_options import parse_kwargs
+    from ..specs import parse_kwargs
 
     name, _, options = spec.partition(":")
     if not name.strip():

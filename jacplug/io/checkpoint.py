@@ -9,7 +9,7 @@ included), ``jacplug_version``, and ``pretrained_cfg`` (JSON): timm's data keys
 (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``num_classes``),
 so that ``timm.data.resolve_data_config(model=...)`` on a model built from the file gives this run's
 preprocessing instead of ImageNet's. Loading needs only ``safetensors`` and ``timm.create_model(model,
-num_classes=..., in_chans=..., pretrained_cfg_overlay=..., **model_kwargs)``; :func:`jacplug.load_model` does it.
+num_classes=..., in_chans=..., pretrained_cfg_overlay=..., **model_kwargs)``; :func:`jacplug.load_weights` does it.
 
 The resume file (``resume.safetensors``) is one file, so it is always self-consistent: the student,
 the loss module (adapters), the optimizer's tensors and the RNG states as tensors, and as JSON
@@ -180,7 +180,7 @@ def _damaged_remedy(path: Path) -> str:
 
 def checkpoint_model_kwargs(path: str | Path) -> dict[str, Any] | None:
     """The constructor kwargs a model checkpoint records, or None (none recorded, or no readable file:
-    :func:`load_model` then says what is wrong)."""
+    :func:`load_weights` then says what is wrong)."""
     recorded = _recorded(path, "model_kwargs")
     try:
         return json.loads(recorded) if recorded else None
@@ -203,7 +203,7 @@ def _recorded(path: str | Path, key: str) -> str | None:
         return None
 
 
-def load_model(
+def load_weights(
     path: str | Path,
     model: nn.Module,
     *,

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write, atomic_write_text
+from ..io.checkpoint import atomic_write, atomic_write_text
 
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
@@ -102,7 +102,7 @@ def check_plottable(steps: list[dict[str, Any]], evaluations: list[dict[str, Any
                                 "not a number; it was not written by jacplug train")
 
 
-def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the per-step loss terms and the per-epoch accuracies of a run into a PNG; returns its path."""
     import matplotlib
 

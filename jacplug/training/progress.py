@@ -15,7 +15,7 @@ from typing import Any, Iterable, TypeVar
 
 from tqdm.auto import tqdm
 
-from .steps import StepPlan
+from .plan import StepPlan
 
 T = TypeVar("T")
 

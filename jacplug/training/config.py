@@ -19,8 +19,8 @@ from typing import Any
 import typing
 
 from ..errors import UserError
-from ..options import check_value, option, read_options
-from .model_options import merge_options, model_options
+from ..config_fields import check_value, option, read_options
+from ..specs import merge_options, model_options
 
 
 #: the largest count option (steps, epochs, batch sizes): the loops index with 64-bit integers
@@ -64,7 +64,7 @@ def resume_item(text: str) -> bool | str:
 @dataclass
 class TrainConfig:
     """The resolved options of one run; saved as ``config.json`` in the run directory. Each field is also
-    the ``jacplug train`` flag and config-file key of the same name (:mod:`jacplug.options`)."""
+    the ``jacplug train`` flag and config-file key of the same name (:mod:`jacplug.config_fields`)."""
 
     teacher: str = option("resnet50", metavar="NAME[:KEY=VAL,...]", group="models",
                           help="teacher model name (any timm name), optionally with constructor kwargs")
@@ -193,7 +193,7 @@ class TrainConfig:
         if self.pretrained and self.teacher_checkpoint:
             raise UserError("--pretrained and --teacher-checkpoint both choose the teacher's weights; pass one")
         if self.pretrained:
-            from .pretrained import check_hub_reachable
+            from ..models.pretrained import check_hub_reachable
 
             check_hub_reachable(self.teacher)
         return self
@@ -217,7 +217,7 @@ def _flag(name: str) -> str:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a ``.yaml``/``.yml``/``.toml``/``.json`` file, keys normalised to field names and
-    each value checked (:func:`jacplug.options.read_options`)."""
+    each value checked (:func:`jacplug.config_fields.read_options`)."""
     return read_options(TrainConfig, path)
 
 
@@ -230,7 +230,7 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
     merged = merge_options(file_side, {k: v for k, v in cli_options.items() if k in FIELDS})
     hints = typing.get_type_hints(TrainConfig)
     if "teacher" not in merged and merged.get("teacher_checkpoint"):  # the checkpoint says which model it holds
-        from .checkpoint import checkpoint_model_name
+        from ..io.checkpoint import checkpoint_model_name
 
         recorded = checkpoint_model_name(merged["teacher_checkpoint"])
         if recorded:

@@ -15,7 +15,7 @@ import ast
 import json
 from typing import Any
 
-from ..errors import UserError
+from .errors import UserError
 
 #: model option -> the option that holds its kwargs
 KWARGS_OPTIONS = {"student": "student_kwargs", "teacher": "teacher_kwargs"}

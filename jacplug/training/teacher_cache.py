@@ -43,9 +43,9 @@ from ..losses.base import DistillBatch
 from ..losses.composite import WeightedLoss
 from ..losses.teacher_rows import CACHE_JACOBIAN_ROWS, CACHE_ROWS
 from ..outputs import at_least_float32, logits_of
-from .checkpoint import atomic_write
-from .data import Indexed
-from .device import Runtime
+from ..io.checkpoint import atomic_write
+from ..data.datasets import Indexed
+from .runtime import Runtime
 from .progress import progress
 
 LOGITS = "teacher_logits"
@@ -103,7 +103,7 @@ def _row_terms(loss: WeightedLoss) -> list:
     return [term for term in loss.terms.values() if callable(getattr(term, "rows", None)) and "input_grad" in term.needs]
 
 
-def build(
+def build_cache(
     path: Path, teacher: nn.Module, loss: WeightedLoss, train: Dataset, runtime: Runtime, batch_size: int,
     key: str, show: bool,
 ) -> None:

@@ -14,8 +14,8 @@ from ..distiller import Distiller
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..registry import create_dataset, model_pair
-from .data import DatasetSplits
-from .device import Runtime
+from ..data.datasets import DatasetSplits
+from .runtime import Runtime
 
 
 def load_data(config: Any) -> DatasetSplits:
@@ -25,7 +25,7 @@ def load_data(config: Any) -> DatasetSplits:
                           image_size=config.image_size, augment=getattr(config, "augment", None))
 
 
-def build_loss(specs: Sequence[str] | None, teacher: str, student: str) -> WeightedLoss:
+def loss_for_pair(specs: Sequence[str] | None, teacher: str, student: str) -> WeightedLoss:
     """The loss of ``specs`` (none: :data:`~jacplug.losses.presets.DEFAULT_SPECS`) through the registry; feature
     terms get the registered ``teacher->student`` pair's layers and channels."""
     from ..losses import build_loss as from_specs, options_from_pair

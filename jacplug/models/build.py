@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..registry import create_model
-from .data import DatasetSplits
+from ..data.datasets import DatasetSplits
 
 #: input sizes tried when a model cannot run at the run's size: every 8 px to 64, every 16 to 256,
 #: every 32 to 512 (sizes are compared at these steps, so "smallest" means smallest on this ladder)
@@ -134,7 +134,7 @@ def smallest_working_size(make: Callable[[int], nn.Module], in_chans: int, skip:
     return None
 
 
-def build(
+def build_model(
     role: str,
     name: str,
     splits: DatasetSplits | ModelInput,

@@ -46,24 +46,25 @@ from ..errors import UserError
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..events import Phase
-from . import cache as teacher_cache
-from .checkpoint import atomic_write_text, load_model, load_resume, remove_stale_temp_files, save_resume
-from .config import TrainConfig
-from .data import DatasetSplits, Indexed, few_sample_subset
-from .device import Runtime, barrier, distribute, init_runtime, shutdown
-from .evaluate import accuracy
-from .heldout import GRADIENT_MAPS, HeldOutAgreement
-from .lock import RunDirLock
-from .loop import Loop, Position, StreamBatches
-from .metrics import MetricsLog, read_metrics
-from .models import build
-from .observe import Events, check_observers, observing
-from .optim import create_adamw
-from .prepare import build_loss, check_step, load_data
+from ..training import teacher_cache
+from ..io.checkpoint import atomic_write_text, load_weights, load_resume, remove_stale_temp_files, save_resume
+from ..training.config import TrainConfig
+from ..data.datasets import DatasetSplits, Indexed, few_sample_subset
+from ..training.runtime import Runtime, barrier, distribute, init_runtime, shutdown
+from ..training.evaluate import accuracy
+from ..training.heldout import GRADIENT_MAPS, HeldOutAgreement
+from ..io.lock import RunDirLock
+from ..training.loop import Loop, Position, StreamBatches
+from ..training.metrics import MetricsLog, read_metrics
+from ..models.build import build_model
+from ..events import Events
+from ..training.observers import check_observers, observing
+from ..training.optim import create_adamw
+from ..training.prepare import loss_for_pair, check_step, load_data
 from ..checks.probe_batch import probe_batch
-from .progress import want_progress
-from .steps import StepPlan, default_length, stream_batch, stream_plan, warn_if_few
-from .teacher import TEACHER_FILE, build_teacher, cosine_schedule, prepare_teacher, teacher_length
+from ..training.progress import want_progress
+from ..training.plan import StepPlan, default_length, stream_batch, stream_plan, warn_if_few
+from ..training.teacher import TEACHER_FILE, build_teacher, cosine_schedule, prepare_teacher, teacher_length
 
 RESUME_FILE = "resume.safetensors"
 BEST_FILE = "student_best.safetensors"
@@ -183,15 +184,15 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     full = load_data(config)
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
     config, plan = resolve_run(config, splits, runtime)
-    loss = build_loss(config.loss, config.teacher, config.student)
-    student_built = build("student", config.student, splits, config.student_kwargs)
+    loss = loss_for_pair(config.loss, config.teacher, config.student)
+    student_built = build_model("student", config.student, splits, config.student_kwargs)
     student = student_built.module
     with torch.random.fork_rng(devices=[]):  # a throwaway build must not shift the run's seeds
         built_teacher = build_teacher(config, full, run_dir)  # a bad name, kwarg or input size fails now
     probe_teacher = built_teacher.module
     if config.teacher_checkpoint and not (config.resume and (run_dir / TEACHER_FILE).is_file()):
         # a missing, corrupt or mismatched checkpoint is refused before anything is written
-        load_model(config.teacher_checkpoint, probe_teacher, expected_name=config.teacher,
+        load_weights(config.teacher_checkpoint, probe_teacher, expected_name=config.teacher,
                    num_classes=full.num_classes, in_chans=full.in_chans, model_kwargs=built_teacher.kwargs)
     if config.cache_teacher:
         teacher_cache.check_cacheable(loss, splits.augment, config.dataset)
@@ -257,7 +258,7 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
         cache_path = run_dir / CACHE_FILE
         key = teacher_cache.cache_key(teacher, splits.train, config.loss, runtime, config.eval_batch_size)
         if runtime.is_main and not teacher_cache.TeacherCache.matches(cache_path, key):
-            teacher_cache.build(cache_path, teacher, loss, splits.train, runtime, config.eval_batch_size, key, show)
+            teacher_cache.build_cache(cache_path, teacher, loss, splits.train, runtime, config.eval_batch_size, key, show)
         barrier(runtime)
         lookup = teacher_cache.TeacherCache(cache_path, runtime.device)
 

@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import UserError
-from .device import Runtime, any_rank
-from .observe import Events
-from .steps import WARMUP_STEPS, StepPlan, batch_stream
+from .runtime import Runtime, any_rank
+from ..events import Events
+from .plan import WARMUP_STEPS, StepPlan, batch_stream
 
 
 class StepObject(Protocol):
@@ -77,7 +77,7 @@ class Batches(Protocol):
 
 @dataclass
 class StreamBatches:
-    """Batches from :func:`jacplug.pipeline.steps.batch_stream`: step ``k``'s batch depends only on the seed
+    """Batches from :func:`jacplug.training.plan.batch_stream`: step ``k``'s batch depends only on the seed
     and ``k``, so a resumed phase regenerates it. ``rounds``: ``"evaluation"`` ends a round at each
     evaluation point of the plan (``jacplug train``'s student), ``"whole"`` runs the plan in one round (an
     experiment cell, evaluated once at its end)."""
@@ -161,7 +161,7 @@ class Loop:
     events: Events
     evaluate: Callable[[int], dict[str, Any]]
     position: Position = field(default_factory=Position)
-    cache: Any = None  # jacplug.pipeline.cache.TeacherCache or None
+    cache: Any = None  # jacplug.training.teacher_cache.TeacherCache or None
     on_non_finite: str = "raise"
     remedy: str = "lower --lr or the weights of the loss terms"
     save_every: int = 0

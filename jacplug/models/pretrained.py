@@ -15,8 +15,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import UserError
-from .checkpoint import load_model as load_weights
-from .checkpoint import checkpoint_model_kwargs, pretrained_cfg, read_checkpoint
+from ..io.checkpoint import load_weights
+from ..io.checkpoint import checkpoint_model_kwargs, pretrained_cfg, read_checkpoint
 
 
 def checkpoint_pretrained_cfg(metadata: dict[str, str]) -> dict[str, Any]:

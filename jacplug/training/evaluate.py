@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .device import Runtime
+from .runtime import Runtime
 from .progress import progress
 
 
