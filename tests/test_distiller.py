@@ -171,7 +171,7 @@ def test_every_loss_form_and_bad_specs():
     assert Distiller(student, teacher, custom).loss is custom
     with pytest.raises(UnknownNameError, match="did you mean 'jacobian'"):
         Distiller(student, teacher, ["kd=1", "jacobain=1"])
-    with pytest.raises(UserError, match="bad loss spec 'kd'"):
+    with pytest.raises(UserError, match="--loss 'kd': a term needs a name and a weight"):
         Distiller(student, teacher, ["kd"])
     with pytest.raises(UserError, match="clash with the result's"):
         Distiller(student, teacher, WeightedLoss({"output": (KDLoss(), 1.0)}))

@@ -327,7 +327,7 @@ def test_loading_batches_in_worker_processes_changes_nothing_but_speed(tmp_path)
 
 @pytest.mark.parametrize("flags, message", [
     (["--select-seeds", "0"], "--select-seeds must be a positive integer, got 0"),
-    (["--student-kwargs", "patch_size"], "--student-kwargs: expected key=value items"),
+    (["--student-kwargs", "patch_size"], "--student-kwargs 'patch_size': 'patch_size' is not KEY=VALUE"),
     (["--noise-sigmas", "-1", "--select-on", "noise"], "--noise-sigmas must be finite and >= 0"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
 ])

@@ -141,20 +141,24 @@ def test_parse_spec_values():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("kd", "expected NAME=WEIGHT"),
-        ("=1", "expected NAME=WEIGHT"),
-        ("kd=", "expected NAME=WEIGHT"),
-        ("kd=much", "weight 'much' is not a number"),
-        ("kd=0", "weight must be finite and > 0"),
-        ("kd=-2", "weight must be finite and > 0"),
-        ("kd=nan", "weight must be finite and > 0"),
-        ("jacobian=1:squared", "option 'squared' is not OPTION=VALUE"),
+        ("kd", "a term needs a name and a weight"),
+        ("=1", "a term needs a name and a weight"),
+        ("kd=", "a term needs a name and a weight"),
+        ("kd:temperature=4", "the term 'kd' has no weight before its options"),
+        ("kd=much", "the weight 'much' is not a number"),
+        ("kd=0", "the weight must be finite and > 0"),
+        ("kd=-2", "the weight must be finite and > 0"),
+        ("kd=nan", "the weight must be finite and > 0"),
+        ("jacobian=1:squared", "'squared' is not KEY=VALUE"),
+        ("jacobian=1:k=2,k=3", "'k' is given twice"),
     ],
 )
 def test_bad_specs_say_the_right_form(spec, message):
-    with pytest.raises(UserError, match=message) as info:
+    with pytest.raises(UserError) as info:
         parse_spec(spec)
-    assert str(info.value).startswith(f"bad loss spec {spec!r}: ")  # names what the user typed
+    text = str(info.value)  # names the flag and what the user typed, then the problem and the right form
+    assert text.startswith(f"--loss {spec!r}: ") and message in text and text.endswith(f"expected {SPEC_FORM}")
+    assert "\n" not in text
 
 
 def test_build_loss_through_the_registry(loss_host, logits):

@@ -164,7 +164,7 @@ def test_check_command_takes_kwargs(capsys):
     (["--student", "test_convnext"], "student 'test_convnext' cannot run on 8x8 inputs"),
     (["--teacher", "test_convnext"], "teacher 'test_convnext' cannot run on 8x8 inputs"),
     (["--student-kwargs", "widht=2"], "does not take the keyword argument 'widht'"),
-    (["--student", "test_resnet:depth"], "--student: expected key=value items"),
+    (["--student", "test_resnet:depth"], "--student 'test_resnet:depth': 'depth' is not KEY=VALUE"),
 ])
 def test_cli_model_errors_are_one_line_and_come_before_training(tmp_path, capsys, args, message):
     out = tmp_path / "run"

@@ -37,7 +37,7 @@ from ..losses.jacobian_terms import DirectionalJacobianLoss, JacobianLoss, Proje
 from ..losses.teacher_rows import CACHE_JACOBIAN_ROWS, CACHE_ROWS
 from ..outputs import at_least_float32
 from ..training.runtime import Runtime
-from ..specs import parse_kwargs
+from ..specs import parse_options, spec_error
 from ..models.build import ModelInput, build_model
 
 Step = Callable[[], object]
@@ -62,6 +62,7 @@ class Setup:
 
 
 _MODEL_SPEC = re.compile(r"^([\w.\-]+)(?:\((.*)\))?$")
+_MODEL_FORM = "NAME or NAME(KEY=VALUE,...) (e.g. vit_tiny_patch16_224(patch_size=4))"
 
 
 def bench_model(spec: str, classes: int, size: int) -> nn.Module:
@@ -69,8 +70,8 @@ def bench_model(spec: str, classes: int, size: int) -> nn.Module:
     pipeline's one model factory (:func:`jacplug.models.build.build_model`) for RGB ``size`` px inputs."""
     match = _MODEL_SPEC.match(spec)
     if match is None:
-        raise UserError(f"bad model {spec!r} in --configs; expected NAME or NAME(key=value,...)")
-    kwargs = parse_kwargs(match.group(2) or "", f"--configs model {spec!r}")  # the values --student-kwargs takes
+        raise spec_error("--configs", spec, "not a model name", _MODEL_FORM)
+    kwargs = parse_options(match.group(2) or "", "--configs", spec, _MODEL_FORM)
     return build_model("model", match.group(1), ModelInput(classes, (3, size, size)), kwargs).module
 
 

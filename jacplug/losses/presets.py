@@ -1,4 +1,4 @@
-"""Ready-made compositions, and ``name=weight[:option=value,...]`` specs built through the registry.
+"""Ready-made compositions, and ``NAME=WEIGHT[:KEY=VALUE,...]`` specs built through the registry.
 
 The default preset is the usual ``(1 - alpha) * L_distill + alpha * L_jac`` mix, with the Jacobian term
 scaled so the ratio of the two weights is the one chosen on validation runs of the default command
@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import PluginError, UserError
 from ..registry import create_loss, registry
+from ..specs import parse_options, spec_error
 from .composite import WeightedLoss
 from .distill import KDLoss, SoftMSELoss, TeacherCELoss
 from .jacobian_terms import JacobianLoss
@@ -26,9 +27,8 @@ DISTILL_TERMS = {"kd": KDLoss, "mse-soft": SoftMSELoss, "ce-teacher": TeacherCEL
 #: train`` records these in ``config.json``, so a reader sees what ran; a test checks both build the same loss)
 DEFAULT_SPECS = ("kd=0.5:temperature=4", "jacobian=0.15")
 
-SPEC_FORM = (
-    "NAME=WEIGHT or NAME=WEIGHT:OPTION=VALUE,OPTION=VALUE (e.g. kd=1 or jacobian=10:squared=false,classes=label)"
-)
+#: the form of a ``--loss`` spec, as its errors quote it; the examples are real specs (a test builds them)
+SPEC_FORM = "NAME=WEIGHT or NAME=WEIGHT:KEY=VALUE,... (e.g. kd=1 or jacobian=10:squared=false,classes=label)"
 
 
 def jacobian_distillation(
@@ -68,44 +68,24 @@ def jacobian_distillation(
     )
 
 
-def parse_value(text: str) -> Any:
-    """``"true"``/``"false"`` -> bool, ``"none"`` -> None, then int, then float, else the string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def parse_spec(spec: str) -> tuple[str, float, dict[str, Any]]:
+def parse_spec(spec: str, flag: str = "--loss") -> tuple[str, float, dict[str, Any]]:
     """``"jacobian=10:squared=false,classes=label"`` -> ``("jacobian", 10.0, {"squared": False,
-    "classes": "label"})``."""
+    "classes": "label"})``; the options are read as every spec's are (:mod:`jacplug.specs`)."""
     name, sep, rest = spec.partition("=")
     weight_text, _, options_text = rest.partition(":")
     name = name.strip()
+    if ":" in name:
+        raise spec_error(flag, spec, f"the term {name.partition(':')[0]!r} has no weight before its options", SPEC_FORM)
     if not sep or not name or not weight_text.strip():
-        raise UserError(f"bad loss spec {spec!r}: expected {SPEC_FORM}")
+        raise spec_error(flag, spec, "a term needs a name and a weight", SPEC_FORM)
     try:
         weight = float(weight_text)
     except ValueError:
-        raise UserError(
-            f"bad loss spec {spec!r}: weight {weight_text!r} is not a number; expected {SPEC_FORM}"
-        ) from None
+        raise spec_error(flag, spec, f"the weight {weight_text.strip()!r} is not a number", SPEC_FORM) from None
     if not (weight > 0 and math.isfinite(weight)):
-        raise UserError(f"bad loss spec {spec!r}: weight must be finite and > 0; leave a term out instead of weight 0")
-    options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in options_text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise UserError(f"bad loss spec {spec!r}: option {item!r} is not OPTION=VALUE; expected {SPEC_FORM}")
-        options[key.strip()] = parse_value(value)
-    return name, weight, options
+        raise spec_error(flag, spec, "the weight must be finite and > 0 (leave a term out instead of weight 0)",
+                         SPEC_FORM)
+    return name, weight, parse_options(options_text, flag, spec, SPEC_FORM)
 
 
 def build_loss(specs: Sequence[str], overrides: Mapping[str, Mapping[str, Any]] | None = None) -> WeightedLoss:

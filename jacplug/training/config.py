@@ -3,7 +3,7 @@
 Precedence: dataclass defaults < ``--config FILE`` < command-line flags. A config file uses the
 option names with dashes or underscores (``batch-size`` or ``batch_size``); ``loss`` is a list of
 ``NAME=WEIGHT[:opt=val,...]`` strings, as on the command line; ``student-kwargs`` and
-``teacher-kwargs`` are mappings or ``key=value,...`` text (see :mod:`.model_options`), merged key by
+``teacher-kwargs`` are mappings or ``key=value,...`` text (see :mod:`jacplug.specs`), merged key by
 key with the flags. Unknown keys are an error (a typo must not silently fall back to a default).
 """
 

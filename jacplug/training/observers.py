@@ -17,18 +17,14 @@ from typing import Any, Iterator, Sequence
 from ..errors import UserError
 from ..events import Events, Phase
 from ..registry import PluginHost, get_host
+from ..specs import OBSERVER_FORM, parse_named
 
 _RUN_IDS = itertools.count()
 
 
 def parse_observer(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"NAME[:KEY=VALUE,...]"`` -> ``(name, options)``; values are read as YAML literals."""
-    from ..specs import parse_kwargs
-
-    name, _, options = spec.partition(":")
-    if not name.strip():
-        raise UserError(f"--log {spec!r}: expected NAME[:KEY=VALUE,...], e.g. tensorboard or mlflow:tracking_uri=URI")
-    return name.strip(), parse_kwargs(options, f"--log {name}") if options else {}
+    """``"NAME[:KEY=VALUE,...]"`` -> ``(name, options)``, read as every spec is (:mod:`jacplug.specs`)."""
+    return parse_named(spec, "--log", OBSERVER_FORM)
 
 
 def check_observers(log: Sequence[str], log_off: Sequence[str], host: PluginHost | None = None) -> None:
