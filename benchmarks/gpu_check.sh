@@ -56,7 +56,7 @@ for name in ("train_eager", "train_student_off", "train_student_on"):
     except Exception as exc:
         print(name, "missing:", exc); continue
     print(f"{name}: total {s['time_s']:.1f} s, student {s.get('student_images_per_s') or 0:.0f} img/s "
-          f"({s.get('student_steps_run')}), student acc {s['student_last_test_acc']}")
+          f"({s.get('student_step_mode')}), student acc {s['student_last_test_acc']}")
 PYEOF
 timeout 60 $JACPLUG train --teacher resnet18 --student resnet18 --teacher-steps 20 --steps 40 --workers 2 \
     --cuda-graphs on --out "$RUN/workers2" > "$OUT/train_workers2.txt" 2>&1 || tail -n 3 "$OUT/train_workers2.txt"

@@ -73,7 +73,7 @@ def test_train_with_cuda_graphs_matches_eager_first_losses(tmp_path):
         summary = train(TrainConfig(teacher="resnet10t", student="resnet10t", epochs=1, teacher_epochs=1,
                                     max_steps_per_epoch=10, out=str(out), cuda_graphs=mode, device="cuda",
                                     save_every=0, progress=False))
-        assert summary["student_steps_run"] == ("CUDA graph" if mode == "on" else "eager")
+        assert summary["student_step_mode"] == ("CUDA graph" if mode == "on" else "eager")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [r["loss"] for r in records if r.get("kind") == "step"]
     assert len(losses["on"]) == 10

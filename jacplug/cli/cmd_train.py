@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
         help="distil a teacher into a student (KD + Jacobian matching by default)",
         description="Distil a teacher into a student. Without data options it uses the embedded digits "
         "dataset; without a teacher checkpoint it trains the teacher first. Options may also come from "
-        "--config FILE (YAML or TOML, same names); flags given here override the file.",
+        "--config FILE (YAML, TOML or JSON, same names); flags given here override the file. Loss, model "
+        "and observer specs (NAME:KEY=VALUE,...): docs/pipeline.md; loss and observer names: jacplug plugins.",
     )
     add_options(p, TrainConfig)
     p.add_argument("--config", metavar="FILE", help="YAML, TOML or JSON file with any of these options (same names)")
@@ -112,11 +113,13 @@ def format_summary(summary: dict) -> str:
         rows.append(("teacher training speed", f"{summary['teacher_images_per_s']:.0f} images/s after warm-up"))
     elif "trained here" in str(summary.get("teacher_source")):
         rows.append(("teacher training speed", too_short))
+    # "student_steps_run" is the key's spelling in summaries saved (--json) before it named a count elsewhere
+    step_mode = summary.get("student_step_mode", summary.get("student_steps_run"))
     if summary.get("student_images_per_s"):
         rows.append(("student training speed", f"{summary['student_images_per_s']:.0f} images/s after warm-up "
-                                               f"({summary['student_steps_run']})"))
+                                               f"({step_mode})"))
     else:
-        rows.append(("student training speed", f"{too_short} ({summary['student_steps_run']})"))
+        rows.append(("student training speed", f"{too_short} ({step_mode})"))
     minutes, seconds = divmod(summary["time_s"], 60)
     rows.append(("time", f"{int(minutes)}m {seconds:.1f}s"))
     rows += [(f"checkpoint: {k}", v) for k, v in summary["checkpoints"].items()]

@@ -295,7 +295,7 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
     summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last, started, splits, plan)
     summary["student_images_per_s"] = loop.images_per_s
     summary["teacher_images_per_s"] = teacher_speed
-    summary["student_steps_run"] = distiller.capture_status
+    summary["student_step_mode"] = distiller.capture_status
     summary["agreement"] = {k: v for k, v in last.items() if k.startswith("agreement_")}
     if heldout is not None:
         summary["gradient_maps"] = str(run_dir / GRADIENT_MAPS)

@@ -85,7 +85,8 @@ class ExperimentConfig:
     student: str = from_train("student", group="data and models")
     student_kwargs: dict[str, Any] = from_train("student_kwargs", convert=_kwargs, group="data and models")
     teacher_checkpoint: str | None = from_train("teacher_checkpoint", group="data and models")
-    teacher_epochs: int = from_train("teacher_epochs", group="data and models")
+    teacher_epochs: int = from_train("teacher_epochs", group="data and models",
+                                     help="epochs to train the teacher when no --teacher-checkpoint is given")
     teacher_lr: float = from_train("teacher_lr", group="data and models")
     samples_per_class: list[int | None] = option(default_factory=lambda: [1, 5, 10, 50, None], metavar="N",
                                                  item=sample_size, convert=_sizes, group="grid",
@@ -95,7 +96,9 @@ class ExperimentConfig:
     seeds: list[int] = option(default_factory=lambda: [0, 1, 2, 3, 4], metavar="N", single=True,
                               convert=_seed_count(0, "--seeds"), group="grid",
                               help="N seeds per cell, 0..N-1 (a config file may also list them)")
-    steps: int = from_train("steps", group="grid")
+    steps: int = from_train("steps", group="grid",
+                             help="student optimizer steps of every cell (cells run a fixed number of steps, not "
+                                  "epochs)")
     batch_size: int = from_train("batch_size", group="grid")
     lr: float = from_train("lr", group="grid")
     weight_decay: float = from_train("weight_decay", group="grid")
@@ -126,14 +129,17 @@ class ExperimentConfig:
                                             "these std (units of the pixel std; 0 = clean); writes noise.png")
     noise_seed: int = option(0, group="robustness", help="seed of the scoring noise")
     device: str = from_train("device", group="execution")
-    workers: int = option(2, group="execution", help="processes on CPU (CUDA: one per device, see --devices)")
+    workers: int = option(2, group="execution",
+                         help="processes running cells on CPU (CUDA: one per device, see --devices); the "
+                              "data-loader processes of each cell are --loader-workers")
     threads: int = option(1, group="execution", help="torch threads per process")
     loader_workers: int | None = option(None, group="execution",
-                                        help="processes loading training batches in each run (none: 0 on CPU, "
-                                             "4 on CUDA)")
+                                        help="data-loader processes of each cell, as `jacplug train --workers` "
+                                             "(none: 0 on CPU, 4 on CUDA)")
     eval_batch_size: int = from_train("eval_batch_size", group="execution")
     agreement_images: int = from_train("agreement_images", group="execution")
-    out: str = from_train("out", group="execution")
+    out: str = from_train("out", group="execution", metavar="DIR",
+                         help="experiment directory: results, report, figures and one directory per cell")
     log: list[str] = from_train("log")
     log_off: list[str] = from_train("log_off")
     resume: bool | str = option(False, const=True, metavar="auto", item=resume_item, convert=resume_mode,

@@ -1,4 +1,4 @@
-"""Every ``jacplug train`` option in one dataclass, loadable from YAML or TOML.
+"""Every ``jacplug train`` option in one dataclass, loadable from YAML, TOML or JSON.
 
 Precedence: dataclass defaults < ``--config FILE`` < command-line flags. A config file uses the
 option names with dashes or underscores (``batch-size`` or ``batch_size``); ``loss`` is a list of
@@ -66,16 +66,16 @@ class TrainConfig:
     """The resolved options of one run; saved as ``config.json`` in the run directory. Each field is also
     the ``jacplug train`` flag and config-file key of the same name (:mod:`jacplug.config_fields`)."""
 
-    teacher: str = option("resnet50", metavar="NAME[:KEY=VAL,...]", group="models",
+    teacher: str = option("resnet50", metavar="NAME[:KEY=VALUE,...]", group="models",
                           help="teacher model name (any timm name), optionally with constructor kwargs")
-    student: str = option("resnet18", metavar="NAME[:KEY=VAL,...]", group="models",
+    student: str = option("resnet18", metavar="NAME[:KEY=VALUE,...]", group="models",
                           help="student model name (any timm name), optionally with constructor kwargs, e.g. "
                                "vit_tiny_patch16_224:patch_size=4,depth=6")
-    teacher_kwargs: dict[str, Any] = option(default_factory=dict, metavar="KEY=VAL,...", group="models",
+    teacher_kwargs: dict[str, Any] = option(default_factory=dict, metavar="KEY=VALUE,...", group="models",
                                             help="keyword arguments for the teacher's constructor (values read as "
-                                                 "Python/YAML literals); img_size follows --image-size for models "
-                                                 "that take it")
-    student_kwargs: dict[str, Any] = option(default_factory=dict, metavar="KEY=VAL,...", group="models",
+                                                 "Python/YAML literals: docs/pipeline.md, Specs); img_size follows "
+                                                 "--image-size for models that take it")
+    student_kwargs: dict[str, Any] = option(default_factory=dict, metavar="KEY=VALUE,...", group="models",
                                             help="keyword arguments for the student's constructor")
     dataset: str = option("digits", group="data",
                           help="digits (embedded), cifar10, cifar100, imagefolder:PATH, or a plugin's dataset")
@@ -88,9 +88,11 @@ class TrainConfig:
     augment: bool | None = option(None, group="data",
                                   help="random crop/flip of training images (none: on for CIFAR and image folders, "
                                        "off for digits)")
-    loss: list[str] = option(default_factory=list, metavar="NAME=WEIGHT[:OPT=VAL,...]", repeat=True, group="loss",
-                             help="a loss term and its weight, repeatable (none: kd=0.5 + jacobian=0.15, the "
-                                  "documented preset)")
+    loss: list[str] = option(default_factory=list, metavar="NAME=WEIGHT[:KEY=VALUE,...]", repeat=True, group="loss",
+                             help="a loss term, its weight and its options, repeatable, e.g. --loss kd=1 --loss "
+                                  "jacobian=10:classes=label (none: kd=0.5:temperature=4 + jacobian=0.15, the "
+                                  "documented preset); the names: `jacplug plugins` (losses) or docs/reuse.md, "
+                                  "the form: docs/pipeline.md, Specs")
     epochs: int | None = option(None, group="student training",
                                 help="student epochs (none: 4, or with --samples-per-class 150 steps when 4 epochs "
                                      "would make fewer)")
@@ -107,7 +109,7 @@ class TrainConfig:
     resume: bool | str = option(False, const=True, metavar="auto", item=resume_item, convert=resume_mode,
                                 group="execution",
                                 help="continue the interrupted run in --out DIR; '--resume auto': continue it if "
-                                     "DIR holds one of this configuration, else start it (torchrun --max-restarts)")
+                                     "DIR holds one of this configuration, else start it (`torchrun --max-restarts`)")
     teacher_checkpoint: str | None = option(None, metavar="PATH", group="teacher",
                                             help="teacher weights (.safetensors) instead of training one")
     pretrained: bool = option(False, group="teacher",
@@ -125,7 +127,9 @@ class TrainConfig:
     save_every: int = option(50, metavar="STEPS", group="execution",
                              help="also save resume state every STEPS steps (0: only at evaluations)")
     eval_batch_size: int = option(256, group="execution", help="batch size of evaluations")
-    workers: int = option(0, group="execution", help="data-loader worker processes")
+    workers: int = option(0, group="execution",
+                         help="data-loader worker processes of each training process (not `jacplug experiment "
+                              "--workers`, which counts processes running cells)")
     max_steps_per_epoch: int | None = option(None, metavar="N", group="execution",
                                              help="cap the steps per epoch, teacher's and student's (smoke tests)")
     progress: bool | None = option(None, group="execution",
@@ -137,7 +141,7 @@ class TrainConfig:
                                    help="held-out images on which every evaluation measures how far the student's "
                                         "input gradients agree with the teacher's, and gradient_maps.png is drawn "
                                         "(0: off)")
-    log: list[str] = option(default_factory=list, metavar="NAME[:KEY=VAL,...]", group="observers",
+    log: list[str] = option(default_factory=list, metavar="NAME[:KEY=VALUE,...]", group="observers",
                             help="also report the run to these observers: tensorboard, mlflow (e.g. "
                                  "mlflow:tracking_uri=URI), or a plugin's (see `jacplug plugins`)")
     log_off: list[str] = option(default_factory=list, metavar="NAME", group="observers",
