@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import vjp
+from .io.checkpoint import atomic_write
 from .losses.jacobian_terms import row_distance, unit_rows
 
 #: the norm floor of the ``jacobian`` loss term's unit rows (its ``eps`` default)
@@ -158,6 +159,13 @@ def _saliency(grads: Tensor) -> Tensor:
     return saliency / peak.view(-1, 1, 1)
 
 
+#: what a gradient map is, under the picture (jacplug train's gradient_maps.png)
+MAP_CAPTION = ("Each map: |d logit / d input| of the teacher's top-1 class, summed over channels, scaled to its own "
+               "maximum (where the network looks, not how strongly).")
+#: inches the picture adds beside the maps for the colour bar, and above and below them for the title and caption
+MAP_BAR_INCHES, MAP_TEXT_INCHES = 0.9, 1.0
+
+
 def gradient_map_figure(
     images: Tensor,
     teacher_maps: Tensor,
@@ -172,11 +180,13 @@ def gradient_map_figure(
     (rows 2-4; maps from :func:`gradient_maps`) and write the PNG to ``path`` atomically (a reader never sees
     half a file). ``mean``/``std``: the normalisation applied to ``images``, undone for display.
 
-    The picture is 1.2 inches per image wide, 4.8 inches high, at 100 dpi (``8`` images: 960 x 480 pixels).
+    A title, a colour bar for the maps and a caption say what a map is: ``|d logit / d input|`` of the
+    teacher's top-1 class, summed over channels, each map scaled to its own maximum (so maps compare by
+    where they point, not by size). The picture is 1.2 inches per image plus 0.9 for the colour bar wide,
+    and 5.8 inches high (4.8 for the rows, 1 for the title and caption), at 100 dpi (``8`` images:
+    1050 x 580 pixels).
     """
-    from matplotlib.figure import Figure
-
-    from .io.checkpoint import atomic_write
+    from matplotlib.figure import Figure  # matplotlib: start-up time, only the picture needs it
 
     count = images.shape[0]
     for name, maps in (("teacher_maps", teacher_maps), ("student_maps_before", student_maps_before),
@@ -186,8 +196,10 @@ def gradient_map_figure(
     shown = _displayable(images, mean, std)
     rows = [("image", shown, None), ("teacher", teacher_maps, "inferno"),
             ("student before", student_maps_before, "inferno"), ("student after", student_maps_after, "inferno")]
-    figure = Figure(figsize=(1.2 * count, 4.8), dpi=100)
+    width, height = 1.2 * count + MAP_BAR_INCHES, 4.8 + MAP_TEXT_INCHES
+    figure = Figure(figsize=(width, height), dpi=100)
     axes = figure.subplots(len(rows), count, squeeze=False)
+    drawn = None
     for row, (label, pictures, colormap) in enumerate(rows):
         for column in range(count):
             axis = axes[row][column]
@@ -195,11 +207,19 @@ def gradient_map_figure(
             if colormap is None:
                 axis.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=1)
             else:
-                axis.imshow(picture, cmap=colormap, vmin=0, vmax=1)
+                drawn = axis.imshow(picture, cmap=colormap, vmin=0, vmax=1)
             axis.set_xticks([])
             axis.set_yticks([])
         axes[row][0].set_ylabel(label, fontsize=8)
-    figure.subplots_adjust(left=0.06, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
+    top, bottom = 1 - 0.4 / height, 0.6 / height
+    right = (1.2 * count) / width
+    figure.subplots_adjust(left=0.06 * 9.6 / width, right=right, top=top, bottom=bottom, wspace=0.05, hspace=0.05)
+    bar = figure.add_axes((right + 0.15 / width, bottom + (top - bottom) * 0.05, 0.15 / width, (top - bottom) * 0.7))
+    figure.colorbar(drawn, cax=bar).set_label("share of the map's maximum", fontsize=7)
+    bar.tick_params(labelsize=7)
+    figure.suptitle("Input gradients on held-out images: teacher, and student before and after training",
+                    fontsize=9, y=1 - 0.08 / height, va="top", wrap=True)
+    figure.text(0.5, 0.08 / height, MAP_CAPTION, ha="center", va="bottom", fontsize=7, wrap=True)
     path = Path(path)
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return path

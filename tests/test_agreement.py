@@ -154,7 +154,7 @@ def test_gradient_map_figure_is_a_png_of_the_stated_size(tmp_path):
         mean=(0.5,), std=(0.25,),
     )
     with Image.open(path) as picture:
-        assert picture.format == "PNG" and picture.size == (960, 480)
+        assert picture.format == "PNG" and picture.size == (1050, 580)
         picture.load()
     assert [p.name for p in path.parent.iterdir()] == ["gradient_maps.png"]  # no temporary file left
     with pytest.raises(ValueError, match="teacher_maps must be"):

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..errors import UserError
 from ..io.checkpoint import atomic_write, atomic_write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
@@ -83,8 +87,6 @@ def check_plottable(steps: list[dict[str, Any]], evaluations: list[dict[str, Any
     """A one-line :class:`UserError` unless every step record has a numeric ``step`` and numeric losses, and
     every evaluation record a numeric ``epoch`` and numeric (or null) accuracies: a curve drawn through text
     would be meaningless, and a record without its position cannot be placed."""
-    from ..errors import UserError
-
     def number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -102,49 +104,69 @@ def check_plottable(steps: list[dict[str, Any]], evaluations: list[dict[str, Any
                                 "not a number; it was not written by jacplug train")
 
 
-def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the per-step loss terms and the per-epoch accuracies of a run into a PNG; returns its path."""
-    import matplotlib
+def curves_figure(records: list[dict[str, Any]]) -> Figure:
+    """The figure of ``curves.png``: one panel per quantity, each on its own axis, so none is read on
+    another's scale: the student's loss terms per step (log), its validation and test accuracy (%) per
+    epoch, its held-out gradient agreement (cosine, in [-1, 1]) per epoch, and the teacher's validation
+    accuracy (%) per *teacher* epoch (its own phase, not the student's). Panels without records are left out.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a :class:`matplotlib.figure.Figure`, never through ``pyplot``: no backend is chosen or changed,
+    so a notebook that imports jacplug keeps its own."""
+    from matplotlib.figure import Figure  # matplotlib: start-up time, only a plot needs it
+    from matplotlib.ticker import MaxNLocator
 
-    from ..errors import UserError
-
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
     steps = [r for r in records if r.get("kind") == "step"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
     teacher = [r for r in records if r.get("kind") == "teacher_epoch"]
-    if not steps and not teacher:
-        raise UserError(f"{str(run_dir)!r} has no {METRICS} with training records; is it a jacplug run directory?")
-    check_plottable(steps, epochs + teacher, run_dir / METRICS)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+
+    def points(rows: list[dict[str, Any]], key: str, scale: float = 1.0) -> list[tuple[float, float]]:
+        return [(r["epoch"], scale * r[key]) for r in rows if r.get(key) is not None]
+
+    student_acc = {"student val": points(epochs, "val_acc", 100), "student test": points(epochs, "test_acc", 100)}
+    panels = []
     if steps:
-        keys = loss_keys(steps)
-        for key in keys:
-            xs = [r["step"] for r in steps if key in r]
-            ax_loss.plot(xs, [r[key] for r in steps if key in r], label=key, linewidth=1)
-        ax_loss.set_yscale("log")
-    ax_loss.set(xlabel="step", ylabel="loss (unweighted terms; 'loss' is the weighted total)", title="student losses")
-    ax_loss.legend(fontsize=8)
-    for label, rows, key in (
-        ("teacher val", teacher, "val_acc"),
-        ("student val", epochs, "val_acc"),
-        ("student test", epochs, "test_acc"),
-        ("student-teacher gradient agreement (held-out cosine)", epochs, "agreement_cosine"),
-    ):
-        points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-        if points:
-            ax_acc.plot(*zip(*points), marker="o", label=label)
-    ax_acc.set(xlabel="epoch", ylabel="accuracy, agreement", title="accuracy and held-out gradient agreement")
-    ax_acc.legend(fontsize=8)
-    fig.tight_layout()
+        panels.append(("student losses", "student step", "loss (unweighted terms; 'loss' is the weighted total)",
+                       {key: [(r["step"], r[key]) for r in steps if key in r] for key in loss_keys(steps)}))
+    if any(student_acc.values()):
+        panels.append(("student accuracy", "student epoch", "accuracy (%)", student_acc))
+    if points(epochs, "agreement_cosine"):
+        panels.append(("held-out gradient agreement", "student epoch", "cosine with the teacher's input gradients",
+                       {"student vs teacher": points(epochs, "agreement_cosine")}))
+    if points(teacher, "val_acc"):
+        panels.append(("teacher accuracy", "teacher epoch", "accuracy (%)", {"teacher val": points(teacher, "val_acc", 100)}))
+    columns = min(2, len(panels))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(5.5 * columns, 4 * rows), dpi=110)
+    axes = figure.subplots(rows, columns, squeeze=False).flatten()
+    for unused in axes[len(panels):]:
+        unused.remove()
+    for axis, (title, xlabel, ylabel, curves) in zip(axes, panels):
+        for label, xy in curves.items():
+            if xy:
+                axis.plot(*zip(*xy), label=label, **({"linewidth": 1} if xlabel == "student step" else {"marker": "o"}))
+        if xlabel == "student step":
+            axis.set_yscale("log")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are counts
+        axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw a run's ``metrics.jsonl`` (:func:`curves_figure`) into a PNG, written atomically; returns its path."""
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    steps = [r for r in records if r.get("kind") == "step"]
+    evaluations = [r for r in records if r.get("kind") in ("epoch", "teacher_epoch")]
+    if not steps and not any(r.get("kind") == "teacher_epoch" for r in records):
+        raise UserError(f"{str(run_dir)!r} has no {METRICS} with training records; is it a jacplug run directory?")
+    check_plottable(steps, evaluations, run_dir / METRICS)
+    figure = curves_figure(records)
     target = Path(out) if out else run_dir / PLOT
     try:
-        atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        atomic_write(target, lambda tmp: figure.savefig(tmp, format="png"))
     except OSError as exc:
         raise UserError(f"cannot write the plot to {str(target)!r} ({exc.strerror or exc}); choose another --out") from None
-    finally:
-        plt.close(fig)
     return target
