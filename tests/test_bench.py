@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from jacplug.bench import methods
+from jacplug.bench import METHOD_NAMES, METHODS, methods
 from jacplug.cli.main import main
 
 
@@ -25,6 +27,22 @@ def test_cli_runs_every_method_by_default_and_reports_ratios_to_kd(tmp_path, cap
     assert rows[[r["method"] for r in rows].index("full-loop")]["memory_ratio"] > 1  # double backward saves more
     printed = capsys.readouterr().out
     assert all(f" {r['method']} " in printed for r in rows)
+    # before measuring: the run's length and a line on each method
+    full = sum(m.startswith("full-") for m in METHOD_NAMES)
+    assert f"# length: 1 configs x 1 rounds of their methods' steps ({len(rows)}; full-* in 1 round(s)) = " \
+           f"{len(rows)} timed steps" in printed and full == 3
+    assert all(f"#   {name}" in printed and description in printed for name, description in METHODS.items())
+    assert printed.index("# length") < printed.index("round 1/1 done")
+
+
+@pytest.mark.subprocess
+def test_the_hand_written_create_graph_loop_raises_no_warning(tmp_path):
+    """PyTorch warns once per process about backward(create_graph=True): a fresh process sees it if it comes."""
+    done = subprocess.run([sys.executable, "-m", "jacplug", "bench", "--configs", "mlp:3", "--repeats", "1",
+                           "--batch-size", "2", "--image-size", "4", "--methods", "full-forum-loop"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr and "full-forum-loop" in done.stdout
 
 
 def test_the_method_names_the_command_line_shows_are_the_benchmarks_methods():

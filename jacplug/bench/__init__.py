@@ -13,23 +13,25 @@ from dataclasses import dataclass
 from .._lazy import lazy_attributes
 from ..config_fields import option
 
-#: every method :func:`.measure.methods` builds, in its order (a test keeps the two equal)
-METHOD_NAMES = (
-    "kd",
-    "forum-eq10-top1",
-    "eq10-top1",
-    "eq10-top1-by-hand",
-    "eq10-top1-cached",
-    "eq10-top1-native-bn",
-    "eq10-top1-native-conv",
-    "eq10-top1-native",
-    "projected-k1",
-    "direction-fd",
-    "direction-forward",
-    "full-forum-loop",
-    "full-loop",
-    "full-batched",
-)
+#: every method :func:`.measure.methods` builds, in its order (a test keeps the two equal), and what its step
+#: computes, one line each: ``jacplug bench`` prints the lines of the methods it measures before it starts
+METHODS = {
+    "kd": "KD only, through jacplug.Distiller: the unit every ratio is to",
+    "forum-eq10-top1": "Eq. 10 as commonly hand-written: create_graph=True for both rows, the teacher's graph kept",
+    "eq10-top1": "jacplug's kd + jacobian (Eq. 10, teacher top-1 row without graph, one backward): what train runs",
+    "eq10-top1-by-hand": "eq10-top1 written from the engine without the Distiller: the Distiller's overhead",
+    "eq10-top1-cached": "eq10-top1 with the teacher's logits and rows computed ahead (--cache-teacher)",
+    "eq10-top1-native-bn": "eq10-top1 with PyTorch's own BatchNorm double backward instead of jacplug's",
+    "eq10-top1-native-conv": "eq10-top1 with PyTorch's own convolution double backward instead of jacplug's",
+    "eq10-top1-native": "eq10-top1 with PyTorch's own BatchNorm and convolution double backwards",
+    "projected-k1": "kd + jacobian-projected: all classes through one random output projection",
+    "direction-fd": "kd + jacobian-direction: all classes through one random input direction, finite differences",
+    "direction-forward": "kd + jacobian-direction with forward-mode AD",
+    "full-forum-loop": "all classes, the common hand-written per-class backward(create_graph=True) loop",
+    "full-loop": "all classes: jacplug's jacobian with classes=all, loop backend (one VJP per class)",
+    "full-batched": "all classes: the same with the batched backend (is_grads_batched)",
+}
+METHOD_NAMES = tuple(METHODS)
 #: the CPU default: a small CNN pair at 10 and 100 classes, and an MLP
 DEFAULT_CONFIGS = ["resnet34->resnet18:10", "resnet34->resnet18:100", "mlp:10"]
 #: the CUDA default: the small CNN case, ImageNet-sized inputs and classes, and a ViT student
@@ -45,7 +47,8 @@ class BenchConfig:
                                      f"mlp:C (none: on CPU {' '.join(DEFAULT_CONFIGS)}; on CUDA "
                                      f"{' '.join(DEFAULT_CUDA_CONFIGS)})")
     methods: list[str] = option(default_factory=lambda: list(METHOD_NAMES), choices=METHOD_NAMES, metavar="METHOD",
-                                help="methods to measure besides kd: " + ", ".join(METHOD_NAMES))
+                                help="methods to measure besides kd (the run prints a line on each it measures): "
+                                     + ", ".join(METHOD_NAMES))
     repeats: int = option(7, help="interleaved rounds; medians are reported")
     full_repeats: int = option(1, help="rounds for the expensive full-* methods")
     batch_size: int = option(16, help="images per step")
@@ -62,7 +65,7 @@ class BenchConfig:
 
 
 _MEASURE = ("Runner", "Setup", "format_table", "make_setup", "measure_memory", "methods", "parse_config",
-            "peak_rss_growth", "run")
+            "peak_rss_growth", "run", "variants")
 
-__all__ = ["BenchConfig", "METHOD_NAMES", "DEFAULT_CONFIGS", "DEFAULT_CUDA_CONFIGS", *_MEASURE]
+__all__ = ["BenchConfig", "METHODS", "METHOD_NAMES", "DEFAULT_CONFIGS", "DEFAULT_CUDA_CONFIGS", *_MEASURE]
 __getattr__ = lazy_attributes(__name__, dict.fromkeys(_MEASURE, "jacplug.bench.measure"))

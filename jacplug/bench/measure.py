@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +46,8 @@ Builder = Callable[["Setup", bool], Step]  # (setup, graphed) -> a whole trainin
 #: the op substitutions made for cost, which the ``*-native*`` methods leave out
 NATIVE_BATCH_NORM = ("batch-norm-double-backward",)
 NATIVE_CONVOLUTION = ("conv1d-double-backward", "conv2d-double-backward", "conv3d-double-backward")
+#: the start of PyTorch's warning about ``backward(create_graph=True)`` (a regular expression)
+CREATE_GRAPH_WARNING = r"Using backward\(\) with create_graph=True"
 
 
 @dataclass
@@ -203,16 +206,20 @@ def _forum_full_loop_step(s: Setup) -> None:
     x = s.inputs.detach().requires_grad_(True)
     t, out = s.teacher(x), s.student(x)
     jacs = []
-    for logits in (t, out):
-        b, c = logits.shape
-        jac = torch.zeros(b, c, x[0].numel(), device=x.device)
-        for i in range(c):
-            grad_output = torch.zeros_like(logits)
-            grad_output[:, i] = 1
-            logits.backward(grad_output, create_graph=True, inputs=[x])
-            jac[:, i, :] = x.grad.view(b, -1)
-            x.grad = None
-        jacs.append(jac.view(b, -1))
+    with warnings.catch_warnings():
+        # PyTorch warns that backward(create_graph=True) can leak through a parameter's .grad; this reference
+        # is that pattern on purpose, accumulates only into x.grad and clears it after each class
+        warnings.filterwarnings("ignore", message=CREATE_GRAPH_WARNING, category=UserWarning)
+        for logits in (t, out):
+            b, c = logits.shape
+            jac = torch.zeros(b, c, x[0].numel(), device=x.device)
+            for i in range(c):
+                grad_output = torch.zeros_like(logits)
+                grad_output[:, i] = 1
+                logits.backward(grad_output, create_graph=True, inputs=[x])
+                jac[:, i, :] = x.grad.view(b, -1)
+                x.grad = None
+            jacs.append(jac.view(b, -1))
     t_jac, s_jac = (j / j.norm(dim=1, keepdim=True) for j in jacs)
     kd = KDLoss()(DistillBatch(inputs=x, student_logits=out, teacher_logits=t.detach()))
     loss = 0.5 * kd + 0.5 * (t_jac.detach() - s_jac).norm(dim=1).mean()
@@ -340,6 +347,17 @@ def _time(setup: Setup, step: Callable[[Setup], None]) -> float:
     return time.perf_counter() - start
 
 
+def variants(classes: int, selected: list[str], graphs: bool) -> list[tuple[str, bool]]:
+    """The ``(method, graphed)`` steps measured on a config of ``classes`` classes: ``kd`` first (the unit), the
+    selected methods (the ``full-*`` ones only up to 100 classes: their cost grows with C), and with ``graphs``
+    each again captured in a CUDA graph (not the hand-written references, which are never graphed)."""
+    names = ["kd"] + [m for m in selected if m != "kd" and not (m.startswith("full-") and classes > 100)]
+    eager = [(m, False) for m in names]
+    if not graphs:
+        return eager
+    return eager + [(m, True) for m in names if not m.startswith("forum-") and m != "full-forum-loop"]
+
+
 def run(
     configs: list[tuple[str, int, int]],
     selected: list[str],
@@ -358,28 +376,25 @@ def run(
     rows: list[dict] = []
     for model_name, classes, size in configs:
         setup = make_setup(model_name, classes, batch, size, device, amp=amp, channels_last=channels_last)
-        names = ["kd"] + [m for m in selected if m != "kd" and not (m.startswith("full-") and classes > 100)]
-        variants = [(m, False) for m in names]
-        if graphs:
-            variants += [(m, True) for m in names if not m.startswith("forum-") and m != "full-forum-loop"]
-        runners = {v: Runner(setup, v[0], graphed=v[1]) for v in variants}
+        measured = variants(classes, selected, graphs)
+        runners = {v: Runner(setup, v[0], graphed=v[1]) for v in measured}
         for runner in runners.values():  # warm-up: allocator, cuDNN autotuning, graph capture
             for _ in range(4 if graphs else 1):
                 runner()
         if memory_mode == "rss" and device.type == "cpu":
-            memory = {v: measure_rss(model_name, classes, batch, size, v[0]) for v in variants}
+            memory = {v: measure_rss(model_name, classes, batch, size, v[0]) for v in measured}
         else:
-            memory = {v: measure_memory(setup, runners[v]) for v in variants}
-        times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+            memory = {v: measure_memory(setup, runners[v]) for v in measured}
+        times: dict[tuple[str, bool], list[float]] = {v: [] for v in measured}
         for r in range(repeats):
-            order = variants[r % len(variants):] + variants[: r % len(variants)]
+            order = measured[r % len(measured):] + measured[: r % len(measured)]
             for v in order:
                 if v[0].startswith("full-") and len(times[v]) >= full_repeats:
                     continue
                 times[v].append(_time(setup, runners[v]))
             log(f"  {setup.name}: round {r + 1}/{repeats} done")
         kd_time, kd_mem = statistics.median(times[("kd", False)]), memory[("kd", False)]
-        for v in variants:
+        for v in measured:
             median = statistics.median(times[v])
             rows.append({
                 "config": setup.name, "method": v[0], "graph": runners[v].status if v[1] else "eager",

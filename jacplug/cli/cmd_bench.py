@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"# jacplug bench: torch {torch.__version__}, device {device}{card}, threads {torch.get_num_threads()}, "
           f"batch {args.batch_size}, {args.repeats} rounds, amp {'bf16' if args.amp else 'off'}, channels-last "
           f"{'on' if args.channels_last else 'off'}, memory: {'peak allocated' if cuda else args.memory}")
+    print(run_length(configs, args))
+    print(method_legend(configs, args))
     rows = bench.run(configs, args.methods, args.repeats, args.full_repeats, args.batch_size, device,
                      memory_mode=args.memory, amp=args.amp, channels_last=args.channels_last, graphs=args.cuda_graphs)
     print(bench.format_table(rows))
@@ -65,6 +67,29 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump({"device": card.strip(" ()") or "cpu", "torch": torch.__version__, "rows": rows}, fh, indent=2)
     return 0
+
+
+def run_length(configs: list[tuple[str, int, int]], args: BenchConfig) -> str:
+    """How long the run is, printed before it starts: configs x rounds, the steps of a round, the warm-up."""
+    from .. import bench
+
+    steps = [bench.variants(classes, args.methods, args.cuda_graphs) for _, classes, _ in configs]
+    timed = sum(min(args.full_repeats, args.repeats) if method.startswith("full-") else args.repeats
+                for measured in steps for method, _ in measured)
+    fresh = " and a fresh process per step for its memory" if args.memory == "rss" and args.device == "cpu" else ""
+    return (f"# length: {len(configs)} configs x {args.repeats} rounds of their methods' steps "
+            f"({' + '.join(str(len(m)) for m in steps)}{', eager and graphed' if args.cuda_graphs else ''}; full-* in "
+            f"{min(args.full_repeats, args.repeats)} round(s)) = {timed} timed steps, after "
+            f"{4 if args.cuda_graphs else 1} warm-up step(s) each{fresh}")
+
+
+def method_legend(configs: list[tuple[str, int, int]], args: BenchConfig) -> str:
+    """One line on each method the run measures (ratios are to ``kd``'s eager step of the same config)."""
+    from .. import bench
+
+    measured = dict.fromkeys(m for _, classes, _ in configs for m, _ in bench.variants(classes, args.methods, False))
+    width = max(map(len, measured))
+    return "\n".join(f"#   {name:<{width}}  {bench.METHODS[name]}" for name in measured)
 
 
 def _check_writable(path: str) -> None:
