@@ -23,6 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from .errors import UserError, close_matches
 
 try:
@@ -172,10 +174,8 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
             raise UserError(f"config file {str(path)!r}: expected a .yaml, .yml, .toml or .json file")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise UserError(f"config file {str(path)!r} could not be parsed: {exc}") from exc
-    except Exception as exc:  # yaml.YAMLError, without importing yaml at module level
-        if type(exc).__module__.startswith("yaml"):
-            raise UserError(f"config file {str(path)!r} could not be parsed: {' '.join(str(exc).split())}") from exc
-        raise
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {str(path)!r} could not be parsed: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
         raise UserError(f"config file {str(path)!r} must hold a mapping of option names to values")
     return data
@@ -191,8 +191,6 @@ def _members(annotation: Any) -> list[Any]:
 def _load_yaml(text: str, path: Path) -> Any:
     """``yaml.safe_load``, except that a key given twice in one mapping is an error naming it: PyYAML
     keeps the last value silently, so a pasted-over option would lose its first value unnoticed."""
-    import yaml
-
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen: dict = {}

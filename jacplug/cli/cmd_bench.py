@@ -7,9 +7,13 @@ parser stays fast; the measuring code is imported only when the command runs.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
+from .. import bench
 from ..bench import DEFAULT_CONFIGS, DEFAULT_CUDA_CONFIGS, BenchConfig
 from ..config_fields import add_options, given_flags, read_options
+from ..errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,12 +29,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check every option, measure (:func:`jacplug.bench.run`), print the table, write the JSON."""
-    import json
-
-    import torch
-
-    from .. import bench
-    from ..errors import UserError
+    import torch  # start-up time: building the parser must not load torch
 
     file_values = read_options(BenchConfig, args.config) if args.config else {}
     args = BenchConfig(**{**file_values, **given_flags(BenchConfig, args)})
@@ -71,8 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_length(configs: list[tuple[str, int, int]], args: BenchConfig) -> str:
     """How long the run is, printed before it starts: configs x rounds, the steps of a round, the warm-up."""
-    from .. import bench
-
     steps = [bench.variants(classes, args.methods, args.cuda_graphs) for _, classes, _ in configs]
     timed = sum(min(args.full_repeats, args.repeats) if method.startswith("full-") else args.repeats
                 for measured in steps for method, _ in measured)
@@ -85,8 +82,6 @@ def run_length(configs: list[tuple[str, int, int]], args: BenchConfig) -> str:
 
 def method_legend(configs: list[tuple[str, int, int]], args: BenchConfig) -> str:
     """One line on each method the run measures (ratios are to ``kd``'s eager step of the same config)."""
-    from .. import bench
-
     measured = dict.fromkeys(m for _, classes, _ in configs for m, _ in bench.variants(classes, args.methods, False))
     width = max(map(len, measured))
     return "\n".join(f"#   {name:<{width}}  {bench.METHODS[name]}" for name in measured)
@@ -95,10 +90,6 @@ def method_legend(configs: list[tuple[str, int, int]], args: BenchConfig) -> str
 def _check_writable(path: str) -> None:
     """Open ``path`` for appending (and remove it again when it did not exist): the one check that
     also holds for root, for whom permission bits say nothing."""
-    import os
-
-    from ..errors import UserError
-
     existed = os.path.exists(path)
     try:
         with open(path, "a"):

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import argparse
 
+from ..training.config import resolve
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="check on one batch that every loss term trains the student")
-    p.add_argument("--teacher", default="resnet50", metavar="NAME[:KEY=VAL,...]",
+    p.add_argument("--teacher", default="resnet50", metavar="NAME[:KEY=VALUE,...]",
                    help="teacher model name (default resnet50), optionally with constructor kwargs")
-    p.add_argument("--student", default="resnet18", metavar="NAME[:KEY=VAL,...]",
+    p.add_argument("--student", default="resnet18", metavar="NAME[:KEY=VALUE,...]",
                    help="student model name (default resnet18), optionally with constructor kwargs")
-    p.add_argument("--teacher-kwargs", metavar="KEY=VAL,...", help="keyword arguments for the teacher's constructor")
-    p.add_argument("--student-kwargs", metavar="KEY=VAL,...", help="keyword arguments for the student's constructor")
-    p.add_argument("--loss", action="append", metavar="NAME=WEIGHT[:OPT=VAL,...]",
-                   help="a loss term and its weight, repeatable (default: the KD + Jacobian preset)")
+    p.add_argument("--teacher-kwargs", metavar="KEY=VALUE,...", help="keyword arguments for the teacher's constructor")
+    p.add_argument("--student-kwargs", metavar="KEY=VALUE,...", help="keyword arguments for the student's constructor")
+    p.add_argument("--loss", action="append", metavar="NAME=WEIGHT[:KEY=VALUE,...]",
+                   help="a loss term, its weight and its options, repeatable (default: the KD + Jacobian preset); "
+                        "the names: `jacplug plugins`, the form: docs/pipeline.md, Specs")
     p.add_argument("--dataset", default="digits", help="dataset for the batch (default: the embedded digits)")
     p.add_argument("--data-root", help="where torchvision datasets live")
     p.add_argument("--image-size", type=int, help="input size (dataset default when omitted)")
@@ -35,11 +38,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # start-up time: torch, timm and the pipeline load only when the command runs, not to build the parser
     import torch
 
     from ..checks.gradient_flow import format_flow_table, raise_for_detached
     from ..io.checkpoint import load_weights
-    from ..training.config import resolve
     from ..training.runtime import init_runtime
     from ..models.build import build_model
     from ..training.prepare import loss_for_pair, check_step, load_data

@@ -32,7 +32,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..experiment import run_experiment
+    from ..experiment import run_experiment  # start-up time: torch, timm and the whole pipeline
 
     run_experiment(config_from_args(args))
     return 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ..errors import UserError
 
 
 def add_parser(sub) -> None:
@@ -13,10 +16,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..errors import UserError
-    from ..training.metrics import plot_curves
+    from ..training.metrics import plot_curves  # start-up time: it loads torch (through the checkpoint writer)
 
     if not Path(args.run_dir).is_dir():
         raise UserError(f"run directory {args.run_dir!r} does not exist")

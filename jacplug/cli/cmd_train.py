@@ -13,7 +13,9 @@ import re
 import sys
 
 from ..config_fields import add_options
-from ..training.config import TrainConfig, read_config_file
+from ..errors import UserError
+from ..specs import merge_options
+from ..training.config import FIELDS, TrainConfig, for_resume, read_config_file, resolve, resume_mode, saved_run
 
 
 def add_parser(sub) -> None:
@@ -36,10 +38,6 @@ def resolve_config(args: argparse.Namespace):
 
     ``--resume auto`` resumes when ``--out`` holds a run (its ``config.json``) and starts one when it
     holds none; a run of another configuration there is refused like ``--resume`` refuses it."""
-    from ..errors import UserError
-    from ..training.config import FIELDS, for_resume, resolve, resume_mode, saved_run
-    from ..specs import merge_options
-
     given = {k: v for k, v in vars(args).items() if k in FIELDS and k != "resume"}
     file_options = read_config_file(args.config) if args.config else {}
     mode = resume_mode(args.resume if args.resume is not None else file_options.pop("resume", False))
@@ -106,7 +104,7 @@ def format_summary(summary: dict) -> str:
         rows.append(("held-out gradient agreement (cosine)", f"{agreement['agreement_cosine']:.3f}  (1: the teacher's "
                                                              "input gradients; see gradient_maps.png)"))
         rows.append(("held-out gradient distance (Eq. 10)", f"{agreement['agreement_distance']:.4g}"))
-    from ..training.plan import WARMUP_STEPS
+    from ..training.plan import WARMUP_STEPS  # start-up time: the plan module loads torch
 
     too_short = f"not measured: the first {WARMUP_STEPS} steps are warm-up, and the phase was not longer"
     if summary.get("teacher_images_per_s"):
@@ -132,7 +130,7 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..commands.train_run import train
+    from ..commands.train_run import train  # start-up time: torch, timm and the whole pipeline
 
     config = resolve_config(args)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -67,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quiet_rank() -> bool:
     """Under torchrun, ranks other than 0 leave the error line to rank 0 (each would print the same)."""
-    import os
-
     return os.environ.get("WORLD_SIZE", "1") != "1" and os.environ.get("RANK", "0") != "0"
 
 
