@@ -366,13 +366,14 @@ def run(
     batch: int,
     device: torch.device,
     memory_mode: str = "saved",
-    log: Callable[[str], None] = print,
+    echo: Callable[[str], None] = print,
     amp: bool = False,
     channels_last: bool = False,
     graphs: bool = False,
 ) -> list[dict]:
     """Measure every selected method on every ``(models, classes, image size)`` config; one row per
-    (config, method, eager or graphed), ratios to the *eager* KD step of the same config."""
+    (config, method, eager or graphed), ratios to the *eager* KD step of the same config; ``echo`` prints the
+    progress lines."""
     rows: list[dict] = []
     for model_name, classes, size in configs:
         setup = make_setup(model_name, classes, batch, size, device, amp=amp, channels_last=channels_last)
@@ -392,7 +393,7 @@ def run(
                 if v[0].startswith("full-") and len(times[v]) >= full_repeats:
                     continue
                 times[v].append(_time(setup, runners[v]))
-            log(f"  {setup.name}: round {r + 1}/{repeats} done")
+            echo(f"  {setup.name}: round {r + 1}/{repeats} done")
         kd_time, kd_mem = statistics.median(times[("kd", False)]), memory[("kd", False)]
         for v in measured:
             median = statistics.median(times[v])
