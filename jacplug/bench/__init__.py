@@ -43,7 +43,7 @@ class BenchConfig:
     """What ``jacplug bench`` measures; each field is also its flag and config-file key (:mod:`jacplug.config_fields`)."""
 
     configs: list[str] = option(default_factory=list, metavar="MODELS:CLASSES[@SIZE]",
-                                help="TEACHER->STUDENT:C[@SIZE] (timm names, optionally NAME(key=value,...)) or "
+                                help="TEACHER->STUDENT:C[@SIZE] (timm names, optionally NAME(KEY=VALUE,...)) or "
                                      f"mlp:C (none: on CPU {' '.join(DEFAULT_CONFIGS)}; on CUDA "
                                      f"{' '.join(DEFAULT_CUDA_CONFIGS)})")
     methods: list[str] = option(default_factory=lambda: list(METHOD_NAMES), choices=METHOD_NAMES, metavar="METHOD",

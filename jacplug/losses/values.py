@@ -1,6 +1,6 @@
 """Validation of loss-term options, shared so every term refuses bad values with the same words.
 
-Options arrive from Python calls and from ``--loss name=weight:option=value`` specs, so a bad one is
+Options arrive from Python calls and from ``--loss NAME=WEIGHT:KEY=VALUE`` specs (:mod:`jacplug.specs`), so a bad one is
 a :class:`jacplug.errors.UserError` naming the term, the option, what was given and what is allowed.
 """
 
