@@ -63,6 +63,8 @@ def test_curves_give_each_quantity_its_own_axis():
     assert set(curves["student losses"]) == {"loss", "kd", "jacobian"}
     without_teacher = curves_figure([r for r in RECORDS if r["kind"] != "teacher_epoch"])
     assert "teacher accuracy" not in [axis.get_title() for axis in without_teacher.axes]
+    teacher_without_val = curves_figure([{"kind": "teacher_epoch", "epoch": 1}])  # no validation split
+    assert [axis.get_title() for axis in teacher_without_val.axes] == ["no curves recorded yet"]
 
 
 def test_the_gradient_maps_say_what_they_show(tmp_path):

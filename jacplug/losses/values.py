@@ -1,7 +1,7 @@
 """Validation of loss-term options, shared so every term refuses bad values with the same words.
 
-Options arrive from Python calls and from ``--loss NAME=WEIGHT:KEY=VALUE`` specs (:mod:`jacplug.specs`), so a bad one is
-a :class:`jacplug.errors.UserError` naming the term, the option, what was given and what is allowed.
+Options arrive from Python calls and from ``--loss NAME=WEIGHT:KEY=VALUE`` specs (:mod:`jacplug.specs`), so a
+bad one is a :class:`jacplug.errors.UserError` naming the term, the option, what was given and what is allowed.
 """
 
 from __future__ import annotations

@@ -133,7 +133,10 @@ def curves_figure(records: list[dict[str, Any]]) -> Figure:
         panels.append(("held-out gradient agreement", "student epoch", "cosine with the teacher's input gradients",
                        {"student vs teacher": points(epochs, "agreement_cosine")}))
     if points(teacher, "val_acc"):
-        panels.append(("teacher accuracy", "teacher epoch", "accuracy (%)", {"teacher val": points(teacher, "val_acc", 100)}))
+        panels.append(("teacher accuracy", "teacher epoch", "accuracy (%)",
+                       {"teacher val": points(teacher, "val_acc", 100)}))
+    if not panels:  # a teacher phase without a validation split records no curve
+        panels.append(("no curves recorded yet", "teacher epoch", "", {}))
     columns = min(2, len(panels))
     rows = -(-len(panels) // columns)
     figure = Figure(figsize=(5.5 * columns, 4 * rows), dpi=110)
@@ -149,7 +152,8 @@ def curves_figure(records: list[dict[str, Any]]) -> Figure:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are counts
         axis.set(title=title, xlabel=xlabel, ylabel=ylabel)
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.lines:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
 
