@@ -91,8 +91,8 @@ class TrainConfig:
     loss: list[str] = option(default_factory=list, metavar="NAME=WEIGHT[:KEY=VALUE,...]", repeat=True, group="loss",
                              help="a loss term, its weight and its options, repeatable, e.g. --loss kd=1 --loss "
                                   "jacobian=10:classes=label (none: kd=0.5:temperature=4 + jacobian=0.15, the "
-                                  "documented preset); the names: `jacplug plugins` (losses) or docs/reuse.md, "
-                                  "the form: docs/pipeline.md, Specs")
+                                  "documented preset); the names and their options: `jacplug plugins`; the form: "
+                                  "docs/pipeline.md, Specs")
     epochs: int | None = option(None, group="student training",
                                 help="student epochs (none: 4, or with --samples-per-class 150 steps when 4 epochs "
                                      "would make fewer)")
