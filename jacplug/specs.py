@@ -36,8 +36,8 @@ KWARGS_FORM = "KEY=VALUE,... (e.g. patch_size=4,depth=2)"
 MODEL_FORM = "NAME or NAME:KEY=VALUE,... (e.g. resnet18 or vit_tiny_patch16_224:patch_size=4,depth=2)"
 OBSERVER_FORM = "NAME or NAME:KEY=VALUE,... (e.g. tensorboard or mlflow:tracking_uri=URI)"
 
-#: spellings of ``None`` besides Python's ``None`` and YAML's ``null``/``~`` (``--loss`` read it before the
-#: one language, and ``backend=none`` reads naturally)
+#: spellings of ``None`` besides Python's ``None`` and YAML's ``null``/``~``: ``--loss`` has always read
+#: ``none`` so (``backend=none``), and a spec written for it must keep its meaning
 _NONE = ("none",)
 
 
