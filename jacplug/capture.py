@@ -50,7 +50,8 @@ class CapturedStep:
     """``step(*tensors) -> {name: tensor}``, run eagerly for ``warmup`` calls, then captured and replayed.
 
     ``tensors`` are the step's per-batch inputs (images, labels, cached teacher values); each call
-    copies them into the captured buffers. The returned tensors are the graph's own outputs,
+    copies them into the captured buffers. :attr:`calls` counts the calls, :attr:`replays` the graph's
+    replays, :attr:`status` and :attr:`failure` say how it runs. The returned tensors are the graph's own outputs,
     overwritten by the next replay: read or clone them before calling again. Eager warm-up calls run
     on a side stream, as capture requires; they are real training steps.
     """
@@ -72,6 +73,19 @@ class CapturedStep:
     @property
     def captured(self) -> bool:
         return self._graph is not None
+
+    @property
+    def status(self) -> str:
+        """How the step runs: ``"CUDA graph"`` (captured), ``"eager"`` (capture not requested, or still
+        warming up) or ``"eager (capture failed: <why>)"``."""
+        if self.failure is None:
+            return "CUDA graph" if self.captured else "eager"
+        return f"eager (capture failed: {self.failure})"
+
+    @property
+    def failure(self) -> str | None:
+        """Why a requested capture is not used (one line), or ``None``: :attr:`fallback` less ``"disabled"``."""
+        return None if self.fallback == "disabled" else self.fallback
 
     def __call__(self, *tensors: Tensor) -> Mapping[str, Tensor]:
         self.calls += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
 import warnings
 from importlib.metadata import entry_points
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownNameError
+from .errors import PluginError, UnknownNameError, UserError, close_matches
 from .names import KINDS, Entry, ModelPair, NameTable  # noqa: F401  (Entry: re-exported with the tables)
 
 ENTRY_POINT_GROUP = "jacplug"
@@ -262,7 +263,34 @@ def create_model(name: str, **kwargs: Any):
 
 
 def create_loss(name: str, **kwargs: Any):
-    return registry("losses").create(name, **kwargs)
+    """Build a registered loss term; an option its factory does not take is one line naming the closest
+    one it does (``clases=`` -> ``classes``) and all it takes."""
+    table = registry("losses")
+    check_options(f"loss {name!r}", table.get(name), kwargs)
+    return table.create(name, **kwargs)
+
+
+def check_options(what: str, entry: Entry, options: dict[str, Any]) -> None:
+    """Refuse, in one :class:`UserError` line, ``options`` that ``entry``'s factory cannot take: an unknown
+    keyword with its closest match, or what binding them reports (a missing required option), with the
+    options the factory takes. Python's own ``TypeError`` would name the factory's class, not the
+    registered name, and suggest nothing."""
+    try:
+        signature = inspect.signature(entry.factory)
+    except (TypeError, ValueError):  # no signature to read: the factory reports a bad option itself
+        return
+    named = [p.name for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes = named[1:] if entry.is_pattern else named  # a pattern's factory gets the requested name first
+    try:
+        signature.bind(*(["name"] if entry.is_pattern else []), **options)
+    except TypeError as exc:
+        unknown = [key for key in options if key not in takes]
+        accepted = ", ".join(takes) or "none"
+        if unknown:
+            matches = close_matches(unknown[0], takes, n=1)
+            hint = f" (did you mean {matches[0]!r}?)" if matches else ""
+            raise UserError(f"{what} has no option {unknown[0]!r}{hint}; it takes: {accepted}") from None
+        raise UserError(f"{what}: {exc}; it takes: {accepted}") from None
 
 
 def create_dataset(name: str, **kwargs: Any):

@@ -22,7 +22,28 @@ def test_cpu_inputs_fall_back_to_eager_steps_with_the_reason():
     for i in range(3):
         assert float(captured(torch.full((2,), float(i)))["loss"]) == 2 * i
     assert captured.fallback == "CUDA is not available" and not captured.captured and len(calls) == 3
-    assert CapturedStep(step, enabled=False).fallback == "disabled"
+    assert captured.failure == "CUDA is not available" and captured.status == "eager (capture failed: CUDA is not available)"
+    disabled = CapturedStep(step, enabled=False)
+    assert disabled.fallback == "disabled" and disabled.failure is None and disabled.status == "eager"
+
+
+def test_the_distillers_capture_read_outs_are_its_captured_steps():
+    """``distiller.captured_step`` is the one object behind the step; the summary's and the loop's read-outs
+    (``capture_status``, ``capture_fallback``, ``steps_run``) are its own."""
+    from torch import nn
+
+    from jacplug import Distiller
+
+    torch.manual_seed(0)
+    distiller = Distiller(nn.Linear(3, 2), nn.Linear(3, 2), ["kd=1"], capture=True)
+    assert distiller.captured_step is None and distiller.capture_status == "eager" and distiller.steps_run == 0
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.1)
+    for _ in range(2):
+        distiller.step(optimizer, torch.randn(4, 3))
+    step = distiller.captured_step
+    assert isinstance(step, CapturedStep) and step.calls == distiller.steps_run == 2
+    assert step.fallback == "disabled"  # CPU inputs: capture is not attempted, which is no failure
+    assert distiller.capture_status == step.status == "eager" and distiller.capture_fallback is step.failure is None
 
 
 def test_cuda_graphs_on_without_cuda_is_a_one_line_error(tmp_path, capsys):

@@ -342,6 +342,33 @@ def test_teacher_input_is_part_of_the_teachers_function():
         torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-6, atol=1e-7)
 
 
+class Affine(nn.Module):
+    """A teacher_input with state of its own: a learnable-looking scale and a BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.norm = nn.BatchNorm2d(1)
+
+    def forward(self, x):
+        return self.norm(self.scale * x)
+
+
+def test_teacher_input_is_frozen_with_the_teacher_and_outside_what_is_trained():
+    torch.manual_seed(0)
+    view = Affine().train()
+    distiller = Distiller(cnn(), cnn(8), ["kd=1", "jacobian=1"], teacher_input=view).train()
+    assert distiller.teacher_input is view and distiller.frozen_teacher.view is view
+    assert not view.training and not view.scale.requires_grad  # part of the frozen teacher's function
+    assert id(view.scale) not in {id(p) for p in distiller.parameters()}
+    assert all(key.startswith(("student.", "loss.")) for key in distiller.state_dict())
+    stats = view.norm.running_mean.clone()
+    distiller(*batch())["loss"].backward()
+    assert torch.equal(view.norm.running_mean, stats) and view.scale.grad is None
+    distiller.double()
+    assert view.scale.dtype == torch.float64 and next(distiller.teacher.parameters()).dtype == torch.float64
+
+
 def test_terms_stay_float32_under_the_callers_own_autocast():
     """Loops that wrap the step in autocast themselves (timm's train.py, the Hugging Face Trainer, Lightning's
     bf16 precision): the terms still run outside it, on float32 logits."""

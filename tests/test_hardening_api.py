@@ -92,11 +92,62 @@ def test_a_bad_cached_teacher_entry_is_one_line(cached, message):
     ({"substitutions": "attention"}, r"substitutions= takes Substitution objects, .* got str 'attention'"),
     ({"substitutions": ["attention"]}, r"substitutions= takes Substitution objects .*got \['str'\]"),
     ({"teacher_input": "normalize"}, r"teacher_input must be a callable .* got str"),
+    ({"check_gradients": "yes"}, r"check_gradients= takes True or False, got str 'yes'"),
+    ({"capture": "no"}, r"capture= takes True or False, got str 'no'"),
 ])
 def test_bad_constructor_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(UserError, match=message) as error:
         kd(**kwargs)
     one_line(error)
+
+
+def test_the_student_as_its_own_teacher_is_refused_before_anything_is_frozen():
+    student = mlp().train()
+    with pytest.raises(UserError, match=r"got the same module as student and teacher; freezing the teacher would "
+                                        r"freeze the student: .*copy.deepcopy\(student\)") as error:
+        Distiller(student, student, ["kd=1"])
+    one_line(error)
+    with pytest.raises(UserError, match=r"the teacher holds 4 of the student's trainable parameters \(1.weight, "
+                                        r"1.bias, 3.weight, \.\.\.\)"):
+        Distiller(student, nn.Sequential(student, nn.Softmax(1)), ["kd=1"])
+    assert student.training and all(p.requires_grad for p in student.parameters())  # untouched
+    frozen_backbone = nn.Sequential(mlp(), nn.Linear(CLASSES, CLASSES))
+    frozen_backbone[0].requires_grad_(False)  # sharing parameters that do not train freezes nothing
+    Distiller(frozen_backbone, frozen_backbone[0], ["kd=1"])
+    assert frozen_backbone[1].weight.requires_grad
+
+
+def resnet(channels: int = 3) -> nn.Module:
+    import timm
+
+    return timm.create_model("test_resnet", num_classes=CLASSES, in_chans=channels)
+
+
+@pytest.mark.parametrize("student, teacher, images, message", [
+    (resnet, resnet, (2, 1, 8, 8),
+     r"the student's first layer 'conv1.0' \(Conv2d\) takes 3 input channels, but what it gets, \(2, 1, 8, 8\), has 1; "
+     r"build the student for 1 input channels \(timm: in_chans=1\) or give it 3"),
+    (lambda: resnet(1), resnet, (2, 1, 8, 8),
+     r"the teacher's first layer 'conv1.0' \(Conv2d\) takes 3 input channels, but what it gets, \(2, 1, 8, 8\), has 1"),
+    (mlp, mlp, (2, 7), r"the student's first layer '1' \(Linear\) takes 6 input features, but what it gets, "
+                       r"\(2, 7\), has 7; build the student for 7 input features or give it 6"),
+    (mlp, mlp, (0, 6), r"the Distiller's inputs are an empty batch \(0, 6\); pass at least one sample"),
+])
+def test_inputs_that_do_not_fit_the_models_are_named_with_the_shapes(student, teacher, images, message):
+    distiller = Distiller(student(), teacher(), ["kd=1"])
+    with pytest.raises(UserError, match=message) as error:
+        distiller(torch.randn(*images))
+    one_line(error)
+
+
+def test_a_misspelt_loss_option_names_the_closest_one():
+    with pytest.raises(UserError, match=r"loss 'jacobian' has no option 'clases' \(did you mean 'classes'\?\); it "
+                                        r"takes: classes, k, squared, eps, backend") as error:
+        jacplug.create_loss("jacobian", clases="label")
+    one_line(error)
+    with pytest.raises(UserError, match=r"loss 'fitnet': missing a required argument: 'layers'; it takes: layers"):
+        jacplug.create_loss("fitnet")
+    assert jacplug.create_loss("jacobian", classes="label").classes == "label"
 
 
 def test_an_optimizer_without_the_trainable_parameters_is_refused_not_a_silent_no_op():

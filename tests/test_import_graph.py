@@ -86,10 +86,10 @@ def test_no_import_time_circle():
 FLOORS = [
     # files, names and values: nothing about models or training
     ("jacplug._version", "jacplug._lazy", "jacplug.errors", "jacplug.specs", "jacplug.config_fields",
-     "jacplug.hookspecs", "jacplug.names", "jacplug.outputs", "jacplug.io"),
+     "jacplug.hookspecs", "jacplug.names", "jacplug.outputs", "jacplug.precision", "jacplug.io"),
     # the library a user's own loop imports: engine, taps, losses, checks; the plugin host; datasets
     ("jacplug.engine", "jacplug.features", "jacplug.losses", "jacplug.checks", "jacplug.registry",
-     "jacplug.events", "jacplug.capture", "jacplug.data"),
+     "jacplug.events", "jacplug.capture", "jacplug.ddp", "jacplug.frozen_teacher", "jacplug.data"),
     # the step every caller runs, the models of a run, what the student learned
     ("jacplug.distiller", "jacplug.models", "jacplug.agreement"),
     # the frameworks' thin layers over the step; the run loop, its phases and observers

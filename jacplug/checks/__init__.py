@@ -6,6 +6,8 @@
   without one, the module that calls it, forward mode that PyTorch gets wrong);
 - :mod:`~jacplug.checks.first_call`: the two above, on the batch of :class:`jacplug.Distiller`'s first call,
   turned into one line naming the op, the module, the terms that need it and the terms that would work;
+- :mod:`~jacplug.checks.step_inputs`: what a caller hands :class:`jacplug.Distiller` (arguments, batches,
+  devices, channels, labels, the optimizer), one line each;
 - :mod:`~jacplug.checks.probe_batch`: the batch ``jacplug train`` and ``jacplug experiment`` check before
   the teacher phase.
 

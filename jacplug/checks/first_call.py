@@ -12,8 +12,9 @@ Two failures are silent or late without these checks:
   train on a wrong gradient without any error.
 
 :func:`flow_of_terms` and :func:`check_forward_mode` turn both into one line naming the op, the
-module, the terms that need it and the terms that would work. :class:`jacplug.Distiller` runs it on its first call; ``jacplug train``
-and ``jacplug check`` run it through :meth:`jacplug.Distiller.check` before anything is trained.
+module, the terms that need it and the terms that would work. :class:`jacplug.Distiller` runs them on its
+first call (:func:`checked_terms`); ``jacplug train`` and ``jacplug check`` run them through
+:meth:`jacplug.Distiller.check` (:func:`probe_terms`) before anything is trained.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..losses.composite import WeightedLoss
 from ..losses.extra_evaluation import isolated_running_stats
 from ..outputs import Logits
 from .derivatives import forward_mode_error, missing_derivative, module_calling
-from .gradient_flow import TermFlow, flow_report
+from .gradient_flow import TermFlow, flow_report, gradient_flow, raise_for_detached
 
 #: relative error of forward-mode parameter gradients above which forward mode is refused. The PyTorch
 #: defects this guards against give 0.1 to 1; float32 rounding in eval mode gives about 1e-5 (a float64
@@ -60,6 +61,30 @@ def flow_of_terms(compute: Callable[[], Mapping[str, Tensor]], parameters: Seque
         if op is None:
             raise
         raise unsupported(loss, student, inputs, student_name, op, DOUBLE_BACKWARD) from error
+
+
+def checked_terms(compute: Callable[[], Mapping[str, Tensor]], parameters: Sequence[Tensor], loss: WeightedLoss,
+                  student: nn.Module, inputs: Tensor, student_name: str) -> dict[str, Tensor]:
+    """``compute()`` (each term's value on the graph), proven before the first update: an op without the
+    derivative a term takes and a term that reaches none of its parameters raise in one line, zero or
+    non-finite gradients warn (:func:`~jacplug.checks.gradient_flow.gradient_flow`), forward mode is
+    checked against reverse mode (:func:`check_forward_mode`)."""
+    values, report = flow_of_terms(compute, parameters, loss, student, inputs, student_name)
+    raise_for_detached(report)
+    gradient_flow(values, parameters)
+    check_forward_mode(loss, student, inputs, student_name)
+    return values
+
+
+def probe_terms(compute: Callable[[], Mapping[str, Tensor]], parameters: Sequence[Tensor], loss: WeightedLoss,
+                student: nn.Module, inputs: Tensor, student_name: str) -> list[TermFlow]:
+    """Each term's gradient-flow report, with the checks of :func:`checked_terms` that raise; a detached
+    term is reported, not raised. Leaves no trace: RNG state and running statistics are as before."""
+    devices = [inputs.device] if inputs.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), isolated_running_stats(student):
+        _, report = flow_of_terms(compute, parameters, loss, student, inputs, student_name)
+        check_forward_mode(loss, student, inputs, student_name)
+    return report
 
 
 def check_forward_mode(loss: WeightedLoss, student: nn.Module, inputs: Tensor, student_name: str) -> None:
