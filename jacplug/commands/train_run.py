@@ -57,6 +57,7 @@ from ..io.lock import RunDirLock
 from ..training.loop import Loop, Position, StreamBatches
 from ..training.metrics import MetricsLog, read_metrics
 from ..models.build import build_model
+from ..models.pretrained import teacher_view
 from ..events import Events
 from ..training.observers import check_observers, observing
 from ..training.optim import create_adamw
@@ -126,7 +127,7 @@ def resolve_run(config: TrainConfig, splits: DatasetSplits, runtime: Runtime) ->
     resolved = dataclasses.replace(
         config, epochs=epochs, steps=steps, loss=list(config.loss or DEFAULT_SPECS), augment=splits.augment,
         image_size=height if height == width else config.image_size, teacher_epochs=teacher_epochs,
-        teacher_steps=teacher_steps,
+        teacher_steps=teacher_steps, dropped_images=list(splits.dropped_images),
     )
     return resolved, plan
 
@@ -198,7 +199,8 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
         teacher_cache.check_cacheable(loss, splits.augment, config.dataset)
     if not config.resume:  # every term once, with the student and the untrained teacher, on eight training images
         check_step(student, probe_teacher, loss, *probe_batch(splits, runtime.device), runtime, name=config.student,
-                   require_flow=config.check_gradients)
+                   require_flow=config.check_gradients,
+                   teacher_input=teacher_view(config.teacher_checkpoint, splits.mean, splits.std))
     del probe_teacher
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +237,11 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
                    show: bool, started: float) -> dict[str, Any]:
     """The student's phase of the run loop: a :class:`jacplug.Distiller` step, resumable."""
     config, runtime, splits, run_dir, teacher = run.config, run.runtime, run.splits, run.out_dir, run.teacher
-    teacher_acc = accuracy(teacher, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
+    # a --teacher-checkpoint trained on other statistics sees the run's tensors renormalised to its own
+    view = teacher_view(config.teacher_checkpoint, splits.mean, splits.std)
+    view = view.to(runtime.device) if view is not None else None
+    seen = teacher if view is None else nn.Sequential(view, teacher).eval()  # the teacher as the data reaches it
+    teacher_acc = accuracy(seen, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
     run.extra.update(teacher_acc=teacher_acc, teacher_source=teacher_source)
     student = run.student = run.student.to(runtime.device)
     loss = run.loss = run.loss.to(runtime.device)
@@ -252,17 +258,18 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
         MetricsLog(run_dir).truncate_after(position.step)
 
     distiller = Distiller(distribute(student, runtime), teacher, loss, amp=runtime.amp_dtype, capture=graphs,
-                          check_gradients=config.check_gradients and position.step == 0, name=config.student)
+                          check_gradients=config.check_gradients and position.step == 0, name=config.student,
+                          teacher_input=view)
     lookup = None
     if config.cache_teacher:
         cache_path = run_dir / CACHE_FILE
-        key = teacher_cache.cache_key(teacher, splits.train, config.loss, runtime, config.eval_batch_size)
+        key = teacher_cache.cache_key(seen, splits.train, config.loss, runtime, config.eval_batch_size)
         if runtime.is_main and not teacher_cache.TeacherCache.matches(cache_path, key):
-            teacher_cache.build_cache(cache_path, teacher, loss, splits.train, runtime, config.eval_batch_size, key, show)
+            teacher_cache.build_cache(cache_path, seen, loss, splits.train, runtime, config.eval_batch_size, key, show)
         barrier(runtime)
         lookup = teacher_cache.TeacherCache(cache_path, runtime.device)
 
-    heldout = HeldOutAgreement(teacher, splits, config.agreement_images) if config.agreement_images and runtime.is_main else None
+    heldout = HeldOutAgreement(seen, splits, config.agreement_images) if config.agreement_images and runtime.is_main else None
 
     def evaluate(step: int) -> dict[str, Any]:
         scores = {name: accuracy(student, split, runtime, batch_size=config.eval_batch_size, show=show,
@@ -328,6 +335,7 @@ def _summary(config, run_dir, teacher_acc, teacher_source, position, last, start
         "student_best_step": best.get("step"),
         "best_chosen_on": "val" if splits.val is not None else "test",
         "final_losses": terms,
+        "dropped_images": list(splits.dropped_images),
         "time_s": time.perf_counter() - started,
         "run_dir": str(run_dir),
         "checkpoints": {"teacher": teacher_file, "student_best": str(run_dir / BEST_FILE),

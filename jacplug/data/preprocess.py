@@ -19,10 +19,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-#: the resize filters timm's transforms take by name
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
-
-
 @dataclass(frozen=True)
 class Preprocessing:
     """timm's data keys (``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``) and the

@@ -28,6 +28,9 @@ MAX_COUNT = 2**63 - 1
 #: the largest --seed: torch's generators take 64 bits
 MAX_SEED = 2**64 - 1
 
+#: the resize filters timm's transforms take by name (--interpolation)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
 #: the largest --image-size: one 4096 px image's activations and their double backward exceed a GPU's memory
 MAX_IMAGE_SIZE = 4096
 
@@ -61,6 +64,31 @@ def resume_item(text: str) -> bool | str:
     return "auto"
 
 
+def check_preprocessing(config: Any) -> None:
+    """One-line refusals for preprocessing options no run could use: a crop fraction outside (0, 1], a
+    probability outside [0, 1], a range that is not two increasing positive numbers, and augmentation
+    options with augmentation switched off (``--no-augment``, which the teacher cache needs)."""
+    if config.crop_pct is not None and not 0 < config.crop_pct <= 1:
+        raise UserError(f"--crop-pct must be a fraction in (0, 1], got {config.crop_pct}")
+    if not 0 <= config.reprob <= 1:
+        raise UserError(f"--reprob must be a probability from 0 to 1, got {config.reprob}")
+    for name in ("scale", "ratio"):
+        value = getattr(config, name)
+        if value is not None and not (len(value) == 2 and 0 < value[0] <= value[1] < float("inf")):
+            raise UserError(f"--{name} takes two numbers LO HI with 0 < LO <= HI, got {' '.join(map(str, value))}")
+    if config.dataset == "digits":
+        given = [f"--{name.replace('_', '-')}" for name in ("interpolation", "crop_pct", "aa", "reprob", "scale", "ratio")
+                 if getattr(config, name)]
+        if given:
+            raise UserError(f"{' and '.join(given)} set how CIFAR and image folders are resized and augmented; the "
+                            "embedded digits keep their own tensors (--augment shifts them): drop "
+                            f"{'them' if len(given) > 1 else 'it'}")
+    given = [f"--{name}" for name in ("aa", "reprob", "scale", "ratio") if getattr(config, name)]
+    if given and config.augment is False:
+        raise UserError(f"{' and '.join(given)} augment training images, but --no-augment switches augmentation off; "
+                        "drop one of them")
+
+
 @dataclass
 class TrainConfig:
     """The resolved options of one run; saved as ``config.json`` in the run directory. Each field is also
@@ -88,6 +116,22 @@ class TrainConfig:
     augment: bool | None = option(None, group="data",
                                   help="random crop/flip of training images (none: on for CIFAR and image folders, "
                                        "off for digits)")
+    interpolation: str | None = option(None, choices=INTERPOLATIONS, group="preprocessing",
+                                       help="resize filter (none: the student's timm data configuration, e.g. "
+                                            "bicubic; bilinear for a model that declares none)")
+    crop_pct: float | None = option(None, metavar="FRACTION", group="preprocessing",
+                                    help="evaluation centre crop: resize to --image-size / FRACTION, keep the centre "
+                                         "(none: the student's, e.g. 0.95 for resnet50.a1_in1k; 1.0 if it declares none)")
+    aa: str | None = option(None, metavar="SPEC", group="preprocessing",
+                            help="timm RandAugment/AutoAugment spec for training images, e.g. rand-m9-mstd0.5 "
+                                 "(needs augmentation)")
+    reprob: float = option(0.0, metavar="P", group="preprocessing",
+                           help="timm random-erasing probability for training images (needs augmentation)")
+    scale: list[float] | None = option(None, metavar="LO HI", group="preprocessing",
+                                       help="random-resized-crop area range of training images (none: timm's 0.08 1)")
+    ratio: list[float] | None = option(None, metavar="LO HI", group="preprocessing",
+                                       help="random-resized-crop aspect range of training images (none: timm's 0.75 "
+                                            "1.333)")
     loss: list[str] = option(default_factory=list, metavar="NAME=WEIGHT[:OPT=VAL,...]", repeat=True, group="loss",
                              help="a loss term and its weight, repeatable (none: kd=0.5 + jacobian=0.15, the "
                                   "documented preset)")
@@ -143,6 +187,9 @@ class TrainConfig:
     log_off: list[str] = option(default_factory=list, metavar="NAME", group="observers",
                                help="switch off built-in observers: metrics (metrics.jsonl), progress, plot")
 
+    #: unreadable images the run left out of their splits (filled in by the run, never an option)
+    dropped_images: list[str] = dataclasses.field(default_factory=list)
+
     def validate(self) -> "TrainConfig":
         """Reject values no run could use, with the option name in the message."""
         for name in ("epochs", "steps", "teacher_steps", "batch_size", "eval_batch_size", "teacher_epochs",
@@ -180,6 +227,7 @@ class TrainConfig:
         if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
             raise UserError(f"--image-size {self.image_size} is larger than {MAX_IMAGE_SIZE} px, beyond what a "
                             "training batch with a double backward fits in memory; use a smaller size")
+        check_preprocessing(self)
         if self.agreement_images < 0:
             raise UserError(f"--agreement-images must be >= 0 (0 switches the measurement off), got {self.agreement_images}")
         if self.save_every < 0:
@@ -243,7 +291,8 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
 #: options that define what a run computes; ``--resume`` refuses to change them
 IDENTITY = ("teacher", "student", "dataset", "samples_per_class", "image_size", "augment", "loss", "batch_size",
             "lr", "weight_decay", "seed", "teacher_checkpoint", "pretrained", "teacher_epochs", "teacher_steps",
-            "cache_teacher", "teacher_kwargs", "student_kwargs")
+            "cache_teacher", "teacher_kwargs", "student_kwargs", "interpolation", "crop_pct", "aa", "reprob", "scale",
+            "ratio")
 #: options that set the length of the student's cosine schedule; ``--resume`` refuses to change them too
 HORIZON = ("epochs", "steps", "max_steps_per_epoch")
 

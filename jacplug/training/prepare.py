@@ -20,9 +20,13 @@ from .runtime import Runtime
 
 def load_data(config: Any) -> DatasetSplits:
     """The dataset a configuration names (``dataset``, ``data_root``, ``download``, ``image_size`` and, where
-    the configuration has it, ``augment``), through the registry."""
+    the configuration has them, ``augment`` and the preprocessing options), through the registry, with the
+    student's timm data configuration as ``preprocessing`` (:func:`~..models.data_config.student_preprocessing`)."""
+    from ..models.data_config import student_preprocessing
+
     return create_dataset(config.dataset, root=config.data_root, download=config.download,
-                          image_size=config.image_size, augment=getattr(config, "augment", None))
+                          image_size=config.image_size, augment=getattr(config, "augment", None),
+                          preprocessing=student_preprocessing(config))
 
 
 def loss_for_pair(specs: Sequence[str] | None, teacher: str, student: str) -> WeightedLoss:
@@ -36,12 +40,15 @@ def loss_for_pair(specs: Sequence[str] | None, teacher: str, student: str) -> We
 
 
 def check_step(student: nn.Module, teacher: nn.Module, loss: WeightedLoss, inputs: torch.Tensor,
-               targets: torch.Tensor, runtime: Runtime, *, name: str, require_flow: bool = True) -> list[TermFlow]:
+               targets: torch.Tensor, runtime: Runtime, *, name: str, require_flow: bool = True,
+               teacher_input: nn.Module | None = None) -> list[TermFlow]:
     """Every term once on ``inputs`` through :meth:`jacplug.Distiller.check` (options, feature layers, ops
     without the derivatives a term takes, shapes), leaving nothing changed; with ``require_flow``, a term that
-    cannot reach the student is refused too. Returns the gradient-flow report."""
+    cannot reach the student is refused too. ``teacher_input``: the Distiller's (the teacher's normalisation).
+    Returns the gradient-flow report."""
+    view = teacher_input.to(runtime.device) if teacher_input is not None else None
     distiller = Distiller(student.to(runtime.device).train(), teacher.to(runtime.device), loss.to(runtime.device),
-                          amp=runtime.amp_dtype, name=name)
+                          amp=runtime.amp_dtype, name=name, teacher_input=view)
     report = distiller.check(inputs, targets)
     if require_flow:
         raise_for_detached(report)
