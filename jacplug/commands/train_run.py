@@ -61,7 +61,7 @@ from ..models.pretrained import teacher_view
 from ..events import Events
 from ..training.observers import check_observers, observing
 from ..training.optim import create_adamw
-from ..training.prepare import loss_for_pair, check_step, load_data
+from ..training.prepare import check_memory, loss_for_pair, check_step, load_data
 from ..checks.probe_batch import probe_batch
 from ..training.progress import want_progress
 from ..training.plan import StepPlan, default_length, stream_batch, stream_plan, warn_if_few
@@ -185,6 +185,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     full = load_data(config)
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
     config, plan = resolve_run(config, splits, runtime)
+    check_memory(config, splits, runtime)  # a huge --image-size is refused before a model is built
     loss = loss_for_pair(config.loss, config.teacher, config.student)
     student_built = build_model("student", config.student, splits, config.student_kwargs)
     student = student_built.module

@@ -15,6 +15,7 @@ from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..registry import create_dataset, model_pair
 from ..data.datasets import DatasetSplits
+from ..errors import UserError
 from .runtime import Runtime
 
 
@@ -27,6 +28,36 @@ def load_data(config: Any) -> DatasetSplits:
     return create_dataset(config.dataset, root=config.data_root, download=config.download,
                           image_size=config.image_size, augment=getattr(config, "augment", None),
                           preprocessing=student_preprocessing(config))
+
+
+def check_memory(config: Any, splits: DatasetSplits, runtime: Runtime) -> None:
+    """A one-line :class:`UserError` when one training step of ``batch_size`` images at the splits' input
+    size keeps more activations than the run's device has free (:mod:`..models.memory`: a lower bound,
+    so nothing that could run is refused), naming the largest size that would fit; before any model is built.
+
+    The models counted are those the run trains: the student, and the teacher unless a checkpoint gives it."""
+    import math
+
+    from ..models.memory import activation_elements, available_bytes
+    from .teacher import teacher_kwargs
+
+    free = available_bytes(runtime.device)
+    height, width = splits.input_shape[1:]
+    if free is None or height != width:
+        return
+    batch = min(config.batch_size, len(splits.train))
+    models = [("student", config.student, dict(config.student_kwargs))]
+    if not config.teacher_checkpoint:
+        models.append(("teacher", config.teacher, teacher_kwargs(config)))
+    for role, name, kwargs in models:
+        elements = activation_elements(name, kwargs, splits.in_chans, splits.num_classes, height)
+        needed = (elements or 0) * batch * 4
+        if needed > free:
+            fits = max(8, int(height * math.sqrt(free / needed)) // 8 * 8)
+            raise UserError(
+                f"--image-size {height}: one training step of {batch} images keeps at least {needed / 1e9:,.1f} GB of "
+                f"activations in the {role} {name!r}, more than the {free / 1e9:,.1f} GB free on {runtime.device}; "
+                f"pass --image-size {fits} or less, or a smaller --batch-size")
 
 
 def loss_for_pair(specs: Sequence[str] | None, teacher: str, student: str) -> WeightedLoss:
