@@ -180,12 +180,14 @@ def drop_unreadable(images: FolderImages, parts: dict[str, list[int]]) -> tuple[
     for file, reason in bad.items():
         warnings.warn(f"image {str(file)!r} cannot be read ({reason}); it is dropped from its split: replace or "
                       "remove the file", UnreadableImageWarning, stacklevel=3)
+    if len(bad) == len(images.samples):
+        raise UserError(f"no readable image in {images.root!r}: all {len(bad)} fail to decode; replace them")
     result = []
     for name, indices in parts.items():
         kept = [images.samples[i] for i in indices if Path(images.samples[i][0]) not in bad]
         if not kept:
-            where = images.root if len(parts) == 1 else f"{images.root} (its {name} split)"
-            raise UserError(f"no readable image in {where!r}: all {len(indices)} fail to decode; replace them")
+            raise UserError(f"no readable image in the {name} split of {images.root!r}: its {len(indices)} fail to "
+                            "decode; replace them")
         dropped = sorted(images.samples[i][0] for i in indices if Path(images.samples[i][0]) in bad)
         result.append(FolderImages(images.root, images.classes, kept, images.transform, dropped))
     return tuple(result)
