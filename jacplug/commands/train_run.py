@@ -48,7 +48,7 @@ from ..losses.presets import DEFAULT_SPECS
 from ..events import Phase
 from ..training import teacher_cache
 from ..io.checkpoint import atomic_write_text, load_weights, load_resume, remove_stale_temp_files, save_resume
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, run_record
 from ..data.datasets import DatasetSplits, Indexed, few_sample_subset
 from ..training.runtime import Runtime, barrier, distribute, init_runtime, shutdown
 from ..training.evaluate import accuracy
@@ -127,7 +127,7 @@ def resolve_run(config: TrainConfig, splits: DatasetSplits, runtime: Runtime) ->
     resolved = dataclasses.replace(
         config, epochs=epochs, steps=steps, loss=list(config.loss or DEFAULT_SPECS), augment=splits.augment,
         image_size=height if height == width else config.image_size, teacher_epochs=teacher_epochs,
-        teacher_steps=teacher_steps, dropped_images=list(splits.dropped_images),
+        teacher_steps=teacher_steps,
     )
     return resolved, plan
 
@@ -205,7 +205,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     del probe_teacher
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG_FILE, config.to_json())
+        atomic_write_text(run_dir / CONFIG_FILE, run_record(config, splits))
         warn_if_few(plan, "student", "--steps")
     if config.resume and runtime.is_main:
         log = MetricsLog(run_dir)

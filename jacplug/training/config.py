@@ -187,9 +187,6 @@ class TrainConfig:
     log_off: list[str] = option(default_factory=list, metavar="NAME", group="observers",
                                help="switch off built-in observers: metrics (metrics.jsonl), progress, plot")
 
-    #: unreadable images the run left out of their splits (filled in by the run, never an option)
-    dropped_images: list[str] = dataclasses.field(default_factory=list)
-
     def validate(self) -> "TrainConfig":
         """Reject values no run could use, with the option name in the message."""
         for name in ("epochs", "steps", "teacher_steps", "batch_size", "eval_batch_size", "teacher_epochs",
@@ -302,15 +299,27 @@ def _saved_length(saved: dict[str, Any]) -> str:
     return " ".join(given) or "the default length"
 
 
+#: what ``config.json`` records beside the options: the unreadable images the run dropped from its splits
+RECORDS = ("dropped_images",)
+
+
+def run_record(config: TrainConfig, splits: Any) -> str:
+    """``config.json``: the options as the run executes them, and :data:`RECORDS` from its ``splits``."""
+    return json.dumps({**config.to_dict(), "dropped_images": list(getattr(splits, "dropped_images", []))},
+                      indent=2, sort_keys=True)
+
+
 def saved_run(run_dir: str | Path) -> dict[str, Any] | None:
-    """The options saved in ``run_dir/config.json``, or ``None`` when the directory holds no run."""
+    """The options saved in ``run_dir/config.json`` (without :data:`RECORDS`), or ``None`` when the
+    directory holds no run."""
     saved = Path(run_dir) / "config.json"
     if not saved.is_file():
         return None
     try:
-        return json.loads(saved.read_text())
+        options = json.loads(saved.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{str(saved)!r} is corrupt ({exc}); the run cannot be resumed") from exc
+    return {k: v for k, v in options.items() if k not in RECORDS} if isinstance(options, dict) else options
 
 
 def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str, flag: str = "--resume") -> TrainConfig:
