@@ -114,8 +114,9 @@ class TrainConfig:
     image_size: int | None = option(None, metavar="PX", group="data",
                                     help="input size (none: the dataset's, digits 16, CIFAR 32, imagefolder 64)")
     augment: bool | None = option(None, group="data",
-                                  help="random crop/flip of training images (none: on for CIFAR and image folders, "
-                                       "off for digits)")
+                                  help="random augmentation of training images: timm's random resized crop, flip "
+                                       "and colour jitter (none: on for CIFAR and image folders, off for digits, "
+                                       "which get a 2-pixel shift)")
     interpolation: str | None = option(None, choices=INTERPOLATIONS, group="preprocessing",
                                        help="resize filter (none: the student's timm data configuration, e.g. "
                                             "bicubic; bilinear for a model that declares none)")
