@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -40,12 +41,6 @@ class Preprocessing:
     def filled(self, mean: tuple[float, ...], std: tuple[float, ...]) -> "Preprocessing":
         """These settings, with ``mean``/``std`` where none were declared."""
         return self if self.mean is not None else dataclasses.replace(self, mean=tuple(mean), std=tuple(std))
-
-    @property
-    def augmentation(self) -> dict[str, Any]:
-        """The augmentation options that differ from timm's defaults (what a run without augmentation refuses)."""
-        return {k: v for k, v in (("aa", self.auto_augment), ("reprob", self.re_prob), ("scale", self.scale),
-                                  ("ratio", self.ratio)) if v}
 
     def transforms(self, size: int, augment: bool) -> tuple[Callable, Callable]:
         """``(train, eval)`` transforms from PIL images to normalised ``[C, size, size]`` tensors.
