@@ -18,7 +18,8 @@ Length: ``--epochs`` or ``--steps``, counted and defaulted by :mod:`.steps` (sha
 ``jacplug experiment``); the student is evaluated, its checkpoints written and an ``epoch`` record
 logged at every evaluation point of the plan (each epoch end, or with a step budget at most 10
 epoch ends and the last step). ``config.json`` holds the configuration as the run executes it:
-the length, the loss specs (the default preset spelled out), the image size and augmentation.
+the length, the loss specs (the default preset spelled out), the image size and augmentation, and
+beside them the unreadable images the data left out (``dropped_images``).
 
 Resume: ``resume.safetensors`` is rewritten every ``--save-every`` steps and at every evaluation.
 Step ``k``'s batch depends only on ``--seed`` and ``k``, so a resumed run regenerates the batch
