@@ -5,6 +5,7 @@ and a checkpoint records exactly what was applied (docs/pipeline.md, "Preprocess
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -100,31 +101,38 @@ def test_preprocessing_options_no_run_could_use_are_one_line_refusals(folder, op
     assert "\n" not in str(info.value)
 
 
-def test_a_checkpoint_records_the_preprocessing_that_was_applied(folder, tmp_path, capsys):
-    """timm's own resolve_data_config on jacplug.load_model gives the run's tensors back."""
+def test_a_checkpoint_records_the_preprocessing_that_was_applied(tmp_path, capsys):
+    """timm's own resolve_data_config on jacplug.load_model gives the run's tensors back; an unreadable
+    image is named once and listed in the summary and config.json."""
     from timm.data import create_transform, resolve_data_config
 
     import jacplug
     from jacplug.cli.main import main
+    from jacplug.data.folders import UnreadableImageWarning
 
-    options = {"crop_pct": 0.8, "interpolation": "bicubic", "augment": False}
+    folder = image_tree(tmp_path / "images", {"train": ["a", "b"], "val": ["a", "b"]}, per_class=3, size=20)
+    bad = folder / "train" / "a" / "2.png"
+    bad.write_bytes(b"not an image")
     run = tmp_path / "run"
-    rc = main(["train", "--dataset", f"imagefolder:{folder}", "--teacher", "test_resnet", "--student", "test_resnet",
-               "--image-size", "16", "--crop-pct", "0.8", "--interpolation", "bicubic", "--no-augment",
-               "--teacher-steps", "1", "--steps", "1", "--batch-size", "4", "--agreement-images", "0", "--loss", "kd=1",
-               "--no-check-gradients", "--log-off", "plot",
-               "--out", str(run), "--json"])
-    assert rc == 0, capsys.readouterr().err
-    splits = load_data(config(folder, **options))
-    model = jacplug.load_model(run / "student_best.safetensors")
-    recorded = resolve_data_config(model=model)
+    with pytest.warns(UnreadableImageWarning, match=f"image '{re.escape(str(bad))}' cannot be read") as caught:
+        rc = main(["train", "--dataset", f"imagefolder:{folder}", "--teacher", "test_resnet", "--student", "test_resnet",
+                   "--image-size", "16", "--crop-pct", "0.8", "--interpolation", "bicubic", "--no-augment",
+                   "--teacher-steps", "1", "--steps", "1", "--batch-size", "4", "--agreement-images", "0", "--loss",
+                   "kd=1", "--no-check-gradients", "--log-off", "plot", "--out", str(run), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert len([w for w in caught if w.category is UnreadableImageWarning]) == 1  # named once, not per epoch
+    assert json.loads(out)["dropped_images"] == [str(bad)]
+    assert json.loads((run / "config.json").read_text())["dropped_images"] == [str(bad)]
+    with pytest.warns(UnreadableImageWarning):
+        splits = load_data(config(folder, crop_pct=0.8, interpolation="bicubic", augment=False))
+    recorded = resolve_data_config(model=jacplug.load_model(run / "student_best.safetensors"))
     assert recorded == splits.data_config
     assert recorded["mean"] == (0.5, 0.5, 0.5) and recorded["crop_pct"] == 0.8  # test_resnet declares 0.5/0.5
     from PIL import Image
 
     with Image.open(splits.test.samples[0][0]) as image:
         torch.testing.assert_close(create_transform(**recorded)(image.convert("RGB")), splits.test[0][0])
-    assert json.loads((run / "config.json").read_text())["dropped_images"] == []
 
 
 def test_a_teacher_checkpoint_of_other_statistics_sees_them(tmp_path):
