@@ -113,10 +113,6 @@ class TrainConfig:
                                            help="train the student on N images per class (seeded; none: all)")
     image_size: int | None = option(None, metavar="PX", group="data",
                                     help="input size (none: the dataset's, digits 16, CIFAR 32, imagefolder 64)")
-    augment: bool | None = option(None, group="data",
-                                  help="random augmentation of training images: timm's random resized crop, flip "
-                                       "and colour jitter (none: on for CIFAR and image folders, off for digits, "
-                                       "which get a 2-pixel shift)")
     interpolation: str | None = option(None, choices=INTERPOLATIONS, group="preprocessing",
                                        help="resize filter (none: the student's timm data configuration, e.g. "
                                             "bicubic; bilinear for a model that declares none)")
@@ -133,6 +129,9 @@ class TrainConfig:
     ratio: list[float] | None = option(None, metavar="LO HI", group="preprocessing",
                                        help="random-resized-crop aspect range of training images (none: timm's 0.75 "
                                             "1.333)")
+    augment: bool | None = option(None, group="data",
+                                  help="random crop/flip of training images (none: on for CIFAR and image folders, "
+                                       "off for digits)")
     loss: list[str] = option(default_factory=list, metavar="NAME=WEIGHT[:OPT=VAL,...]", repeat=True, group="loss",
                              help="a loss term and its weight, repeatable (none: kd=0.5 + jacobian=0.15, the "
                                   "documented preset)")
