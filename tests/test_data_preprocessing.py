@@ -94,10 +94,11 @@ def test_augmentation_options_reach_the_training_transform_only(folder):
     ({"crop_pct": 1.5}, "--crop-pct must be a fraction in"),
     ({"scale": [1.0, 0.5]}, "--scale takes two numbers LO HI"),
     ({"dataset": "digits", "reprob": 0.25}, "the embedded digits keep their own tensors"),
+    ({"aa": "foo"}, "--aa 'foo' is not an augmentation timm knows \\(Unknown AA policy foo\\)"),
 ])
 def test_preprocessing_options_no_run_could_use_are_one_line_refusals(folder, options, message):
     with pytest.raises(UserError, match=message) as info:
-        config(folder, **options)
+        load_data(config(folder, **options))
     assert "\n" not in str(info.value)
 
 

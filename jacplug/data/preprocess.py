@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -56,8 +58,13 @@ class Preprocessing:
         evaluate = create_transform(**common, is_training=False, crop_pct=self.crop_pct, crop_mode=self.crop_mode)
         if not augment:
             return evaluate, evaluate
-        train = create_transform(**common, is_training=True, auto_augment=self.auto_augment, re_prob=self.re_prob,
-                                 scale=self.scale, ratio=self.ratio)
+        try:
+            train = create_transform(**common, is_training=True, auto_augment=self.auto_augment,
+                                     re_prob=self.re_prob, scale=self.scale, ratio=self.ratio)
+        except (AssertionError, ValueError, KeyError) as exc:  # timm asserts on a spec it cannot parse
+            raise UserError(f"--aa {self.auto_augment!r} is not an augmentation timm knows ({exc or 'unparsable'}); "
+                            "use rand-mM[-nN][-mstdS] (RandAugment, e.g. rand-m9-mstd0.5), augmix-mM, "
+                            "original or v0 (AutoAugment)") from exc
         return train, evaluate
 
 
