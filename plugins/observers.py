@@ -92,7 +92,8 @@ class CheckpointWriter:
         for role, path in files.items():
             save_model(path, run.student, role=f"student_{role}", name=config.student, num_classes=splits.num_classes,
                        input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=config.to_dict(),
-                       metrics=metrics, model_kwargs=run.student_kwargs)
+                       metrics=metrics, model_kwargs=run.student_kwargs, interpolation=splits.interpolation,
+                       crop_pct=splits.crop_pct, crop_mode=splits.crop_mode)
 
 
 class CurvesPlot:

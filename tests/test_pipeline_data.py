@@ -134,20 +134,21 @@ def test_image_folder_with_train_and_val_only_has_no_validation_split(tmp_path):
     assert splits.val is None and splits.test.root == str(tmp_path / "val")
 
 
-def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(tmp_path):
-    from jacplug.data.datasets import UnreadableImageWarning
+def test_an_unreadable_image_is_dropped_from_its_own_split_with_a_warning_naming_it(tmp_path):
+    """Never replaced by a neighbour (another class's or split's image): left out, named once, counted."""
+    from jacplug.data.folders import UnreadableImageWarning
 
     root = image_tree(tmp_path / "images", {"train": ["a", "b"], "test": ["a", "b"]}, per_class=3)
     bad = root / "train" / "a" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated mid-file
-    splits = create_dataset(f"imagefolder:{root}", image_size=8, augment=False)
-    with pytest.warns(UnreadableImageWarning, match=r"image '.*train/a/1.png' cannot be read"):
-        image, label = splits.train[1]
-    torch.testing.assert_close(image, splits.train[2][0])  # the next image took its place, with its label
-    assert label == splits.train[2][1] and len(splits.train) == 6
+    with pytest.warns(UnreadableImageWarning, match=r"image '.*train/a/1.png' cannot be read") as caught:
+        splits = create_dataset(f"imagefolder:{root}", image_size=8, augment=False)
+    assert len(caught) == 1 and splits.dropped_images == [str(bad)]
+    assert len(splits.train) == 5 and len(splits.test) == 6
+    assert splits.train.targets == [0, 0, 1, 1, 1] and str(bad) not in [p for p, _ in splits.train.samples]
     for path in (root / "test" / "a").iterdir():
         path.write_text("not an image")
     for path in (root / "test" / "b").iterdir():
         path.write_text("not an image")
-    with pytest.warns(UnreadableImageWarning), pytest.raises(UserError, match="no image under .* can be read"):
-        create_dataset(f"imagefolder:{root}", image_size=8, augment=False).test[0]
+    with pytest.warns(UnreadableImageWarning), pytest.raises(UserError, match=r"no readable image in '.*/test'"):
+        create_dataset(f"imagefolder:{root}", image_size=8, augment=False)

@@ -98,6 +98,9 @@ def format_summary(summary: dict) -> str:
     if summary["best_chosen_on"] == "test":
         rows.append(("note", "no validation split: the best epoch was chosen on the test split, so its accuracy "
                              "is optimistic; the last epoch's is the unbiased one"))
+    if summary.get("dropped_images"):
+        dropped = summary["dropped_images"]
+        rows.append(("unreadable images dropped", f"{len(dropped)} (listed in config.json; first: {dropped[0]})"))
     rows += [(f"final loss: {k}", f"{v:.4g}") for k, v in summary["final_losses"].items()]
     agreement = summary.get("agreement") or {}
     if "agreement_cosine" in agreement:

@@ -18,7 +18,8 @@ Length: ``--epochs`` or ``--steps``, counted and defaulted by :mod:`.steps` (sha
 ``jacplug experiment``); the student is evaluated, its checkpoints written and an ``epoch`` record
 logged at every evaluation point of the plan (each epoch end, or with a step budget at most 10
 epoch ends and the last step). ``config.json`` holds the configuration as the run executes it:
-the length, the loss specs (the default preset spelled out), the image size and augmentation.
+the length, the loss specs (the default preset spelled out), the image size and augmentation, and
+beside them the unreadable images the data left out (``dropped_images``).
 
 Resume: ``resume.safetensors`` is rewritten every ``--save-every`` steps and at every evaluation.
 Step ``k``'s batch depends only on ``--seed`` and ``k``, so a resumed run regenerates the batch
@@ -48,7 +49,7 @@ from ..losses.presets import DEFAULT_SPECS
 from ..events import Phase
 from ..training import teacher_cache
 from ..io.checkpoint import atomic_write_text, load_weights, load_resume, remove_stale_temp_files, save_resume
-from ..training.config import TrainConfig
+from ..training.config import TrainConfig, run_record
 from ..data.datasets import DatasetSplits, Indexed, few_sample_subset
 from ..training.runtime import Runtime, barrier, distribute, init_runtime, shutdown
 from ..training.evaluate import accuracy
@@ -57,10 +58,11 @@ from ..io.lock import RunDirLock
 from ..training.loop import Loop, Position, StreamBatches
 from ..training.metrics import MetricsLog, read_metrics
 from ..models.build import build_model
+from ..models.pretrained import teacher_view
 from ..events import Events
 from ..training.observers import check_observers, observing
 from ..training.optim import create_adamw
-from ..training.prepare import loss_for_pair, check_step, load_data
+from ..training.prepare import check_memory, loss_for_pair, check_step, load_data
 from ..checks.probe_batch import probe_batch
 from ..training.progress import want_progress
 from ..training.plan import StepPlan, default_length, stream_batch, stream_plan, warn_if_few
@@ -184,6 +186,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     full = load_data(config)
     splits = few_sample_subset(full, config.samples_per_class, config.seed) if config.samples_per_class else full
     config, plan = resolve_run(config, splits, runtime)
+    check_memory(config, splits, runtime)  # a huge --image-size is refused before a model is built
     loss = loss_for_pair(config.loss, config.teacher, config.student)
     student_built = build_model("student", config.student, splits, config.student_kwargs)
     student = student_built.module
@@ -198,11 +201,12 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
         teacher_cache.check_cacheable(loss, splits.augment, config.dataset)
     if not config.resume:  # every term once, with the student and the untrained teacher, on eight training images
         check_step(student, probe_teacher, loss, *probe_batch(splits, runtime.device), runtime, name=config.student,
-                   require_flow=config.check_gradients)
+                   require_flow=config.check_gradients,
+                   teacher_input=teacher_view(config.teacher_checkpoint, splits.mean, splits.std))
     del probe_teacher
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / CONFIG_FILE, config.to_json())
+        atomic_write_text(run_dir / CONFIG_FILE, run_record(config, splits))
         warn_if_few(plan, "student", "--steps")
     if config.resume and runtime.is_main:
         log = MetricsLog(run_dir)
@@ -235,7 +239,11 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
                    show: bool, started: float) -> dict[str, Any]:
     """The student's phase of the run loop: a :class:`jacplug.Distiller` step, resumable."""
     config, runtime, splits, run_dir, teacher = run.config, run.runtime, run.splits, run.out_dir, run.teacher
-    teacher_acc = accuracy(teacher, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
+    # a --teacher-checkpoint trained on other statistics sees the run's tensors renormalised to its own
+    view = teacher_view(config.teacher_checkpoint, splits.mean, splits.std)
+    view = view.to(runtime.device) if view is not None else None
+    seen = teacher if view is None else nn.Sequential(view, teacher).eval()  # the teacher as the data reaches it
+    teacher_acc = accuracy(seen, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
     run.extra.update(teacher_acc=teacher_acc, teacher_source=teacher_source)
     student = run.student = run.student.to(runtime.device)
     loss = run.loss = run.loss.to(runtime.device)
@@ -252,17 +260,18 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
         MetricsLog(run_dir).truncate_after(position.step)
 
     distiller = Distiller(distribute(student, runtime), teacher, loss, amp=runtime.amp_dtype, capture=graphs,
-                          check_gradients=config.check_gradients and position.step == 0, name=config.student)
+                          check_gradients=config.check_gradients and position.step == 0, name=config.student,
+                          teacher_input=view)
     lookup = None
     if config.cache_teacher:
         cache_path = run_dir / CACHE_FILE
-        key = teacher_cache.cache_key(teacher, splits.train, config.loss, runtime, config.eval_batch_size)
+        key = teacher_cache.cache_key(seen, splits.train, config.loss, runtime, config.eval_batch_size)
         if runtime.is_main and not teacher_cache.TeacherCache.matches(cache_path, key):
-            teacher_cache.build_cache(cache_path, teacher, loss, splits.train, runtime, config.eval_batch_size, key, show)
+            teacher_cache.build_cache(cache_path, seen, loss, splits.train, runtime, config.eval_batch_size, key, show)
         barrier(runtime)
         lookup = teacher_cache.TeacherCache(cache_path, runtime.device)
 
-    heldout = HeldOutAgreement(teacher, splits, config.agreement_images) if config.agreement_images and runtime.is_main else None
+    heldout = HeldOutAgreement(seen, splits, config.agreement_images) if config.agreement_images and runtime.is_main else None
 
     def evaluate(step: int) -> dict[str, Any]:
         scores = {name: accuracy(student, split, runtime, batch_size=config.eval_batch_size, show=show,
@@ -328,6 +337,7 @@ def _summary(config, run_dir, teacher_acc, teacher_source, position, last, start
         "student_best_step": best.get("step"),
         "best_chosen_on": "val" if splits.val is not None else "test",
         "final_losses": terms,
+        "dropped_images": list(splits.dropped_images),
         "time_s": time.perf_counter() - started,
         "run_dir": str(run_dir),
         "checkpoints": {"teacher": teacher_file, "student_best": str(run_dir / BEST_FILE),

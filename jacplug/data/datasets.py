@@ -2,8 +2,10 @@
 
 A dataset factory (registered through ``register_datasets``) returns :class:`DatasetSplits`. Every
 split yields ``(image [C, H, W] float32, label int)``; images are already normalised with
-``mean``/``std`` (per channel), which the checkpoint metadata records so a user can reproduce the
-preprocessing with plain torch. The pipeline wraps splits in :class:`Indexed` so each batch also
+``mean``/``std`` (per channel) after resizing with ``interpolation`` and a centre crop of ``crop_pct``,
+which the checkpoint metadata records (timm's ``pretrained_cfg``) so a user can reproduce the
+preprocessing with timm or plain torch. CIFAR and image folders take them from the student's timm
+data configuration (:mod:`.preprocess`). The pipeline wraps splits in :class:`Indexed` so each batch also
 carries the sample's position in its split, which the teacher cache uses as its key.
 
 Built-ins:
@@ -16,10 +18,12 @@ Built-ins:
   stratified and fixed (seed 0, independent of ``--seed``): 1,258 train / 179 val / 360 test.
 - ``cifar10`` / ``cifar100`` through torchvision (``root``, ``download``); 5,000 training images
   (fixed, seed 0) form the validation split, the official test set is the test split.
-- ``imagefolder:PATH``: class sub-folders under ``PATH/train`` and ``PATH/test`` (plus ``PATH/val``
-  for choosing the best epoch), or directly under ``PATH`` (then split 80/10/10, stratified, seed 0).
-  Every split must have exactly train's classes. With ``train`` and ``val`` only, ``val`` is the test
-  split and there is no validation split (the best epoch is then chosen on it, and the summary says so).
+- ``imagefolder:PATH``: class sub-folders under ``PATH/train`` and ``PATH/test`` (plus ``PATH/val``,
+  or another of timm's names for it such as ``validation``, for choosing the best epoch), or directly
+  under ``PATH`` (then split 80/10/10, stratified, seed 0). Every split must have exactly train's
+  classes. With ``train`` and a validation folder only, that folder is the test split and there is no
+  validation split (the best epoch is then chosen on it, and the summary says so). Unreadable images
+  are dropped from their own split (:mod:`.folders`).
 """
 
 from __future__ import annotations
@@ -27,17 +31,18 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import urllib.error
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from ..errors import UserError
+from .folders import SPLIT_NAMES, drop_unreadable, read_split, split_folders
+from .preprocess import Preprocessing
 
 SPLIT_SEED = 0  # data splits never depend on --seed, so accuracies of different seeds are comparable
 
@@ -62,10 +67,22 @@ class DatasetSplits:
     std: tuple[float, ...]
     augment: bool
     train_targets: Sequence[int] | None = None  # labels of ``train`` in order, to subset without loading images
+    #: how images were resized and cropped (timm's data keys; the digits are upsampled bilinearly, uncropped)
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
+    #: unreadable image files left out of their split (image folders; see :mod:`.folders`)
+    dropped_images: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def in_chans(self) -> int:
         return self.input_shape[0]
+
+    @property
+    def data_config(self) -> dict:
+        """What ``timm.data.resolve_data_config`` returns for a model trained on these splits."""
+        return {"input_size": tuple(self.input_shape), "interpolation": self.interpolation, "mean": tuple(self.mean),
+                "std": tuple(self.std), "crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
 
 
 class Indexed(Dataset):
@@ -230,21 +247,6 @@ _CIFAR_STATS = {
 }
 
 
-def _transforms(size: int, mean, std, augment: bool, resize: bool) -> tuple[Callable, Callable]:
-    from torchvision import transforms as T
-
-    base = ([T.Resize(size), T.CenterCrop(size)] if resize else []) + [T.ToTensor(), T.Normalize(mean, std)]
-    if not augment:
-        return T.Compose(base), T.Compose(base)
-    train = ([T.Resize(size), T.CenterCrop(size)] if resize else []) + [
-        T.RandomCrop(size, padding=max(1, size // 8)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ]
-    return T.Compose(train), T.Compose(base)
-
-
 def cifar(
     name: str,
     *,
@@ -252,11 +254,14 @@ def cifar(
     download: bool = False,
     image_size: int | None = None,
     augment: bool | None = None,
+    preprocessing: Preprocessing | None = None,
     **_: object,
 ) -> DatasetSplits:
     """CIFAR-10/100 from torchvision under ``root`` (downloaded there with ``download=True``).
 
-    Augmentation (random crop with 4-pixel padding, horizontal flip) is on unless ``augment=False``.
+    ``preprocessing``: the student's timm data configuration (CIFAR's own statistics where it declares
+    none); training augmentation (timm's random resized crop and flip, plus its options) is on unless
+    ``augment=False``.
     """
     from torchvision import datasets
 
@@ -264,8 +269,8 @@ def cifar(
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     augment = True if augment is None else bool(augment)
     size = image_size or 32
-    mean, std = _CIFAR_STATS[name]
-    train_tf, eval_tf = _transforms(size, mean, std, augment, resize=size != 32)
+    preprocessing = (preprocessing or Preprocessing()).filled(*_CIFAR_STATS[name])
+    train_tf, eval_tf = preprocessing.transforms(size, augment)
     try:
         train_full = cls(root, train=True, download=download, transform=train_tf)
         train_plain = cls(root, train=True, download=False, transform=eval_tf)
@@ -288,75 +293,17 @@ def cifar(
         test=test,
         num_classes=len(train_full.classes),
         input_shape=(3, size, size),
-        mean=mean,
-        std=std,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
         augment=augment,
         train_targets=[train_full.targets[i] for i in train_idx],
+        interpolation=preprocessing.interpolation,
+        crop_pct=preprocessing.crop_pct,
+        crop_mode=preprocessing.crop_mode,
     )
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class UnreadableImageWarning(UserWarning):
-    """An image of an image folder could not be read; another image took its place."""
-
-
-def unreadable_image_errors() -> tuple[type[BaseException], ...]:
-    """What PIL raises for a file that cannot be an image: truncated (``OSError``), not an image
-    (``UnidentifiedImageError``, a ``SyntaxError`` in old PIL), or a header that claims more pixels than
-    PIL's decompression-bomb limit (``DecompressionBombError``, a plain ``Exception``)."""
-    from PIL import Image
-
-    return OSError, SyntaxError, Image.DecompressionBombError
-
-
-class SkipUnreadable(Dataset):
-    """An ``ImageFolder`` whose unreadable images (truncated, corrupt, not an image) are skipped with a
-    warning naming the file: sample ``i`` is then the next readable sample, with its own label.
-
-    Why skip rather than refuse before training: finding a truncated JPEG means decoding every image,
-    minutes for a large folder, on every run; one bad file among thousands should not end a long run
-    halfway (it did, with PIL's ``OSError`` and no file name). The warning says which file to replace;
-    its place in the epoch goes to a duplicate of a neighbour."""
-
-    def __init__(self, folder: Dataset) -> None:
-        self.folder = folder
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getattr__(self, name: str):  # the folder's own attributes (root, classes, class_to_idx, samples)
-        if name == "folder":  # not set yet (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.folder, name)
-
-    def __getitem__(self, index: int):
-        for offset in range(len(self.folder)):
-            i = (index + offset) % len(self.folder)
-            try:
-                return self.folder[i]
-            except unreadable_image_errors() as exc:
-                warnings.warn(f"image {self.folder.samples[i][0]!r} cannot be read ({' '.join(str(exc).split())}); "
-                              "the next image takes its place: replace or remove the file", UnreadableImageWarning)
-        raise UserError(f"no image under {self.folder.root!r} can be read")
-
-
-def _same_classes(split, train):
-    """``split`` (an ``ImageFolder``), checked to hold exactly ``train``'s classes.
-
-    Why: each ``ImageFolder`` numbers the class folders it finds itself (in sorted order), so a split
-    that lacks a class, or has one more, would shift every later label and score the model against
-    wrong labels. With the same class names both number them alike.
-    """
-    missing = sorted(set(train.classes) - set(split.classes))
-    extra = sorted(set(split.classes) - set(train.classes))
-    if missing or extra:
-        problems = ([f"lacks class(es) {', '.join(map(repr, missing))} that train/ has"] if missing else []) + (
-            [f"has class(es) {', '.join(map(repr, extra))} that train/ lacks"] if extra else [])
-        raise UserError(f"image folder {split.root!r} {' and '.join(problems)}; every split needs the same "
-                        "class sub-folders")
-    return split
 
 
 #: the stratified train/validation/test split of an image folder without train/, val/ and test/
@@ -390,64 +337,70 @@ def _check_not_empty(path: Path, folder, parts: dict[str, list[int]]) -> None:
             f"{fewest_per_class(FOLDER_FRACTIONS)} images, or split them yourself into train/, val/ and test/")
 
 
-def imagefolder(
-    name: str, *, image_size: int | None = None, augment: bool | None = None, **_: object
-) -> DatasetSplits:
-    """``imagefolder:PATH``: class sub-folders (torchvision ``ImageFolder``), resized and centre-cropped
-    to ``image_size`` (default 64), ImageNet normalisation, augmentation on unless ``augment=False``.
+def imagefolder(name: str, *, image_size: int | None = None, augment: bool | None = None,
+                preprocessing: Preprocessing | None = None, **_: object) -> DatasetSplits:
+    """``imagefolder:PATH``: class sub-folders (:mod:`.folders`), resized and centre-cropped to
+    ``image_size`` (default 64) with ``preprocessing`` (the student's timm data configuration; ImageNet
+    statistics where it declares none), augmentation on unless ``augment=False``.
 
-    Splits come from ``PATH/train``, ``PATH/val`` and ``PATH/test`` (each with train's classes; see
-    the module docstring for a missing one), or from a stratified 80/10/10 split of ``PATH``."""
-    from torchvision import datasets
-
+    Splits come from ``PATH/train`` and ``PATH/test`` plus a validation folder (timm's names, see
+    :data:`.folders.SPLIT_NAMES`; each with train's classes; see the module docstring for a missing
+    one), or from a stratified 80/10/10 split of ``PATH``. Unreadable images are dropped from their
+    split and listed in ``dropped_images``."""
     raw = name.split(":", 1)[1]
     if not raw.strip():
         raise UserError(f"--dataset {name!r} names no folder; pass --dataset imagefolder:PATH with class sub-folders "
                         "under PATH (or PATH/train, PATH/val, PATH/test)")
     path = Path(raw).expanduser()
-    if not raw or not path.is_dir():
+    if not path.is_dir():
         raise UserError(f"image folder {str(path)!r} does not exist or is not a directory; expected class "
                         "sub-folders under PATH (or PATH/train, PATH/val, PATH/test)")
     size = image_size or 64
     augment = True if augment is None else bool(augment)
-    train_tf, eval_tf = _transforms(size, IMAGENET_MEAN, IMAGENET_STD, augment, resize=True)
+    preprocessing = (preprocessing or Preprocessing()).filled(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf, eval_tf = preprocessing.transforms(size, augment)
 
-    def folder(p: Path, tf):
-        try:
-            return datasets.ImageFolder(str(p), transform=tf)
-        except (FileNotFoundError, RuntimeError) as exc:
-            raise UserError(f"image folder {str(p)!r}: {exc}") from exc
-
-    if (path / "train").is_dir():
-        train = folder(path / "train", train_tf)
-        _check_classes(path / "train", train.classes)
-        if not (path / "test").is_dir() and not (path / "val").is_dir():
-            raise UserError(f"image folder {str(path)!r} has train/ but neither test/ nor val/ to evaluate on")
-        # with train/ and val/ only, val/ is the test split and there is no validation split: the best
-        # epoch is then chosen on the test split, which the summary says
-        val_dir = path / "val" if (path / "test").is_dir() and (path / "val").is_dir() else None
-        test_dir = path / "test" if (path / "test").is_dir() else path / "val"
-        val = SkipUnreadable(_same_classes(folder(val_dir, eval_tf), train)) if val_dir else None
-        test = SkipUnreadable(_same_classes(folder(test_dir, eval_tf), train))
-        targets, classes = list(train.targets), train.classes
-        train = SkipUnreadable(train)
+    found = split_folders(path)
+    if "train" in found:
+        train = read_split(found["train"])
+        _check_classes(found["train"], train.classes)
+        if "test" not in found and "val" not in found:
+            names = "/, ".join(SPLIT_NAMES["val"])
+            raise UserError(f"image folder {str(path)!r} has {found['train'].name}/ but neither test/ nor a validation "
+                            f"folder ({names}/) to evaluate on")
+        # with train/ and a validation folder only, that folder is the test split and there is no validation
+        # split: the best epoch is then chosen on the test split, which the summary says
+        val_dir = found["val"] if "test" in found and "val" in found else None
+        test_dir = found.get("test", found.get("val"))
+        (train,) = drop_unreadable(train, {"train": list(range(len(train)))})
+        held_out = []
+        for folder in (val_dir, test_dir):
+            split = read_split(folder, train.classes) if folder else None
+            held_out.append(drop_unreadable(split, {"": list(range(len(split)))})[0] if split else None)
+        val, test = held_out
+        train, val, test = train.with_transform(train_tf), val and val.with_transform(eval_tf), test.with_transform(eval_tf)
+        dropped = [*train.dropped, *(val.dropped if val else []), *test.dropped]
     else:
-        full, plain = folder(path, train_tf), folder(path, eval_tf)
+        full = read_split(path)
         _check_classes(path, full.classes)
-        train_idx, val_idx, test_idx = stratified_split(full.targets, FOLDER_FRACTIONS)
-        _check_not_empty(path, full, {"train": train_idx, "validation": val_idx, "test": test_idx})
-        targets, classes = [full.targets[i] for i in train_idx], full.classes
-        full, plain = SkipUnreadable(full), SkipUnreadable(plain)
-        train, val, test = Subset(full, train_idx), Subset(plain, val_idx), Subset(plain, test_idx)
+        parts = dict(zip(("train", "validation", "test"), stratified_split(full.targets, FOLDER_FRACTIONS)))
+        _check_not_empty(path, full, parts)
+        train, val, test = drop_unreadable(full, parts)
+        dropped = [*train.dropped, *val.dropped, *test.dropped]
+        train, val, test = train.with_transform(train_tf), val.with_transform(eval_tf), test.with_transform(eval_tf)
     return DatasetSplits(
         name=name,
         train=train,
         val=val,
         test=test,
-        num_classes=len(classes),
+        num_classes=len(train.classes),
         input_shape=(3, size, size),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
         augment=augment,
-        train_targets=targets,
+        train_targets=train.targets,
+        interpolation=preprocessing.interpolation,
+        crop_pct=preprocessing.crop_pct,
+        crop_mode=preprocessing.crop_mode,
+        dropped_images=dropped,
     )

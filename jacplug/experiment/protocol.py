@@ -225,7 +225,8 @@ def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
                       length_option="--teacher-epochs")
     path = out / TEACHER_FILE
     save_model(path, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
-               input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=train_config.to_dict())
+               input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=train_config.to_dict(),
+               interpolation=splits.interpolation, crop_pct=splits.crop_pct, crop_mode=splits.crop_mode)
     return path, f"trained here ({config.teacher_epochs} epochs, seed {train_config.seed})"
 
 

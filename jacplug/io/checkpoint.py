@@ -37,8 +37,8 @@ from .._version import __version__
 from ..errors import UserError
 
 MODEL_FORMAT = "jacplug-model/1"
-#: every built-in dataset resizes bilinearly (torchvision's ``Resize`` default, the digits' upsampling)
-#: and centre-crops nothing away
+#: what a checkpoint records when its writer gives no preprocessing: bilinear (the digits' upsampling)
+#: and no crop (CIFAR and image folders pass the student's timm data configuration instead)
 INTERPOLATION, CROP_PCT = "bilinear", 1.0
 RESUME_FORMAT = "jacplug-resume/1"
 
@@ -110,8 +110,12 @@ def save_model(
     config: dict[str, Any],
     metrics: dict[str, float] | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    interpolation: str = INTERPOLATION,
+    crop_pct: float = CROP_PCT,
+    crop_mode: str = "center",
 ) -> None:
-    """Write a model checkpoint that loads with plain safetensors + timm (see the module docstring)."""
+    """Write a model checkpoint that loads with plain safetensors + timm (see the module docstring);
+    ``interpolation``/``crop_pct``/``crop_mode``: how the images were resized and cropped."""
     metadata = {
         "format": MODEL_FORMAT,
         "role": role,
@@ -125,24 +129,27 @@ def save_model(
         "metrics": json.dumps(metrics or {}, sort_keys=True),
         "model_kwargs": json.dumps(model_kwargs or {}, sort_keys=True),
         "jacplug_version": __version__,
-        "pretrained_cfg": json.dumps(pretrained_cfg(num_classes, input_shape, mean, std)),
+        "pretrained_cfg": json.dumps(pretrained_cfg(num_classes, input_shape, mean, std, interpolation, crop_pct,
+                                                     crop_mode)),
     }
     state = _plain_state(model)
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def pretrained_cfg(
-    num_classes: int, input_shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...]
+    num_classes: int, input_shape: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...],
+    interpolation: str = INTERPOLATION, crop_pct: float = CROP_PCT, crop_mode: str = "center",
 ) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` data keys for a model trained on ``input_shape`` ``(C, H, W)`` images
-    normalised with ``mean``/``std``: what ``timm.data.resolve_data_config`` reads."""
+    resized with ``interpolation``, centre-cropped at ``crop_pct`` and normalised with ``mean``/``std``:
+    what ``timm.data.resolve_data_config`` reads."""
     return {
         "input_size": list(input_shape),
         "mean": list(mean),
         "std": list(std),
-        "interpolation": INTERPOLATION,
-        "crop_pct": CROP_PCT,
-        "crop_mode": "center",
+        "interpolation": interpolation,
+        "crop_pct": crop_pct,
+        "crop_mode": crop_mode,
         "num_classes": num_classes,
     }
 
@@ -191,6 +198,16 @@ def checkpoint_model_kwargs(path: str | Path) -> dict[str, Any] | None:
 def checkpoint_model_name(path: str | Path) -> str | None:
     """The registered model name a model checkpoint records, or None (see :func:`checkpoint_model_kwargs`)."""
     return _recorded(path, "model")
+
+
+def checkpoint_statistics(path: str | Path) -> tuple[list[float], list[float]] | None:
+    """The ``(mean, std)`` a model checkpoint records its inputs were normalised with, or None (see
+    :func:`checkpoint_model_kwargs`)."""
+    try:
+        mean, std = (json.loads(_recorded(path, key) or "null") for key in ("mean", "std"))
+    except ValueError:
+        return None
+    return (mean, std) if isinstance(mean, list) and isinstance(std, list) else None
 
 
 def _recorded(path: str | Path, key: str) -> str | None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io.checkpoint import load_weights
-from ..io.checkpoint import checkpoint_model_kwargs, pretrained_cfg, read_checkpoint
+from ..io.checkpoint import checkpoint_model_kwargs, checkpoint_statistics, pretrained_cfg, read_checkpoint
 
 
 def checkpoint_pretrained_cfg(metadata: dict[str, str]) -> dict[str, Any]:
@@ -61,6 +61,19 @@ def load_model(path: str | Path) -> nn.Module:
     if hasattr(model, "default_cfg"):
         model.default_cfg = model.pretrained_cfg
     return model
+
+
+def teacher_view(teacher_checkpoint: str | None, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module | None:
+    """The map from the run's normalisation (``mean``/``std``) to the one ``teacher_checkpoint`` records
+    it was trained on (:class:`~..data.preprocess.Renormalize`), or None when they agree or there is no
+    checkpoint (a teacher trained in the run sees the run's tensors). Given to the Distiller as its
+    ``teacher_input``, the teacher's Jacobian is taken w.r.t. the student's input, chain rule included."""
+    from ..data.preprocess import renormalize
+
+    recorded = checkpoint_statistics(teacher_checkpoint) if teacher_checkpoint else None
+    if recorded is None or len(recorded[0]) != len(mean):
+        return None
+    return renormalize(mean, std, *recorded)
 
 
 def check_hub_reachable(model: str, timeout_s: float = 5.0) -> None:

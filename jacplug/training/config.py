@@ -28,6 +28,9 @@ MAX_COUNT = 2**63 - 1
 #: the largest --seed: torch's generators take 64 bits
 MAX_SEED = 2**64 - 1
 
+#: the resize filters timm's transforms take by name (--interpolation)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+
 #: the largest --image-size: one 4096 px image's activations and their double backward exceed a GPU's memory
 MAX_IMAGE_SIZE = 4096
 
@@ -61,6 +64,31 @@ def resume_item(text: str) -> bool | str:
     return "auto"
 
 
+def check_preprocessing(config: Any) -> None:
+    """One-line refusals for preprocessing options no run could use: a crop fraction outside (0, 1], a
+    probability outside [0, 1], a range that is not two increasing positive numbers, and augmentation
+    options with augmentation switched off (``--no-augment``, which the teacher cache needs)."""
+    if config.crop_pct is not None and not 0 < config.crop_pct <= 1:
+        raise UserError(f"--crop-pct must be a fraction in (0, 1], got {config.crop_pct}")
+    if not 0 <= config.reprob <= 1:
+        raise UserError(f"--reprob must be a probability from 0 to 1, got {config.reprob}")
+    for name in ("scale", "ratio"):
+        value = getattr(config, name)
+        if value is not None and not (len(value) == 2 and 0 < value[0] <= value[1] < float("inf")):
+            raise UserError(f"--{name} takes two numbers LO HI with 0 < LO <= HI, got {' '.join(map(str, value))}")
+    if config.dataset == "digits":
+        given = [f"--{name.replace('_', '-')}" for name in ("interpolation", "crop_pct", "aa", "reprob", "scale", "ratio")
+                 if getattr(config, name)]
+        if given:
+            raise UserError(f"{' and '.join(given)} set how CIFAR and image folders are resized and augmented; the "
+                            "embedded digits keep their own tensors (--augment shifts them): drop "
+                            f"{'them' if len(given) > 1 else 'it'}")
+    given = [f"--{name}" for name in ("aa", "reprob", "scale", "ratio") if getattr(config, name)]
+    if given and config.augment is False:
+        raise UserError(f"{' and '.join(given)} augment training images, but --no-augment switches augmentation off; "
+                        "drop one of them")
+
+
 @dataclass
 class TrainConfig:
     """The resolved options of one run; saved as ``config.json`` in the run directory. Each field is also
@@ -85,6 +113,22 @@ class TrainConfig:
                                            help="train the student on N images per class (seeded; none: all)")
     image_size: int | None = option(None, metavar="PX", group="data",
                                     help="input size (none: the dataset's, digits 16, CIFAR 32, imagefolder 64)")
+    interpolation: str | None = option(None, choices=INTERPOLATIONS, group="preprocessing",
+                                       help="resize filter (none: the student's timm data configuration, e.g. "
+                                            "bicubic; bilinear for a model that declares none)")
+    crop_pct: float | None = option(None, metavar="FRACTION", group="preprocessing",
+                                    help="evaluation centre crop: resize to --image-size / FRACTION, keep the centre "
+                                         "(none: the student's, e.g. 0.95 for resnet50.a1_in1k; 1.0 if it declares none)")
+    aa: str | None = option(None, metavar="SPEC", group="preprocessing",
+                            help="timm RandAugment/AutoAugment spec for training images, e.g. rand-m9-mstd0.5 "
+                                 "(needs augmentation)")
+    reprob: float = option(0.0, metavar="P", group="preprocessing",
+                           help="timm random-erasing probability for training images (needs augmentation)")
+    scale: list[float] | None = option(None, metavar="LO HI", group="preprocessing",
+                                       help="random-resized-crop area range of training images (none: timm's 0.08 1)")
+    ratio: list[float] | None = option(None, metavar="LO HI", group="preprocessing",
+                                       help="random-resized-crop aspect range of training images (none: timm's 0.75 "
+                                            "1.333)")
     augment: bool | None = option(None, group="data",
                                   help="random crop/flip of training images (none: on for CIFAR and image folders, "
                                        "off for digits)")
@@ -184,6 +228,7 @@ class TrainConfig:
         if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
             raise UserError(f"--image-size {self.image_size} is larger than {MAX_IMAGE_SIZE} px, beyond what a "
                             "training batch with a double backward fits in memory; use a smaller size")
+        check_preprocessing(self)
         if self.agreement_images < 0:
             raise UserError(f"--agreement-images must be >= 0 (0 switches the measurement off), got {self.agreement_images}")
         if self.save_every < 0:
@@ -247,7 +292,8 @@ def resolve(file_options: dict[str, Any], cli_options: dict[str, Any]) -> TrainC
 #: options that define what a run computes; ``--resume`` refuses to change them
 IDENTITY = ("teacher", "student", "dataset", "samples_per_class", "image_size", "augment", "loss", "batch_size",
             "lr", "weight_decay", "seed", "teacher_checkpoint", "pretrained", "teacher_epochs", "teacher_steps",
-            "cache_teacher", "teacher_kwargs", "student_kwargs")
+            "cache_teacher", "teacher_kwargs", "student_kwargs", "interpolation", "crop_pct", "aa", "reprob", "scale",
+            "ratio")
 #: options that set the length of the student's cosine schedule; ``--resume`` refuses to change them too
 HORIZON = ("epochs", "steps", "max_steps_per_epoch")
 
@@ -257,15 +303,27 @@ def _saved_length(saved: dict[str, Any]) -> str:
     return " ".join(given) or "the default length"
 
 
+#: what ``config.json`` records beside the options: the unreadable images the run dropped from its splits
+RECORDS = ("dropped_images",)
+
+
+def run_record(config: TrainConfig, splits: Any) -> str:
+    """``config.json``: the options as the run executes them, and :data:`RECORDS` from its ``splits``."""
+    return json.dumps({**config.to_dict(), "dropped_images": list(getattr(splits, "dropped_images", []))},
+                      indent=2, sort_keys=True)
+
+
 def saved_run(run_dir: str | Path) -> dict[str, Any] | None:
-    """The options saved in ``run_dir/config.json``, or ``None`` when the directory holds no run."""
+    """The options saved in ``run_dir/config.json`` (without :data:`RECORDS`), or ``None`` when the
+    directory holds no run."""
     saved = Path(run_dir) / "config.json"
     if not saved.is_file():
         return None
     try:
-        return json.loads(saved.read_text())
+        options = json.loads(saved.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"{str(saved)!r} is corrupt ({exc}); the run cannot be resumed") from exc
+    return {k: v for k, v in options.items() if k not in RECORDS} if isinstance(options, dict) else options
 
 
 def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str, flag: str = "--resume") -> TrainConfig:

@@ -185,7 +185,8 @@ def prepare_teacher(
                                            desc="teacher test")
             save_model(own, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
                        input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=config.to_dict(),
-                       metrics=metrics, model_kwargs=built.kwargs)
+                       metrics=metrics, model_kwargs=built.kwargs,
+                       interpolation=splits.interpolation, crop_pct=splits.crop_pct, crop_mode=splits.crop_mode)
         barrier(runtime)
         built = build_teacher(config, splits, run_dir)
         meta = load_weights(own, built.module)
