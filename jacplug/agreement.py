@@ -176,7 +176,7 @@ def gradient_map_figure(
     """
     from matplotlib.figure import Figure
 
-    from .io.checkpoint import atomic_write
+    from .io.files import atomic_write
 
     count = images.shape[0]
     for name, maps in (("teacher_maps", teacher_maps), ("student_maps_before", student_maps_before),
@@ -201,7 +201,7 @@ def gradient_map_figure(
         axes[row][0].set_ylabel(label, fontsize=8)
     figure.subplots_adjust(left=0.06, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
     path = Path(path)
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda fh: figure.savefig(fh, format="png", dpi=100))
     return path
 
 
