@@ -91,6 +91,16 @@ def open_entry(path: str | Path, flags: int, mode: int = 0o666) -> int:
     return fd
 
 
+def refuse_links_under(directory: str | Path) -> None:
+    """Refuse, in one line naming it, the first symbolic link found in ``directory`` or below (links to
+    directories are not followed): a run directory holds only what jacplug wrote there."""
+    for root, dirs, names in os.walk(directory):
+        for name in sorted(dirs + names):
+            entry = os.path.join(root, name)
+            if os.path.islink(entry):
+                raise NotAFile(entry, "a symbolic link")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     """Replace ``path`` by a file holding ``data``, atomically and durably (see the module docstring)."""
     path = Path(path)

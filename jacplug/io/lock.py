@@ -16,6 +16,9 @@ could not be read by the run that is refused): Windows drops it when its handle 
 
 The lock file is opened through :func:`jacplug.io.files.open_entry`: never through a symbolic link (a
 link planted as ``.jacplug.lock`` would otherwise make the run truncate its target), refused in one line.
+Once it holds the lock, a run also refuses a directory with a symbolic link anywhere in it (a linked
+``metrics.jsonl``, checkpoint or ``config.json``), before it computes anything: the write path would refuse
+each such entry anyway, but only when the run reaches it, and an optional observer's refusal is a warning.
 
 Not the ``filelock`` package: its native locks rest on the same primitives and keep the same guarantees
 (recent versions also open the file without following links), but they do not name the holder in a
@@ -97,6 +100,11 @@ class RunDirLock:
             if self._same_file(fd):
                 break
             os.close(fd)  # a finishing holder removed the file between our open and flock: take the new one
+        try:
+            files.refuse_links_under(self.directory)
+        except UserError:
+            os.close(fd)
+            raise
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
             os.ftruncate(fd, 0)
