@@ -8,6 +8,7 @@ Tiny: ``test_resnet`` on the 8 px digits, one image per class, one step, an untr
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -190,13 +191,14 @@ def test_a_symlink_is_never_written_through(tmp_path):
 # through the operating system, in a subprocess
 
 
-DROP_DAC = """
-import ctypes, os, sys
-if os.geteuid() == 0:  # root writes into a read-only directory unless it gives up CAP_DAC_OVERRIDE
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-        assert libc.prctl(24, cap, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())  # PR_CAPBSET_DROP
-"""
+def without_dac_override():
+    """In the child before it runs Python: root writes into a read-only directory unless it gives up
+    CAP_DAC_OVERRIDE; dropped from the bounding set, the capability is gone after ``exec``."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "cannot drop CAP_DAC_OVERRIDE")
 
 
 def run_cli(*args: str, preexec=None) -> subprocess.CompletedProcess:
@@ -231,9 +233,7 @@ def test_a_read_only_directory_ends_the_run_in_one_line(teacher, reference, tmp_
     (run / LOCK_FILE).write_text("")  # a finished run's lock file: the directory is read-only, not the file
     run.chmod(0o555)
     try:
-        proc = subprocess.run([sys.executable, "-c", DROP_DAC + "from jacplug.cli.main import main\n"
-                               "sys.exit(main(sys.argv[1:]))", "train", *TINY, "--teacher-checkpoint", teacher,
-                               "--out", str(run)], capture_output=True, text=True, timeout=600)
+        proc = run_cli("--teacher-checkpoint", teacher, "--out", str(run), preexec=without_dac_override)
     finally:
         run.chmod(0o755)
     errors = error_lines(proc.stderr)
@@ -251,6 +251,12 @@ def test_a_read_only_directory_ends_the_run_in_one_line(teacher, reference, tmp_
 WITHOUT_FCNTL = """
 import ctypes, errno, os, sys, types
 sys.modules["fcntl"] = None  # as on Windows
+import matplotlib.pyplot, torch, timm  # what the run imports, before the stand-in below: a module that finds
+from jacplug.commands import train_run  # msvcrt takes the platform for Windows (subprocess, for one)
+from jacplug.cli.main import main
+from jacplug.io import lock
+assert lock.fcntl is None
+
 # msvcrt.locking, as Windows' C runtime does it, over the kernel's flock (Linux has no msvcrt)
 libc = ctypes.CDLL(None, use_errno=True)
 msvcrt = types.ModuleType("msvcrt")
@@ -261,10 +267,6 @@ def locking(fd, mode, nbytes):
         raise OSError(errno.EDEADLOCK, "Resource deadlock avoided")
 msvcrt.locking = locking
 sys.modules["msvcrt"] = msvcrt
-
-from jacplug.cli.main import main
-from jacplug.io import lock
-assert lock.fcntl is None
 held, free = sys.argv[1], sys.argv[2]
 with lock.RunDirLock(held):  # another descriptor: as another process, the second run is refused
     print("held:", main(["train", *sys.argv[3:], "--out", held]), flush=True)
