@@ -288,3 +288,76 @@ def test_the_run_lock_works_without_fcntl(teacher, tmp_path):
     refusal = [line for line in proc.stderr.splitlines() if "is in use by" in line]
     assert len(refusal) == 1 and f"another jacplug run (pid {pid} on host" in refusal[0], proc.stderr
     assert (free / "student_last.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# jacplug experiment: its records (jacplug/experiment/records.py), reports and the cells' metrics
+
+GRID = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--samples-per-class", "1",
+        "--methods", "kd", "--seeds", "1", "--steps", "1", "--batch-size", "10", "--device", "cpu", "--workers", "1",
+        "--agreement-images", "0"]
+CELL = "main-kd-n1-seed0"
+EXPERIMENT_WRITES = [(LOCK_FILE, True), ("experiment.json", True), ("cells/teacher.json", True),
+                     (f"cells/{CELL}/metrics.jsonl", False), (f"cells/{CELL}/metrics.jsonl", False),
+                     (f"cells/{CELL}.json", True), ("table.md", True), ("results.json", True)]
+
+
+def experiment(teacher: str, out: Path, *extra: str) -> int:
+    return main(["experiment", *GRID, "--teacher-checkpoint", teacher, "--out", str(out), *extra])
+
+
+def without_times(value):
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if not k.endswith("time_s") and k != "out"}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def experiment_reference(teacher, tmp_path_factory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("experiment") / "out"
+    written: list[str] = []
+    original = files.write_all
+
+    def counting(fd, data):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        name = path.name.removeprefix(".").rsplit(".", 2)[0] if path.name.endswith(files.TEMP_SUFFIX) else path.name
+        written.append(str(path.with_name(name).relative_to(out)))
+        original(fd, data)
+
+    files.write_all = counting
+    try:
+        assert experiment(teacher, out) == 0
+    finally:
+        files.write_all = original
+    return out, written
+
+
+def test_a_clean_experiment_writes_what_the_harness_injects(experiment_reference):
+    assert experiment_reference[1] == [name for name, _ in EXPERIMENT_WRITES]
+
+
+@pytest.mark.parametrize("n", range(1, len(EXPERIMENT_WRITES) + 1),
+                         ids=[f"{i + 1}-{name}" for i, (name, _) in enumerate(EXPERIMENT_WRITES)])
+def test_each_write_of_an_experiment_fails_in_turn(n, teacher, experiment_reference, tmp_path, monkeypatch, capsys):
+    name, essential = EXPERIMENT_WRITES[n - 1]
+    out = tmp_path / "out"
+    failing_at(monkeypatch, n, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    capsys.readouterr()
+    if essential:
+        rc = experiment(teacher, out)
+        errors = error_lines(capsys.readouterr().err)
+        assert rc == 2 and len(errors) == 1, errors
+        assert f"could not write {out / name}: {FULL}" in errors[0]
+        check_left_behind(out)
+        monkeypatch.undo()
+        assert experiment(teacher, out, "--resume", "auto") == 0, capsys.readouterr().err
+    else:
+        with pytest.warns(PluginWarning, match="metrics"):
+            assert experiment(teacher, out) == 0
+    check_left_behind(out)
+    expected = json.loads((experiment_reference[0] / "results.json").read_text())
+    assert without_times(json.loads((out / "results.json").read_text())) == without_times(expected)
+    steps = [r["step"] for r in read_metrics(out / "cells" / CELL) if r["kind"] == "step"]
+    assert steps == ([] if n == 4 else [1])  # a cell that ran again started its records afresh

@@ -69,10 +69,10 @@ class MetricsLog:
         append_text(self.path, json.dumps(record) + "\n")
 
     def start_afresh(self) -> None:
-        """Empty the file: an experiment cell that runs again (a retry, a resumed experiment) starts over from
+        """Remove the file: an experiment cell that runs again (a retry, a resumed experiment) starts over from
         step 0, so the records of its earlier attempt would otherwise precede a second step 1."""
         if self.enabled:
-            atomic_write_text(self.path, "")
+            self.path.unlink(missing_ok=True)  # a link is removed itself, never what it points at
 
 
 #: record fields that are positions or settings, not loss values
