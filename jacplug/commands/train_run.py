@@ -331,7 +331,7 @@ def _summary(config, run_dir, teacher_acc, teacher_source, position, last, start
         "final_losses": terms,
         "time_s": time.perf_counter() - started,
         "run_dir": str(run_dir),
-        # only files that exist: a run whose best score never improved on nothing has no best checkpoint
+        # only files that exist: a run whose evaluations have no score writes no best checkpoint
         "checkpoints": {role: str(path) for role, path in (("teacher", Path(teacher_file)),
                         ("student_best", run_dir / BEST_FILE), ("student_last", run_dir / LAST_FILE))
                         if path.is_file()},

@@ -104,7 +104,10 @@ def refuse_links_under(directory: str | Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
     """Replace ``path`` by a file holding ``data``, atomically and durably (see the module docstring)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteFailed(path, exc) from None
     _refuse_link(path)
     tmp, fd = _create_temp(path)
     try:
@@ -140,7 +143,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def append_text(path: str | Path, text: str) -> None:
     """Append ``text`` to ``path`` (created when missing) in one write; when it cannot be written whole, the
     file is cut back to its old length, so a reader never meets a torn line in the middle of the file."""
-    fd = open_entry(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        fd = open_entry(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as exc:
+        raise WriteFailed(path, exc) from None
     try:
         size = os.fstat(fd).st_size
         try:
@@ -201,6 +207,8 @@ def _refuse_link(path: str | Path) -> None:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise WriteFailed(path, exc) from None
     kind = "a symbolic link" if stat.S_ISLNK(mode) else _kind(mode)
     if kind:
         raise NotAFile(path, kind)
