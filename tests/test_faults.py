@@ -29,9 +29,12 @@ from jacplug.io.lock import LOCK_FILE
 from jacplug.registry import PluginWarning
 from jacplug.training.metrics import read_metrics
 
+#: the harness names files through /proc/self/fd and limits the OS through prctl and RLIMIT_FSIZE
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fault harness uses Linux's /proc and prctl")
+
 TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "10",
         "--seed", "0", "--device", "cpu", "--no-progress", "--samples-per-class", "1", "--epochs", "1",
-        "--agreement-images", "0", "--loss", "kd=1"]
+        "--agreement-images", "0", "--loss", "kd=1", "--no-check-gradients"]
 #: the writes of a clean run, in order: (file, essential)
 WRITES = [(LOCK_FILE, True), ("config.json", True), ("metrics.jsonl", False), ("metrics.jsonl", False),
           ("student_best.safetensors", True), ("student_last.safetensors", True), ("resume.safetensors", True),
@@ -159,6 +162,16 @@ def test_the_file_and_then_its_directory_are_synced_around_the_rename(tmp_path, 
     files.atomic_write_text(tmp_path / "config.json", "{}")
     inode, directory = (tmp_path / "config.json").stat().st_ino, tmp_path.stat().st_ino
     assert events == [("fsync", "file", inode), ("replace", inode), ("fsync", "dir", directory)]
+
+
+def test_a_write_never_touches_the_umask(tmp_path, monkeypatch):
+    def umask(mask):
+        raise AssertionError("the umask is process-wide: changing it races with every thread creating a file")
+
+    monkeypatch.setattr(os, "umask", umask)
+    files.atomic_write_text(tmp_path / "config.json", "{}")
+    files.append_text(tmp_path / "metrics.jsonl", "{}\n")
+    assert (tmp_path / "config.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("entry", ["metrics.jsonl", LOCK_FILE, "student_best.safetensors", "config.json"])
