@@ -79,7 +79,7 @@ def open_entry(path: str | Path, flags: int, mode: int = 0o666) -> int:
     try:
         fd = os.open(path, flags | NOFOLLOW | _BINARY, mode)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):  # EMLINK: FreeBSD's answer to O_NOFOLLOW on a link
             raise NotAFile(path, "a symbolic link") from None
         if exc.errno == errno.EISDIR:
             raise NotAFile(path, "a directory") from None
