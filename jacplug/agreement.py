@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import vjp
-from .io.checkpoint import atomic_write
+from .io.files import atomic_write
 from .losses.jacobian_terms import row_distance, unit_rows
 
 #: the norm floor of the ``jacobian`` loss term's unit rows (its ``eps`` default)
@@ -221,7 +221,7 @@ def gradient_map_figure(
                     fontsize=9, y=1 - 0.08 / height, va="top", wrap=True)
     figure.text(0.5, 0.08 / height, MAP_CAPTION, ha="center", va="bottom", fontsize=7, wrap=True)
     path = Path(path)
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda fh: figure.savefig(fh, format="png", dpi=100))
     return path
 
 

@@ -5,7 +5,9 @@ plugins use (:mod:`jacplug.hookspecs`) and are found through the same ``jacplug`
 path plugin authors rely on is exercised by every run. Loading, blocking (``JACPLUG_PLUGINS=a,b`` blocks every
 other entry point; an empty value blocks all) and distribution info are pluggy's own. What is added: one
 plugin's failure (an import error, a hook that does not exist, an exception in a hook) is reported with its
-name, distribution and version and the others go on, unless ``JACPLUG_STRICT_PLUGINS=1``. For that, hooks are
+name, distribution and version and the others go on, unless ``JACPLUG_STRICT_PLUGINS=1`` or the plugin was
+registered as essential (a run's checkpoint writer: a run that cannot write its checkpoints must fail, not
+finish with files missing that its resume state counts on). For that, hooks are
 called one plugin at a time through pluggy's own executor, in pluggy's order (``tryfirst``/``trylast``); a
 wrapper therefore wraps its own plugin's implementations.
 """
@@ -71,6 +73,8 @@ class PluginHost:
         self._load_entry_points = load_entry_points
         self._loaded = False
         self._registries: dict[str, NameTable] | None = None
+        #: plugins whose exceptions end the call instead of being reported and skipped
+        self.essential: set[str] = set()
 
     def load(self) -> None:
         """Load the entry-point plugins once, built-ins first (so their names are registered first)."""
@@ -95,12 +99,14 @@ class PluginHost:
                 continue
             self.plugins[name] = self._info(name)
 
-    def register(self, plugin: object, name: str | None = None) -> str:
+    def register(self, plugin: object, name: str | None = None, *, essential: bool = False) -> str:
         """Register a plugin object (module, class or instance with ``@hookimpl`` methods) in-process.
 
         Unlike an entry point, a plugin registered here is the caller's own code, so a plugin pluggy rejects
         (an unknown hook, an argument the hook does not have) raises ``pluggy.PluginValidationError`` at once.
         Cheap for a run's observers: names already collected stay, only this plugin's registrations are added.
+        An ``essential`` plugin is not isolated: an exception in its hooks propagates to the caller of
+        :meth:`notify`.
         """
         self.load()
         name = self.pm.register(plugin, name=name)
@@ -112,6 +118,8 @@ class PluginHost:
             self.pm.unregister(name=name)
             raise
         self.plugins[name] = self._info(name)
+        if essential:
+            self.essential.add(name)
         if self._registries is not None:
             self._collect_from(name, self._registries)
         return name
@@ -120,6 +128,7 @@ class PluginHost:
         """Forget a plugin: no registrations, no hook calls. The names it registered (and any it overrode)
         are collected again on the next read; a plugin that registered none costs nothing."""
         self.pm.unregister(name=name)
+        self.essential.discard(name)
         info = self.plugins.pop(name, None)
         if self.failed.pop(name, None) is not None:
             self.pm.unblock(name)
@@ -144,13 +153,16 @@ class PluginHost:
 
     def each(self, hook_name: str, /, **kwargs: Any) -> None:
         """Call ``hook_name`` on each plugin in pluggy's order (``tryfirst`` first, then the last registered),
-        one plugin at a time, so a plugin that raises is reported and the others still run."""
+        one plugin at a time, so a plugin that raises is reported and the others still run; an essential
+        plugin's exception propagates, and the plugins after it are not called."""
         self.load()
         impls = getattr(self.pm.hook, hook_name).get_hookimpls()
         for name in dict.fromkeys(impl.plugin_name for impl in reversed(impls)):
             try:
                 self._call(hook_name, name, **kwargs)
             except Exception as exc:
+                if name in self.essential:
+                    raise
                 self._fail(self.plugins.get(name) or PluginInfo(name), f"in {hook_name}", exc)
 
     def _call(self, hook_name: str, plugin: str, /, **kwargs: Any) -> None:

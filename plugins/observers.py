@@ -1,6 +1,6 @@
 """Built-in run observers: the metrics file, the progress display, the student's checkpoints and the curves
 plot. They register through ``register_observers`` exactly as a third-party observer does; a run switches off
-any but the checkpoint writer with ``--log-off NAME``."""
+any but the checkpoint writer with ``--log-off NAME``. Every file they write goes through :mod:`jacplug.io.files`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ class MetricsFile:
             directory.mkdir(parents=True, exist_ok=True)
             self.logs[phase.name] = MetricsLog(directory)
         return self.logs[phase.name]
+
+    @hookimpl
+    def on_train_start(self, phase):
+        if phase.kind == "cell":  # a cell always runs whole (again, when retried or resumed): no old records
+            self._log(phase).start_afresh()
 
     @hookimpl
     def on_step_end(self, phase, step, metrics):
@@ -80,7 +85,10 @@ class ProgressDisplay:
 
 class CheckpointWriter:
     """``student_best.safetensors`` and ``student_last.safetensors`` with the model's name, classes, input
-    shape, normalisation, configuration and scores; written first, so observers after it can read them."""
+    shape, normalisation, configuration and scores; written first, so observers after it can read them.
+
+    Essential: a file it cannot write ends the run with one line naming it (see :mod:`jacplug.training.observers`),
+    before the resume state is saved, so ``--resume`` redoes the evaluation and writes it again."""
 
     @hookimpl(tryfirst=True)
     def on_checkpoint(self, run, phase, metrics, files):

@@ -171,13 +171,14 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, capsys
 
 KILLED_MID_WRITE = """
 import os, signal, sys
-from jacplug.io.checkpoint import atomic_write
+from jacplug.io import files
 
-def write(tmp):
-    open(tmp, "wb").write(b"x" * 1000)
+def write_all(fd, data):
+    os.write(fd, b"x" * 1000)
     os.kill(os.getpid(), signal.SIGKILL)
 
-atomic_write(sys.argv[1], write)
+files.write_all = write_all
+files.atomic_write_bytes(sys.argv[1], b"a whole file")
 """
 
 

@@ -13,11 +13,14 @@ import pytest
 import jacplug
 import jacplug_plugins
 from jacplug.errors import DetachedLossError, UnknownNameError, UserError
+from jacplug.io.files import NotAFile, WriteFailed
 
 #: constructor arguments of the errors whose constructor is not Exception's (message -> error)
 SPECIAL = {
     UnknownNameError: ("model", "resnet5O", ["resnet50", "resnet18"], "a hint"),
     DetachedLossError: (["jacobian", "fitnet"], "a detail"),
+    WriteFailed: ("run/config.json", OSError(27, "File too large")),
+    NotAFile: ("run/metrics.jsonl", "a symbolic link"),
 }
 
 

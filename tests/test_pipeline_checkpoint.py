@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from jacplug.errors import UserError
+from jacplug.io.files import atomic_write, remove_stale_temp_files
 from jacplug.io.checkpoint import (
-    atomic_write, load_weights, load_resume, remove_stale_temp_files, save_model, save_resume,
+    load_weights, load_resume, save_model, save_resume,
 )
 from jacplug.training.teacher import cosine_schedule
 
@@ -47,8 +48,8 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "f.safetensors"
     target.write_text("old")
 
-    def broken(tmp):
-        open(tmp, "w").write("half")
+    def broken(fh):
+        fh.write(b"half")
         raise KeyboardInterrupt  # killed mid-write
 
     with pytest.raises(KeyboardInterrupt):
@@ -118,7 +119,7 @@ def test_checkpoints_get_the_mode_of_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         save_model(tmp_path / "m.safetensors", model(), role="teacher", **META)
-        atomic_write(tmp_path / "t.txt", lambda tmp: open(tmp, "w").write("x"))
+        atomic_write(tmp_path / "t.txt", lambda fh: fh.write(b"x"))
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "m.safetensors").stat().st_mode) == 0o644
@@ -127,13 +128,14 @@ def test_checkpoints_get_the_mode_of_the_umask(tmp_path):
 
 KILLED_MID_WRITE = """
 import os, signal, sys
-from jacplug.io.checkpoint import atomic_write
+from jacplug.io import files
 
-def write(tmp):
-    open(tmp, "wb").write(b"half a checkpoint")
+def write_all(fd, data):
+    os.write(fd, b"half a checkpoint")
     os.kill(os.getpid(), signal.SIGKILL)
 
-atomic_write(sys.argv[1], write)
+files.write_all = write_all
+files.atomic_write_bytes(sys.argv[1], b"a whole checkpoint")
 """
 
 

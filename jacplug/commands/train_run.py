@@ -48,7 +48,8 @@ from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..events import Phase
 from ..training import teacher_cache
-from ..io.checkpoint import atomic_write_text, load_weights, load_resume, remove_stale_temp_files, save_resume
+from ..io.checkpoint import load_weights, load_resume, save_resume
+from ..io.files import atomic_write_text, remove_stale_temp_files
 from ..training.config import TrainConfig, run_record
 from ..data.datasets import DatasetSplits, Indexed, few_sample_subset
 from ..training.runtime import Runtime, barrier, distribute, init_runtime, shutdown
@@ -340,6 +341,8 @@ def _summary(config, run_dir, teacher_acc, teacher_source, position, last, start
         "dropped_images": list(splits.dropped_images),
         "time_s": time.perf_counter() - started,
         "run_dir": str(run_dir),
-        "checkpoints": {"teacher": teacher_file, "student_best": str(run_dir / BEST_FILE),
-                        "student_last": str(run_dir / LAST_FILE)},
+        # only files that exist: a run whose evaluations have no score writes no best checkpoint
+        "checkpoints": {role: str(path) for role, path in (("teacher", Path(teacher_file)),
+                        ("student_best", run_dir / BEST_FILE), ("student_last", run_dir / LAST_FILE))
+                        if path.is_file()},
     }

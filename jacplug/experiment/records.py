@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..io.checkpoint import atomic_write_text, remove_stale_temp_files
+from ..io.files import atomic_write_text, remove_stale_temp_files
 from .config import ExperimentConfig, RunSpec
 from .report import RESULTS_JSON
 

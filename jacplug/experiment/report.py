@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..io.checkpoint import atomic_write, atomic_write_text
+from ..io.files import atomic_write, atomic_write_text
 from .methods import METHODS
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def _save(fig: Figure, ax: Axes, path: Path, title: str, xlabel: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    atomic_write(path, lambda fh: fig.savefig(fh, dpi=120, format="png"))
 
 
 def plot_results(summary: dict[str, dict[str, dict[str, float]]], sizes: list[str], full_per_class: float, path: Path,

@@ -16,79 +16,30 @@ the loss module (adapters), the optimizer's tensors and the RNG states as tensor
 metadata the optimizer's param groups and scalars, the scheduler, and the position (epoch, batches
 consumed, global step, best accuracy). Nothing is ever unpickled.
 
-Every write goes to a temporary file in the target directory, is fsync-ed, then ``os.replace``-d
-into place, so a run killed at any instant leaves the old or the new file, never a torn one.
+Every file is written through :mod:`.files`: whole or not at all, never through a link, and a failed
+write is a one-line error naming the file.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from .._version import __version__
 from ..errors import UserError
+from .files import atomic_write_bytes
 
 MODEL_FORMAT = "jacplug-model/1"
 #: what a checkpoint records when its writer gives no preprocessing: bilinear (the digits' upsampling)
 #: and no crop (CIFAR and image folders pass the student's timm data configuration instead)
 INTERPOLATION, CROP_PCT = "bilinear", 1.0
 RESUME_FORMAT = "jacplug-resume/1"
-
-
-TEMP_SUFFIX = ".jacplug-tmp"  # names no other tool picks, so stale ones can be removed safely
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` (same directory, so the rename is atomic).
-
-    The file gets the mode a plain ``open`` would give it (``0666`` less the umask). The mode is
-    set after ``write``, because writers such as safetensors' ``save_file`` replace the file
-    rather than write into it, which would undo an earlier ``chmod``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def remove_stale_temp_files(directory: str | Path) -> list[Path]:
-    """Delete the temporary files that :func:`atomic_write` left in ``directory`` when its process was
-    killed mid-write (a checkpoint's can be as large as the model); returns what was removed.
-
-    Call it only while holding the directory's run lock (:mod:`.lock`), so no live writer owns them.
-    """
-    removed = []
-    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _plain_state(module: nn.Module) -> dict[str, Tensor]:
@@ -133,7 +84,7 @@ def save_model(
                                                      crop_mode)),
     }
     state = _plain_state(model)
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write_bytes(path, save(state, metadata=metadata))
 
 
 def pretrained_cfg(
@@ -335,7 +286,7 @@ def save_resume(
         "config": json.dumps(config, sort_keys=True),
         "jacplug_version": __version__,
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def load_resume(

@@ -10,17 +10,28 @@ The lock is taken without waiting: a second ``jacplug train --out DIR`` (or ``--
 first still runs is refused with one line naming the holder. A run that created the directory and
 ends before writing anything into it (say, an unknown model name) removes the directory again.
 
-Not the ``filelock`` package: it locks, but does not name the holder in the refusal, nor remove a
-directory the run created and never used, which are the two things users see here.
+Where ``fcntl`` does not exist (Windows) the same guarantees come from the platform's own primitive,
+``msvcrt.locking`` on one byte far past the holder's record (Windows locks are mandatory: a locked record
+could not be read by the run that is refused): Windows drops it when its handle closes or its process ends.
 
-Limits: ``flock`` needs a POSIX system; on network file systems it is only as good as the server's
-lock support (NFSv4 on Linux honours it across clients).
+The lock file is opened through :func:`jacplug.io.files.open_entry`: never through a symbolic link (a
+link planted as ``.jacplug.lock`` would otherwise make the run truncate its target), refused in one line.
+Once it holds the lock, a run also refuses a directory with a symbolic link anywhere in it (a linked
+``metrics.jsonl``, checkpoint or ``config.json``), before it computes anything: the write path would refuse
+each such entry anyway, but only when the run reaches it, and an optional observer's refusal is a warning.
+
+Not the ``filelock`` package: its native locks rest on the same primitives and keep the same guarantees
+(recent versions also open the file without following links), but they do not name the holder in a
+refusal (only its soft, pid-file fallback records one) and do not remove a directory the run created and
+never used, which are what users see here; the primitive itself is :func:`_try_lock`'s few lines.
+
+Limits: on network file systems a lock is only as good as the server's lock support (NFSv4 on Linux
+honours ``flock`` across clients).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -28,8 +39,16 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
+from . import files
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt.locking instead
+    fcntl = None
 
 LOCK_FILE = ".jacplug.lock"
+#: where ``msvcrt.locking`` locks its byte: past any holder's record, which stays readable
+MSVCRT_LOCK_OFFSET = 1 << 20
 #: attempts when the directory vanishes between its creation and the lock file's: a race with a finishing
 #: holder is lost a few times at most
 VANISHED_RETRIES = 20
@@ -68,11 +87,12 @@ class RunDirLock:
             except OSError as exc:
                 raise UserError(f"cannot use {str(self.directory)!r} as the run directory ({exc.strerror})") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
+                taken = _try_lock(fd)
+            except BaseException:
                 os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
+                raise
+            if not taken:
+                os.close(fd)
                 raise RunDirBusy(
                     f"run directory {str(self.directory)!r} is in use by {self._holder()}; wait for that run "
                     "to finish (or stop it), or choose another --out"
@@ -80,9 +100,19 @@ class RunDirLock:
             if self._same_file(fd):
                 break
             os.close(fd)  # a finishing holder removed the file between our open and flock: take the new one
-        os.ftruncate(fd, 0)
+        try:
+            files.refuse_links_under(self.directory)
+        except UserError:
+            os.close(fd)
+            raise
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.write(fd, json.dumps(holder).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            files.write_all(fd, json.dumps(holder).encode())
+        except OSError as exc:
+            os.close(fd)
+            raise files.WriteFailed(self.path, exc) from None
         self._fd = fd
         return self
 
@@ -90,7 +120,7 @@ class RunDirLock:
         if not self.directory.exists():
             self._created = True
             self.directory.mkdir(parents=True, exist_ok=True)
-        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        return files.open_entry(self.path, os.O_RDWR | os.O_CREAT)
 
     def __exit__(self, *exc_info: object) -> None:
         fd, self._fd = self._fd, None
@@ -123,3 +153,28 @@ class RunDirLock:
             return f"another jacplug run (pid {info['pid']} on host {info['host']}, since {info['since']})"
         except (OSError, ValueError, KeyError, TypeError):
             return "another jacplug run"
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock on ``fd`` without waiting: True when taken, False when another process holds it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+    try:
+        import msvcrt
+    except ImportError:
+        raise UserError("the run directory cannot be locked on this platform (it has neither fcntl nor msvcrt); "
+                        "run jacplug on Linux, macOS or Windows") from None
+    os.lseek(fd, MSVCRT_LOCK_OFFSET, os.SEEK_SET)
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EDEADLOCK):
+            return False
+        raise
+    return True

@@ -2,9 +2,10 @@
 
 Step records: ``{"kind": "step", "step", "epoch", "images", "loss", <term>..., "lr"}``; evaluation
 records: ``{"kind": "epoch", "epoch", "step", "images", "train_loss", <term>..., "val_acc", "test_acc",
-"time_s"}``; teacher records use ``"kind": "teacher_epoch"``. Lines are appended and flushed one at
-a time; a reader skips a torn last line (a run killed mid-write), and ``--resume`` drops records past the
-resumed step so no step is counted twice.
+"time_s"}``; teacher records use ``"kind": "teacher_epoch"``. Lines are appended one write at a time
+through :mod:`jacplug.io.files` (a line that cannot be written whole is cut off again; the file is never
+followed through a link); a reader skips a torn last line (a run killed mid-write), and ``--resume`` drops
+records past the resumed step so no step is counted twice.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from ..io.checkpoint import atomic_write, atomic_write_text
+from ..io.files import WriteFailed, append_text, atomic_write, atomic_write_text, describe
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -69,9 +70,13 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        append_text(self.path, json.dumps(record) + "\n")
+
+    def start_afresh(self) -> None:
+        """Remove the file: an experiment cell that runs again (a retry, a resumed experiment) starts over from
+        step 0, so the records of its earlier attempt would otherwise precede a second step 1."""
+        if self.enabled:
+            self.path.unlink(missing_ok=True)  # a link is removed itself, never what it points at
 
 
 #: record fields that are positions or settings, not loss values
@@ -170,7 +175,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     figure = curves_figure(records)
     target = Path(out) if out else run_dir / PLOT
     try:
-        atomic_write(target, lambda tmp: figure.savefig(tmp, format="png"))
-    except OSError as exc:
-        raise UserError(f"cannot write the plot to {str(target)!r} ({exc.strerror or exc}); choose another --out") from None
+        atomic_write(target, lambda fh: figure.savefig(fh, format="png"))
+    except WriteFailed as exc:
+        raise UserError(f"cannot write the plot to {str(target)!r} ({describe(exc.reason)}); choose another --out") from None
     return target

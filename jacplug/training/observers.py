@@ -6,6 +6,10 @@ through ``register_observers`` (the built-in ones in ``jacplug_plugins.observers
 party registers). :func:`observing` builds the observers a configuration asks for (the defaults, less
 ``--log-off NAME``, plus ``--log NAME[:KEY=VALUE,...]``), registers them on the plugin host for the run, and
 removes them afterwards; module-level plugins that implement lifecycle hooks receive the events too.
+
+An observer registered as ``essential`` (the checkpoint writer) is not isolated: its exception (a checkpoint
+that cannot be written) ends the run, so the run never reports files it does not have and its resume state
+never counts on them. The others are optional: their exceptions are warnings naming the plugin.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def observing(log: Sequence[str] = (), log_off: Sequence[str] = (), *, enabled: 
                 observer = registry.create(name, **options)
             except TypeError as exc:
                 raise UserError(f"--log {name}: {exc}") from None
-            registered.append(host.register(observer, name=f"{name}-observer-{run_id}"))
+            essential = bool(registry.get(name).metadata.get("essential"))
+            registered.append(host.register(observer, name=f"{name}-observer-{run_id}", essential=essential))
         yield registered
     finally:
         for name in registered:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -43,7 +43,7 @@ from ..losses.base import DistillBatch
 from ..losses.composite import WeightedLoss
 from ..losses.teacher_rows import CACHE_JACOBIAN_ROWS, CACHE_ROWS
 from ..outputs import at_least_float32, logits_of
-from ..io.checkpoint import atomic_write
+from ..io.files import atomic_write_bytes
 from ..data.datasets import Indexed
 from .runtime import Runtime
 from .progress import progress
@@ -141,7 +141,7 @@ def build_cache(
     if row_terms:
         tensors[CACHE_ROWS] = torch.cat(rows_parts).contiguous()
         tensors[CACHE_JACOBIAN_ROWS] = torch.cat(jac_parts).contiguous()
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fingerprint": key}))
+    atomic_write_bytes(path, save(tensors, metadata={"fingerprint": key}))
 
 
 class TeacherCache:

@@ -154,12 +154,12 @@ def run(config: dict, device: str = "cpu", max_steps: int | None = None, on_step
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
     """Weights as safetensors (string ``metadata``), written to a temporary name and renamed into place."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from jacplug.io.checkpoint import atomic_write
+    from jacplug.io.files import atomic_write_bytes
 
     state = {k: v.detach().contiguous().cpu() for k, v in getattr(model, "module", model).state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write_bytes(path, save(state, metadata=metadata))
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
