@@ -138,6 +138,8 @@ class Pair(nn.Module):
 
 
 def test_a_bad_loss_spec_and_an_output_without_logits_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="teacher_model= takes the teacher as an nn.Module.*got str 'resnet18'"):
+        JacobianDistillationTrainer(model=vit_student(), teacher_model="resnet18", args=arguments(tmp_path))
     with pytest.raises(UserError, match="did you mean 'jacobian'"):
         JacobianDistillationTrainer(model=vit_student(), teacher_model=teacher(), loss=["kd=1", "jacobain=1"],
                                     args=arguments(tmp_path), train_dataset=Images())

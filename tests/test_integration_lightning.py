@@ -169,9 +169,15 @@ def test_a_fitnet_loss_object_must_be_passed_again_to_load_and_then_restores_its
     assert torch.equal(loaded.state_dict()[adapter], module.state_dict()[adapter])
 
 
-def test_a_teacher_name_without_its_classes_is_one_line():
+def test_a_teacher_name_without_its_classes_and_other_bad_arguments_are_one_line():
     with pytest.raises(UserError, match=r"teacher='test_resnet'.*num_classes.*teacher_kwargs="):
         DistillationModule("test_resnet", "test_resnet", ["kd=1"], student_kwargs={"num_classes": 4})
+    with pytest.raises(UserError, match=r"student_kwargs=.*unexpected keyword argument 'bogus'"):
+        DistillationModule("test_resnet", "test_resnet", student_kwargs={"num_classes": 4, "bogus": 1},
+                           teacher_kwargs={"num_classes": 4})
+    with pytest.raises(UserError, match=r"input_key= names a batch dict's key, a str; got int 3"):
+        DistillationModule(timm.create_model("test_resnet", num_classes=4),
+                           timm.create_model("test_resnet", num_classes=4), input_key=3)
 
 
 class _RunsCode:

@@ -246,6 +246,12 @@ def test_the_kd_and_criterion_baselines_run_through_the_task_by_one_rule():
 def test_bad_inputs_to_the_task_are_one_line_each(tmp_path):
     with pytest.raises(UserError, match="device='bogus' is not a device of this machine"):
         JacobianDistillationTask(student("cnn"), teacher(), device="bogus", verbose=False)
+    with pytest.raises(UserError, match="student_model= takes the student as an nn.Module"):
+        JacobianDistillationTask("resnet18", teacher(), verbose=False)
+    with pytest.raises(UserError, match="teacher_model= takes a timm model name.*got int 5"):
+        JacobianDistillationTask(student("cnn"), 5, verbose=False)
+    with pytest.raises(UserError, match="dtype='float32': pass a floating torch.dtype"):
+        JacobianDistillationTask(student("cnn"), teacher(), dtype="float32", verbose=False)
     with pytest.raises(UserError, match="criterion='ce': pass the loss module itself"):
         JacobianDistillationTask(student("cnn"), teacher(), criterion="ce", verbose=False)
     with pytest.raises(UserError, match="teacher_pretrained_path=.*missing.pth.*no such file"):

@@ -19,7 +19,6 @@ file, loadable into the bare model.
 
 from __future__ import annotations
 
-import inspect
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -84,6 +83,9 @@ class DistillationModule(L.LightningModule):
         teacher_input: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
+        for name, key in (("input_key", input_key), ("label_key", label_key)):
+            if not isinstance(key, str):
+                raise UserError(f"{name}= names a batch dict's key, a str; got {type(key).__name__} {key!r}")
         for name, factory, example in (("optimizer", optimizer, "functools.partial(torch.optim.SGD, lr=0.1)"),
                                        ("lr_scheduler", lr_scheduler,
                                         "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10)")):
@@ -223,13 +225,12 @@ def _model(model: nn.Module | str | Path, kwargs: Mapping[str, Any] | None, role
 
         return load_model(model)
     if isinstance(model, str):
-        from ..registry import registry
+        from ..registry import create_model
 
-        entry, kwargs = registry("models").get(model), dict(kwargs or {})
-        try:  # the factory's own arguments, checked before it runs (a timm name needs num_classes)
-            inspect.signature(entry.factory).bind(*([model] if entry.is_pattern else []), **kwargs)
+        kwargs = dict(kwargs or {})
+        try:  # a missing or unknown keyword (a timm name needs num_classes) is the caller's, not the model's
+            return create_model(model, **kwargs)
         except TypeError as exc:
             raise UserError(f"{role}={model!r} with {role}_kwargs={kwargs}: {exc}; e.g. "
                             f"{role}_kwargs={{'num_classes': 10}}") from None
-        return registry("models").create(model, **kwargs)
     raise UserError(f"{role}= takes a module, a model name or a jacplug checkpoint's path, got {type(model).__name__}")

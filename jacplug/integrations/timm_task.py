@@ -175,6 +175,15 @@ class JacobianDistillationTask(TrainingTask):
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
     ) -> None:
+        if not isinstance(student_model, nn.Module):
+            raise UserError(f"student_model= takes the student as an nn.Module (train.py's model), got "
+                            f"{type(student_model).__name__} {student_model!r}")
+        if not isinstance(teacher_model, (str, Path, nn.Module, DistillationTeacher)):
+            raise UserError(f"teacher_model= takes a timm model name, a jacplug checkpoint's path, an nn.Module or a "
+                            f"DistillationTeacher, got {type(teacher_model).__name__} {teacher_model!r}")
+        teacher_model = str(teacher_model) if isinstance(teacher_model, Path) else teacher_model
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise UserError(f"dtype={dtype!r}: pass a floating torch.dtype, e.g. torch.float32 or torch.bfloat16")
         super().__init__(device=_device(device), dtype=dtype, verbose=verbose)
         if loss_type != "kl":
             raise UserError(f"loss_type={loss_type!r}: JacobianDistillationTask distils logits with 'kl' (as timm's "
@@ -198,7 +207,7 @@ class JacobianDistillationTask(TrainingTask):
         self.temperature = temperature
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
         student = unwrap_model(student_model)
-        if isinstance(teacher_model, (str, Path)) and Path(teacher_model).suffix == ".safetensors":
+        if isinstance(teacher_model, str) and Path(teacher_model).suffix == ".safetensors":
             teacher_model = _jacplug_checkpoint(teacher_model)
         if isinstance(teacher_model, str):  # a timm name: built with pretrained weights, sized like the student
             teacher = DistillationTeacher(teacher_model, num_classes=student.num_classes,
