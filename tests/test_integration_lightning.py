@@ -134,10 +134,15 @@ def test_a_module_built_from_modules_loads_back_with_them_passed_again(tmp_path)
 
 
 def test_model_checkpoint_monitors_the_documented_name_and_writes_a_checkpoint(tmp_path):
-    """docs/integrations.md: each term under ``train/<term>``, the total under ``train/loss``."""
+    """docs/integrations.md: each term under ``train/<term>``, the total under ``train/loss``; the
+    checkpoint, whose teacher is a ``jacplug train`` checkpoint's path, loads with ``weights_only``."""
+    from jacplug.io.checkpoint import save_model
+
     torch.manual_seed(0)
-    module = DistillationModule("test_resnet", "test_resnet", ["kd=1", "jacobian=1"],
-                                student_kwargs={"num_classes": 4}, teacher_kwargs={"num_classes": 4})
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_model(teacher_path, timm.create_model("test_resnet", num_classes=4), role="teacher", name="test_resnet",
+               num_classes=4, input_shape=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, config={})
+    module = DistillationModule("test_resnet", teacher_path, ["kd=1", "jacobian=1"], student_kwargs={"num_classes": 4})
     watch = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="train/loss", mode="min")
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, callbacks=[watch],
                         enable_progress_bar=False, enable_model_summary=False)
@@ -145,6 +150,8 @@ def test_model_checkpoint_monitors_the_documented_name_and_writes_a_checkpoint(t
     assert {"train/loss", "train/kd", "train/jacobian"} <= set(trainer.callback_metrics)
     assert watch.best_model_path and Path(watch.best_model_path).is_file()
     assert torch.isfinite(watch.best_model_score)
+    assert student_state_dict(watch.best_model_path).keys() == module.student_state_dict().keys()
+    assert DistillationModule.load_from_checkpoint(watch.best_model_path).hparams.teacher == str(teacher_path)
 
 
 def test_a_fitnet_loss_object_must_be_passed_again_to_load_and_then_restores_its_adapter(tmp_path):

@@ -96,6 +96,9 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters(ignore=[key for key, value in (("student", student), ("teacher", teacher),
                                                                 ("loss", loss)) if not _recordable(value)]
                                   + ["optimizer", "lr_scheduler", "teacher_input"])
+        for key in ("student", "teacher"):  # a path as text: a checkpoint's hyperparameters stay plain for weights_only
+            if isinstance(self.hparams.get(key), Path):
+                self.hparams[key] = str(self.hparams[key])
         # whether a checkpoint can rebuild the loss: it records the loss only when given as names
         self._loss_recorded, self._loss_given = _recordable(loss), loss is not None
         student = _model(student, student_kwargs, "student")
