@@ -284,8 +284,11 @@ def feature_map(model: nn.Module, name: str, output: Any, input_size: Sequence[i
       recognised by its token count) are dropped and the rest are laid out row by row on the patch
       grid: ``model.patch_embed.dynamic_feat_size(input_size)`` for ``dynamic_img_size`` models,
       else ``model.patch_embed.grid_size``, else ``input_size`` divided by the module's ``reduction``
-      in ``model.feature_info``. ``input_size`` is the ``(H, W)`` of the model's input
-      (:class:`FeatureTap` records it at every forward).
+      in ``model.feature_info``. A ``transformers`` model (ViT, DeiT, ...) states its grid in its
+      config (``input_size`` or ``config.image_size`` over ``config.patch_size``) and its prefix
+      tokens as its embeddings' ``cls_token``, ``distillation_token`` and ``register_tokens``.
+      ``input_size`` is the ``(H, W)`` of the model's input (:class:`FeatureTap` records it at
+      every forward).
 
     Anything else raises :class:`FeatureTapError` (timm's ``forward_intermediates`` returns maps for
     every timm model; see :func:`forward_intermediates`).
@@ -310,7 +313,7 @@ def feature_map(model: nn.Module, name: str, output: Any, input_size: Sequence[i
     if output.dim() != 3:
         return output
     batch, tokens, dim = output.shape
-    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    prefix = _prefix_tokens(model)
     grids = _token_grids(model, info.get(name), input_size)
     for rows, columns in grids:
         for skip in dict.fromkeys((prefix, 0)):
@@ -340,7 +343,34 @@ def _token_grids(model: nn.Module, entry: dict | None, input_size: Sequence[int]
     if input_size is not None and entry is not None and entry.get("reduction"):
         r = int(entry["reduction"])
         grids += [(input_size[0] // r, input_size[1] // r), (-(-input_size[0] // r), -(-input_size[1] // r))]
+    config = getattr(model, "config", None)  # a transformers model's configuration
+    patch = getattr(config, "patch_size", None)
+    if patch is not None:
+        rows, columns = _pair(patch)
+        image = getattr(config, "image_size", None)
+        for size in (input_size, None if image is None else _pair(image)):
+            if size is not None:
+                grids.append((int(size[0]) // rows, int(size[1]) // columns))
     return list(dict.fromkeys(grids))
+
+
+#: the parameters a transformers vision transformer's embeddings put before the patch tokens
+_PREFIX_PARAMETERS = frozenset({"cls_token", "distillation_token", "register_tokens"})
+
+
+def _prefix_tokens(model: nn.Module) -> int:
+    """The tokens before the patches: timm's ``num_prefix_tokens``; for a model without it (a
+    ``transformers`` one, which states a ``config``), its ``[1, n, D]`` class, distillation and
+    register token parameters."""
+    declared = getattr(model, "num_prefix_tokens", None)
+    if declared is not None or getattr(model, "config", None) is None:
+        return int(declared or 0)
+    return sum(int(p.shape[1]) for n, p in model.named_parameters()
+               if p.dim() == 3 and n.rpartition(".")[2] in _PREFIX_PARAMETERS)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def _is_compiled(model: nn.Module) -> bool:

@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 pytest.importorskip("transformers")  # installed by `make test` ([huggingface] extra)
-from transformers import TrainingArguments, ViTConfig, ViTForImageClassification  # noqa: E402
+from transformers import (  # noqa: E402
+    ResNetConfig, ResNetForImageClassification, TrainingArguments, ViTConfig, ViTForImageClassification)
 
 from jacplug import UserError  # noqa: E402
 from jacplug.integrations.hf_trainer import JacobianDistillationTrainer  # noqa: E402
-from jacplug.losses import FitNetLoss, JacobianLoss, KDLoss, WeightedLoss  # noqa: E402
+from jacplug.features import FeatureTap  # noqa: E402
+from jacplug.losses import AttentionTransferLoss, FitNetLoss, JacobianLoss, KDLoss, WeightedLoss  # noqa: E402
 
 SIZE, CLASSES = 16, 4
 
@@ -82,6 +84,40 @@ def test_a_timm_cnn_student_trains_with_an_adapter_and_evaluates(tmp_path):
     assert metrics["eval_loss"] > 0
 
 
+def resnet_student() -> ResNetForImageClassification:
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                          num_labels=CLASSES)
+    return ResNetForImageClassification(config)
+
+
+def test_a_vit_students_tokens_become_the_patch_grid_its_config_declares():
+    """A transformers ViT has no ``num_prefix_tokens`` nor ``patch_embed``: its config's patch grid and
+    its class token lay the ``[B, 1 + 4, D]`` tokens out as a ``[B, D, 2, 2]`` map, without the class token."""
+    student = vit_student()
+    with FeatureTap(student, ["vit.layers.0"]) as tap:
+        student(torch.randn(2, 3, SIZE, SIZE))
+        tokens, (mapped,) = tap.features()["vit.layers.0"], tap.maps().values()
+    assert tokens.shape == (2, 5, 24) and mapped.shape == (2, 24, 2, 2)
+    torch.testing.assert_close(mapped, tokens[:, 1:].transpose(1, 2).reshape(2, 24, 2, 2))
+
+
+@pytest.mark.parametrize("make, layer, channels", [(vit_student, "vit.layers.0", 24),
+                                                   (resnet_student, "resnet.encoder.stages.0", 8)])
+def test_fitnet_and_attention_transfer_train_a_transformers_vit_and_cnn(tmp_path, make, layer, channels):
+    student, frozen = make(), teacher()
+    fitnet = FitNetLoss({layer: "layer1"}, {layer: (32, channels)})
+    loss = WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (fitnet, 1.0),
+                         "attention": (AttentionTransferLoss({layer: "layer1"}), 1.0)})
+    adapter = next(fitnet.parameters()).detach().clone()
+    trainer = JacobianDistillationTrainer(model=student, teacher_model=frozen, loss=loss, train_dataset=Images(),
+                                          args=arguments(tmp_path))
+    trainer.train()  # the first step's check: every term reaches the student
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(entry["fitnet"] > 0 and entry["attention"] > 0 for entry in logged)
+    assert not torch.equal(adapter, next(fitnet.parameters()))
+
+
 def test_a_batch_without_the_images_is_one_line(tmp_path):
     torch.manual_seed(0)
     trainer = JacobianDistillationTrainer(model=timm.create_model("test_resnet", num_classes=CLASSES),
@@ -102,6 +138,8 @@ class Pair(nn.Module):
 
 
 def test_a_bad_loss_spec_and_an_output_without_logits_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="teacher_model= takes the teacher as an nn.Module.*got str 'resnet18'"):
+        JacobianDistillationTrainer(model=vit_student(), teacher_model="resnet18", args=arguments(tmp_path))
     with pytest.raises(UserError, match="did you mean 'jacobian'"):
         JacobianDistillationTrainer(model=vit_student(), teacher_model=teacher(), loss=["kd=1", "jacobain=1"],
                                     args=arguments(tmp_path), train_dataset=Images())

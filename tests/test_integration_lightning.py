@@ -131,3 +131,77 @@ def test_a_module_built_from_modules_loads_back_with_them_passed_again(tmp_path)
     again = DistillationModule.load_from_checkpoint(path, student=timm.create_model("test_resnet", num_classes=4),
                                                     teacher=timm.create_model("test_resnet", num_classes=4))
     assert all(torch.equal(a, b) for a, b in zip(again.student.parameters(), module.student.parameters(), strict=True))
+
+
+def test_model_checkpoint_monitors_the_documented_name_and_writes_a_checkpoint(tmp_path):
+    """docs/integrations.md: each term under ``train/<term>``, the total under ``train/loss``; the
+    checkpoint, whose teacher is a ``jacplug train`` checkpoint's path, loads with ``weights_only``."""
+    from jacplug.io.checkpoint import save_model
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "teacher.safetensors"
+    save_model(teacher_path, timm.create_model("test_resnet", num_classes=4), role="teacher", name="test_resnet",
+               num_classes=4, input_shape=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, config={})
+    module = DistillationModule("test_resnet", teacher_path, ["kd=1", "jacobian=1"], student_kwargs={"num_classes": 4})
+    watch = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="train/loss", mode="min")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, callbacks=[watch],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(Images(4), batch_size=2))
+    assert {"train/loss", "train/kd", "train/jacobian"} <= set(trainer.callback_metrics)
+    assert watch.best_model_path and Path(watch.best_model_path).is_file()
+    assert torch.isfinite(watch.best_model_score)
+    assert student_state_dict(watch.best_model_path).keys() == module.student_state_dict().keys()
+    assert DistillationModule.load_from_checkpoint(watch.best_model_path).hparams.teacher == str(teacher_path)
+
+
+def test_a_fitnet_loss_object_must_be_passed_again_to_load_and_then_restores_its_adapter(tmp_path):
+    from jacplug.losses import FitNetLoss, KDLoss, WeightedLoss
+
+    def loss() -> WeightedLoss:
+        return WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (FitNetLoss({"layer1": "layer1"}, {"layer1": (32, 32)}),
+                                                              0.5)})
+
+    torch.manual_seed(0)
+    module = DistillationModule("test_resnet", "test_resnet", loss(), student_kwargs={"num_classes": 4},
+                                teacher_kwargs={"num_classes": 4})
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(Images(4), batch_size=4))
+    path = tmp_path / "fitnet.ckpt"
+    trainer.save_checkpoint(path)
+    with pytest.raises(UserError, match=r"load_from_checkpoint\(path, loss=\.\.\.\)"):
+        DistillationModule.load_from_checkpoint(path)
+    loaded = DistillationModule.load_from_checkpoint(path, loss=loss())
+    adapter = "distiller.loss.terms.fitnet.adapters.0.weight"
+    assert torch.equal(loaded.state_dict()[adapter], module.state_dict()[adapter])
+
+
+def test_a_teacher_name_without_its_classes_and_other_bad_arguments_are_one_line():
+    with pytest.raises(UserError, match=r"teacher='test_resnet'.*num_classes.*teacher_kwargs="):
+        DistillationModule("test_resnet", "test_resnet", ["kd=1"], student_kwargs={"num_classes": 4})
+    with pytest.raises(UserError, match=r"student_kwargs=.*unexpected keyword argument 'bogus'"):
+        DistillationModule("test_resnet", "test_resnet", student_kwargs={"num_classes": 4, "bogus": 1},
+                           teacher_kwargs={"num_classes": 4})
+    with pytest.raises(UserError, match=r"input_key= names a batch dict's key, a str; got int 3"):
+        DistillationModule(timm.create_model("test_resnet", num_classes=4),
+                           timm.create_model("test_resnet", num_classes=4), input_key=3)
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.makedirs(path)``: what a crafted checkpoint could do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.path),)
+
+
+def test_student_state_dict_refuses_a_pickle_that_would_run_code(tmp_path):
+    crafted, ran = tmp_path / "handed.ckpt", tmp_path / "ran"
+    torch.save({"state_dict": {"distiller.student.w": torch.zeros(1)}, "x": _RunsCode(ran)}, crafted)
+    with pytest.raises(UserError, match="handed.ckpt holds objects other than tensors"):
+        student_state_dict(crafted)
+    assert not ran.exists()
+    with pytest.raises(UserError, match="no checkpoint file"):
+        student_state_dict(tmp_path / "missing.ckpt")

@@ -107,7 +107,7 @@ def test_weights_follow_timm_and_bad_input_is_one_line():
         JacobianDistillationTask(model, frozen, loss=["jacobain=1"], verbose=False)
     with pytest.raises(UserError, match="loss_type='mse'"):
         JacobianDistillationTask(model, frozen, loss_type="mse", verbose=False)
-    with pytest.raises(UserError, match="leave 'kd' out of loss="):
+    with pytest.raises(UserError, match=r"loss=\['kd=1'\] holds 'kd': KD's weight is distill_loss_weight"):
         JacobianDistillationTask(model, frozen, loss=["kd=1"], verbose=False)
     labels = JacobianDistillationTask(model, frozen, loss=["jacobian=1:classes=label"], verbose=False)
     x, y = batches(1)[0]
@@ -209,3 +209,61 @@ def test_each_term_is_averaged_for_the_log_line():
     task.eval()
     task(*batches(1)[0])  # evaluation is not counted
     assert task.term_means() == {}
+
+
+def test_the_kd_and_criterion_baselines_run_through_the_task_by_one_rule():
+    """``loss=[]`` (train.py's ``--jacplug-loss`` with no term) is KD alone; with
+    ``distill_loss_weight=0``, the criterion alone; a zero weight or a 'kd' term states the same rule."""
+    x, y = batches(1)[0]
+    kd_alone = JacobianDistillationTask(student("cnn"), teacher(), criterion=nn.CrossEntropyLoss(), temperature=2.0,
+                                        distill_loss_weight=0.5, loss=[], verbose=False)
+    assert kd_alone.distiller.loss.weights == {"kd": 0.5}
+    kd_alone.train()
+    result = kd_alone(x, y)
+    assert set(result) == {"loss", "output", "task_loss", "kd"}
+    with torch.no_grad():
+        logits, target = kd_alone.distiller.student(x), kd_alone.distiller.teacher(x)
+    kd = F.kl_div(F.log_softmax(logits / 2, 1), F.log_softmax(target / 2, 1), reduction="batchmean", log_target=True) * 4
+    torch.testing.assert_close(result["loss"].detach(), F.cross_entropy(logits, y) + 0.5 * kd, rtol=1e-5, atol=1e-6)
+
+    model = student("cnn")
+    ce_alone = JacobianDistillationTask(model, teacher(), distill_loss_weight=0, loss=[], verbose=False)
+    optimizer = create_optimizer_v2(ce_alone.get_trainable_module(), opt="sgd", lr=0.1)
+    ce_alone.train()
+    result = ce_alone(x, y)
+    assert set(result) == {"loss", "output", "task_loss"}
+    result["loss"].backward()
+    optimizer.step()
+    assert not torch.equal(model.fc.weight, student("cnn").fc.weight)
+    assert ce_alone.get_task_state() == {} and ce_alone.get_eval_model() is model
+
+    for bad in (dict(loss=["jacobian=0"]), dict(loss={"jacobian": 0.0}), dict(loss=["kd=1"]),
+                dict(distill_loss_weight=0)):
+        with pytest.raises(UserError, match="loss=\\[\\] \\(train.py: --jacplug-loss with no term\\) runs KD alone"):
+            JacobianDistillationTask(student("cnn"), teacher(), verbose=False, **bad)
+
+
+def test_bad_inputs_to_the_task_are_one_line_each(tmp_path):
+    with pytest.raises(UserError, match="device='bogus' is not a device of this machine"):
+        JacobianDistillationTask(student("cnn"), teacher(), device="bogus", verbose=False)
+    with pytest.raises(UserError, match="student_model= takes the student as an nn.Module"):
+        JacobianDistillationTask("resnet18", teacher(), verbose=False)
+    with pytest.raises(UserError, match="teacher_model= takes a timm model name.*got int 5"):
+        JacobianDistillationTask(student("cnn"), 5, verbose=False)
+    with pytest.raises(UserError, match="dtype='float32': pass a floating torch.dtype"):
+        JacobianDistillationTask(student("cnn"), teacher(), dtype="float32", verbose=False)
+    with pytest.raises(UserError, match="criterion='ce': pass the loss module itself"):
+        JacobianDistillationTask(student("cnn"), teacher(), criterion="ce", verbose=False)
+    with pytest.raises(UserError, match="teacher_pretrained_path=.*missing.pth.*no such file"):
+        JacobianDistillationTask(student("cnn"), "test_resnet", teacher_pretrained_path=str(tmp_path / "missing.pth"),
+                                 verbose=False)
+    task = JacobianDistillationTask(student("cnn"), teacher(), verbose=False)
+    task.train()
+    x, y = batches(1)[0]
+    with pytest.raises(UserError, match=r"labels \[4\] are outside the student's 4 classes"):
+        task(x, y.index_fill(0, torch.tensor([0]), 4))
+    with pytest.raises(UserError, match=r"takes 3 channels"):
+        task(x[:, :1], y)
+    with pytest.raises(UserError, match=r"torch.uint8: it takes float images"):
+        task((x * 50 + 128).clamp(0, 255).to(torch.uint8), y)
+    assert task.term_means() == {}  # nothing was counted

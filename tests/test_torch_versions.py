@@ -1,6 +1,6 @@
-"""The PyTorch calls that changed between the oldest supported torch (2.2) and this one answer the same
-through jacplug's version-safe helpers when only the older signatures exist (simulated here; the whole
-suite was also run on torch 2.2.2, see pyproject.toml)."""
+"""The PyTorch calls that changed between the oldest supported torch (2.3, see pyproject.toml; 2.2 and
+2.3 share the older signatures) and this one answer the same through jacplug's version-safe helpers
+when only the older signatures exist (simulated here)."""
 
 from __future__ import annotations
 

@@ -78,6 +78,12 @@ class JacobianDistillationTrainer(Trainer):
         teacher_input: Callable[[Tensor], Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(teacher_model, nn.Module):
+            raise UserError(f"teacher_model= takes the teacher as an nn.Module (a transformers or timm model, built "
+                            f"and trained), got {type(teacher_model).__name__} {teacher_model!r}")
+        for name, key in (("input_key", input_key), ("label_key", label_key)):
+            if not isinstance(key, str):
+                raise UserError(f"{name}= names a batch key, a str; got {type(key).__name__} {key!r}")
         super().__init__(*args, **kwargs)
         self.distiller = Distiller(self.model, teacher_model, loss, amp=False, check_gradients=check_gradients,
                                    name=type(self.model).__name__, teacher_input=teacher_input)

@@ -19,6 +19,7 @@ file, loadable into the bare model.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -56,8 +57,14 @@ class DistillationModule(L.LightningModule):
     ``functools.partial(torch.optim.SGD, lr=0.1)``; ``lr_scheduler``: optionally a callable from the
     optimizer to a scheduler stepped every optimizer step. Batches are ``(images, labels)`` tuples or
     dicts with ``input_key`` and ``label_key``. Each term is logged with ``self.log`` under
-    ``train/<term>`` (and ``train/loss``): per step on each process (``train/<term>_step``), and per
-    epoch averaged over the processes (``train/<term>_epoch``, ``sync_dist=True``).
+    ``train/<term>`` (and the total under ``train/loss``), averaged over the processes
+    (``sync_dist=True``): the name a ``ModelCheckpoint(monitor=...)`` or ``EarlyStopping`` watches
+    (the step's value during an epoch, the epoch's mean at its end); Lightning's loggers receive
+    it as ``train/<term>_step`` and ``train/<term>_epoch``.
+
+    A ``loss`` given as a ``WeightedLoss`` is not a hyperparameter: ``load_from_checkpoint(path,
+    loss=...)`` needs it again (a checkpoint without it is refused in one line rather than loaded
+    with a different loss).
     """
 
     def __init__(
@@ -76,6 +83,9 @@ class DistillationModule(L.LightningModule):
         teacher_input: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
+        for name, key in (("input_key", input_key), ("label_key", label_key)):
+            if not isinstance(key, str):
+                raise UserError(f"{name}= names a batch dict's key, a str; got {type(key).__name__} {key!r}")
         for name, factory, example in (("optimizer", optimizer, "functools.partial(torch.optim.SGD, lr=0.1)"),
                                        ("lr_scheduler", lr_scheduler,
                                         "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=10)")):
@@ -86,6 +96,11 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters(ignore=[key for key, value in (("student", student), ("teacher", teacher),
                                                                 ("loss", loss)) if not _recordable(value)]
                                   + ["optimizer", "lr_scheduler", "teacher_input"])
+        for key in ("student", "teacher"):  # a path as text: a checkpoint's hyperparameters stay plain for weights_only
+            if isinstance(self.hparams.get(key), Path):
+                self.hparams[key] = str(self.hparams[key])
+        # whether a checkpoint can rebuild the loss: it records the loss only when given as names
+        self._loss_recorded, self._loss_given = _recordable(loss), loss is not None
         student = _model(student, student_kwargs, "student")
         teacher = _model(teacher, teacher_kwargs, "teacher")
         self.distiller = Distiller(student, teacher, loss, amp=False, check_gradients=check_gradients,
@@ -106,12 +121,29 @@ class DistillationModule(L.LightningModule):
         out = self.distiller(images, labels)
         size = images.shape[0]
         for key in ("loss", *self.distiller.loss.terms):
-            value = out[key].detach()
-            # this process's value per step (no collective per step); the epoch's mean over every process
-            self.log(f"train/{key}_step", value, prog_bar=key == "loss", on_step=True, on_epoch=False,
-                     batch_size=size)
-            self.log(f"train/{key}_epoch", value, on_step=False, on_epoch=True, sync_dist=True, batch_size=size)
+            # one name for callbacks (train/loss); loggers get its _step and _epoch values, both averaged over
+            # the processes (one scalar all_reduce per term and step under DDP)
+            self.log(f"train/{key}", out[key].detach(), prog_bar=key == "loss", on_step=True, on_epoch=True,
+                     sync_dist=True, batch_size=size)
         return out["loss"]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["jacplug_loss_recorded"] = self._loss_recorded
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint whose loss this module does not have: one built with a
+        ``WeightedLoss`` (not a hyperparameter) and loaded without ``loss=``, or whose learnable loss
+        parts (FitNet adapters) differ from this module's."""
+        prefix = "distiller.loss."
+        saved = {key for key in checkpoint.get("state_dict", {}) if key.startswith(prefix)}
+        own = {key for key in self.state_dict() if key.startswith(prefix)}
+        if checkpoint.get("jacplug_loss_recorded") is False and not self._loss_given:
+            raise UserError("the checkpoint's module was built with a loss object, which a checkpoint does not "
+                            "record; pass it again: DistillationModule.load_from_checkpoint(path, loss=...)")
+        if saved != own:
+            raise UserError(f"the checkpoint's loss has the learnable parts {sorted(saved) or 'none'}, this module's "
+                            f"{sorted(own) or 'none'}; pass the loss it was built with: "
+                            f"DistillationModule.load_from_checkpoint(path, loss=...)")
 
     def student_state_dict(self) -> dict[str, Tensor]:
         """The student's own ``state_dict`` (no ``distiller.student.`` prefix), for the bare model."""
@@ -152,13 +184,28 @@ def student_state_dict(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, 
     ``.ckpt`` path or the loaded dict): its ``distiller.student.`` keys without the prefix, loadable
     with ``model.load_state_dict`` into the bare student; the adapters and nothing else are left out."""
     if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(str(checkpoint), map_location="cpu", weights_only=False)  # Lightning's own format
+        checkpoint = _load_plain(Path(checkpoint))
     state = checkpoint.get("state_dict", checkpoint)
     student = {key[len(STUDENT_PREFIX):]: value for key, value in state.items() if key.startswith(STUDENT_PREFIX)}
     if not student:
         raise UserError(f"the checkpoint holds no {STUDENT_PREFIX!r} keys (it has {sorted(state)[:3]}...): it is "
                         f"not a DistillationModule's")
     return student
+
+
+def _load_plain(path: Path) -> Mapping[str, Any]:
+    """A checkpoint file unpickled with ``weights_only=True``: tensors and plain containers, which is
+    all a Lightning checkpoint holds; a file that would build other objects (and could run code) is
+    refused, since the file may come from anyone."""
+    if not path.is_file():
+        raise UserError(f"no checkpoint file at {path}: pass the path of a DistillationModule's .ckpt")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise UserError(f"{path} holds objects other than tensors and plain containers, which student_state_dict "
+                        f"does not unpickle ({reason}); load a file you trust yourself with torch.load and pass the "
+                        f"dict") from None
 
 
 def _recordable(value: Any) -> bool:
@@ -183,5 +230,10 @@ def _model(model: nn.Module | str | Path, kwargs: Mapping[str, Any] | None, role
     if isinstance(model, str):
         from ..registry import create_model
 
-        return create_model(model, **dict(kwargs or {}))
+        kwargs = dict(kwargs or {})
+        try:  # a missing or unknown keyword (a timm name needs num_classes) is the caller's, not the model's
+            return create_model(model, **kwargs)
+        except TypeError as exc:
+            raise UserError(f"{role}={model!r} with {role}_kwargs={kwargs}: {exc}; e.g. "
+                            f"{role}_kwargs={{'num_classes': 10}}") from None
     raise UserError(f"{role}= takes a module, a model name or a jacplug checkpoint's path, got {type(model).__name__}")

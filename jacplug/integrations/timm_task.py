@@ -10,6 +10,9 @@ This task takes ``LogitDistillationTask``'s arguments (so swapping the class nam
 in ``train.py``) plus ``loss=``, jacplug's extra terms (default: the Eq. 10 ``jacobian`` term at 0.3
 times the distillation weight). The total is ``task_loss_weight * criterion(student, target) +
 distill_loss_weight * KD(T) + <the jacplug terms>``, the weights resolved exactly as timm resolves them.
+One rule says which terms run (:data:`TERMS_RULE`): KD's weight is ``distill_loss_weight`` (0 leaves
+it out), ``loss=`` lists the other terms, each with a weight > 0 (an empty list: none), so the KD
+baseline is ``loss=[]`` and the criterion alone is ``loss=[]`` with ``distill_loss_weight=0``.
 The distillation terms are one :class:`jacplug.Distiller`, which is the trainable module: its
 parameters are the student's and the loss terms' adapters, never the teacher's. timm's optimizer
 factory reads ``no_weight_decay()`` and ``group_matcher()`` from the module it is given; the trainable
@@ -62,6 +65,11 @@ _logger = logging.getLogger(__name__)
 #: lambda of jacplug's default preset (docs/results.md)
 DEFAULT_JACOBIAN_RATIO = 0.3
 
+#: which terms the task runs, said by every refusal of a term's weight
+TERMS_RULE = ("KD's weight is distill_loss_weight (0 leaves KD out) and loss= lists jacplug's other terms, each with "
+              "a weight > 0: leave a term out to drop it; loss=[] (train.py: --jacplug-loss with no term) runs KD "
+              "alone, and with distill_loss_weight=0 the criterion alone")
+
 
 class Renormalize(nn.Module):
     """``[B, C, H, W]`` normalised with the student's mean and std -> normalised with the teacher's:
@@ -77,11 +85,13 @@ class Renormalize(nn.Module):
         return (x * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
 
 
-class TimmDistiller(Distiller):
-    """The task's trainable module: a :class:`jacplug.Distiller` that answers what timm's optimizer
-    factory asks a model (``create_optimizer_v2(module, weight_decay=..., layer_decay=...)``) with the
-    student's own answers, prefixed with ``student.``: its ``no_weight_decay()`` names, and its layer
-    groups for layer-wise learning-rate decay. The loss terms' adapters (``loss.*``) get the top layer."""
+class _StudentGroups:
+    """What timm's optimizer factory asks a model (``create_optimizer_v2(module, weight_decay=...,
+    layer_decay=...)``), answered for a module holding ``self.student`` with the student's own answers,
+    prefixed with ``student.``: its ``no_weight_decay()`` names, and its layer groups for layer-wise
+    learning-rate decay. Any other parameter (the loss terms' adapters, ``loss.*``) gets the top layer."""
+
+    student: nn.Module
 
     def no_weight_decay(self) -> set[str]:
         """The student's parameters (timm's ``fnmatch`` patterns) that take no weight decay."""
@@ -104,6 +114,34 @@ class TimmDistiller(Distiller):
         return matcher
 
 
+class TimmDistiller(_StudentGroups, Distiller):
+    """The task's trainable module: a :class:`jacplug.Distiller` whose parameter groups for timm's
+    optimizer are the student's (see :class:`_StudentGroups`)."""
+
+
+class NoTerms(nn.Module):
+    """The empty loss of :class:`CriterionOnly`, read like a ``WeightedLoss``: no terms, no adapters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.terms = nn.ModuleDict()
+        self.weights: Dict[str, float] = {}
+
+
+class CriterionOnly(_StudentGroups, nn.Module):
+    """The trainable module when no distillation term is left (the criterion-alone baseline): the
+    student alone, grouped for timm's optimizer as with distillation; the teacher never runs."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        self.loss = NoTerms()
+
+    def forward(self, input: Tensor, target: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        output = self.student(input)
+        return {"loss": output.new_zeros(()), "output": output}
+
+
 class JacobianDistillationTask(TrainingTask):
     """Logit distillation plus jacplug's terms, as a timm training task.
 
@@ -112,9 +150,9 @@ class JacobianDistillationTask(TrainingTask):
     ``teacher_pretrained_path``, ``teacher_pretrained_cfg_overlay``, ``loss_type`` (``"kl"``),
     ``distill_loss_weight``, ``task_loss_weight``, ``temperature``, ``device``, ``dtype``, ``verbose``),
     plus ``loss``: jacplug's terms besides KD, as spec strings, a ``{name: weight}`` dict or a
-    ``WeightedLoss`` (default ``["jacobian=W"]`` with ``W = 0.3 * distill_loss_weight``), and
-    ``check_gradients`` (the Distiller's first-call check). ``teacher_model`` may also be the path of a
-    ``jacplug train`` checkpoint (``teacher.safetensors``).
+    ``WeightedLoss`` (default ``["jacobian=W"]`` with ``W = 0.3 * distill_loss_weight``; ``[]`` for none:
+    see :data:`TERMS_RULE`), and ``check_gradients`` (the Distiller's first-call check).
+    ``teacher_model`` may also be the path of a ``jacplug train`` checkpoint (``teacher.safetensors``).
 
     ``task(input, target)`` returns ``{"loss", "output", "task_loss", "kd", <each jacplug term>}``.
     """
@@ -137,7 +175,16 @@ class JacobianDistillationTask(TrainingTask):
         dtype: Optional[torch.dtype] = None,
         verbose: bool = True,
     ) -> None:
-        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        if not isinstance(student_model, nn.Module):
+            raise UserError(f"student_model= takes the student as an nn.Module (train.py's model), got "
+                            f"{type(student_model).__name__} {student_model!r}")
+        if not isinstance(teacher_model, (str, Path, nn.Module, DistillationTeacher)):
+            raise UserError(f"teacher_model= takes a timm model name, a jacplug checkpoint's path, an nn.Module or a "
+                            f"DistillationTeacher, got {type(teacher_model).__name__} {teacher_model!r}")
+        teacher_model = str(teacher_model) if isinstance(teacher_model, Path) else teacher_model
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise UserError(f"dtype={dtype!r}: pass a floating torch.dtype, e.g. torch.float32 or torch.bfloat16")
+        super().__init__(device=_device(device), dtype=dtype, verbose=verbose)
         if loss_type != "kl":
             raise UserError(f"loss_type={loss_type!r}: JacobianDistillationTask distils logits with 'kl' (as timm's "
                             f"LogitDistillationTask); add other jacplug terms through loss=")
@@ -146,10 +193,12 @@ class JacobianDistillationTask(TrainingTask):
             if not 0 <= weight < float("inf"):
                 raise UserError(f"{name}={weight!r}: weights must be finite and >= 0 (a negative weight would "
                                 "maximise its loss)")
-        if self.distill_loss_weight == 0 and loss is None:
-            raise UserError("distill_loss_weight=0 leaves nothing to distil (the default Jacobian weight is 0.3 x "
-                            "distill_loss_weight); pass loss= with jacplug terms to distil without KD, or train with "
-                            "timm's classification task")
+        if criterion is not None and not callable(criterion):
+            raise UserError(f"criterion={criterion!r}: pass the loss module itself, e.g. torch.nn.CrossEntropyLoss(), "
+                            f"or leave it out and set criterion_kwargs= (timm's create_classification_loss)")
+        if teacher_pretrained_path is not None and not Path(teacher_pretrained_path).is_file():
+            raise UserError(f"teacher_pretrained_path={str(teacher_pretrained_path)!r}: no such file; pass the "
+                            f"teacher's local weights (train.py: --kd-model-path)")
         if (isinstance(teacher_model, str) and not timm.is_model(teacher_model) and ":" not in teacher_model
                 and Path(teacher_model).suffix != ".safetensors"):
             raise UnknownNameError("timm model", teacher_model, timm.list_models(),
@@ -158,7 +207,7 @@ class JacobianDistillationTask(TrainingTask):
         self.temperature = temperature
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
         student = unwrap_model(student_model)
-        if isinstance(teacher_model, (str, Path)) and Path(teacher_model).suffix == ".safetensors":
+        if isinstance(teacher_model, str) and Path(teacher_model).suffix == ".safetensors":
             teacher_model = _jacplug_checkpoint(teacher_model)
         if isinstance(teacher_model, str):  # a timm name: built with pretrained weights, sized like the student
             teacher = DistillationTeacher(teacher_model, num_classes=student.num_classes,
@@ -169,22 +218,28 @@ class JacobianDistillationTask(TrainingTask):
             teacher = teacher_model
         else:  # any module: the student need not be a timm model either
             teacher = DistillationTeacher(teacher_model, device=self.device, dtype=self.dtype)
-        terms = as_weighted_loss(loss if loss is not None else
-                                 [f"jacobian={DEFAULT_JACOBIAN_RATIO * (self.distill_loss_weight or 1.0):g}"])
-        if "kd" in terms.terms:
-            raise UserError("loss= holds a 'kd' term: the task's KD term is set by distill_loss_weight and "
-                            "temperature (as in timm's LogitDistillationTask); leave 'kd' out of loss=")
-        if self.distill_loss_weight > 0:
-            terms = WeightedLoss({"kd": (KDLoss(temperature=temperature), self.distill_loss_weight),
-                                  **{key: (term, terms.weights[key]) for key, term in terms.terms.items()}})
-        self.trainable_module = TimmDistiller(student_model, teacher.model, terms.to(self.device), amp=False,
-                                              check_gradients=check_gradients, name=type(student).__name__,
-                                              teacher_input=self._renormalize(student, teacher))
+        if loss is None:  # the default: the Jacobian term in proportion to KD
+            if self.distill_loss_weight == 0:
+                raise UserError(f"distill_loss_weight=0 leaves nothing to distil, and loss= is not given: {TERMS_RULE}")
+            loss = [f"jacobian={DEFAULT_JACOBIAN_RATIO * self.distill_loss_weight:g}"]
+        extra = _extra_terms(loss)
+        terms = {"kd": (KDLoss(temperature=temperature), self.distill_loss_weight)} if self.distill_loss_weight else {}
+        if extra is not None:
+            terms.update({key: (term, extra.weights[key]) for key, term in extra.terms.items()})
+        if terms:
+            weighted = WeightedLoss(terms).to(self.device)
+            self.trainable_module = TimmDistiller(student_model, teacher.model, weighted, amp=False,
+                                                  check_gradients=check_gradients, name=type(student).__name__,
+                                                  teacher_input=self._renormalize(student, teacher))
+        else:
+            self.trainable_module = CriterionOnly(student_model)
+        self._in_chans = _in_chans(student)
         self._term_sums: Dict[str, Tensor] = {}
         self._term_count = 0
         if self.verbose:
-            _logger.info(f"JacobianDistillationTask: task_weight={self.task_loss_weight}, loss={terms.extra_repr()}, "
-                         f"temperature={temperature}")
+            described = weighted.extra_repr() if terms else "none (the criterion alone; the teacher does not run)"
+            _logger.info(f"JacobianDistillationTask: task_weight={self.task_loss_weight}, distillation terms: "
+                         f"{described}, temperature={temperature}")
 
     def _renormalize(self, student: nn.Module, teacher: DistillationTeacher) -> Optional[Renormalize]:
         """The map from the student's input normalisation to the teacher's (timm's pretrained
@@ -197,12 +252,14 @@ class JacobianDistillationTask(TrainingTask):
         return Renormalize(mean, std, teacher.mean_kd, teacher.std_kd)
 
     @property
-    def distiller(self) -> Distiller:
-        """The :class:`jacplug.Distiller` behind the task (the trainable module, unwrapped)."""
+    def distiller(self) -> Union[Distiller, CriterionOnly]:
+        """The :class:`jacplug.Distiller` behind the task (the trainable module, unwrapped), or the
+        student alone when no distillation term is left (:class:`CriterionOnly`)."""
         return unwrap_model(self.trainable_module)
 
     def forward(self, input: Tensor, target: Tensor) -> Dict[str, Tensor]:
         distiller = self.distiller
+        self._check_batch(input, target, distiller.student)
         reads_labels = any("targets" in term.needs for term in distiller.loss.terms.values())
         if reads_labels and target.dim() != 1:
             raise UserError(f"a jacplug term reads class labels, but the targets are {tuple(target.shape)} (mixup or "
@@ -217,6 +274,24 @@ class JacobianDistillationTask(TrainingTask):
                 self._term_sums[key] = self._term_sums[key] + value if key in self._term_sums else value
             self._term_count += 1
         return result
+
+    def _check_batch(self, input: Tensor, target: Tensor, student: nn.Module) -> None:
+        """What would fail deep in a forward pass (or, for labels on a GPU, as a device-side assert),
+        refused in one line: integer images, a channel count the student does not take, labels outside
+        its classes."""
+        if not torch.is_tensor(input) or not input.is_floating_point():
+            kind = input.dtype if torch.is_tensor(input) else type(input).__name__
+            raise UserError(f"the task's input is {kind}: it takes float images normalised with the student's mean "
+                            f"and std (timm's loader does both), not raw pixels")
+        if self._in_chans is not None and (input.dim() < 2 or input.shape[1] != self._in_chans):
+            raise UserError(f"the task's input is {tuple(input.shape)}, but the student takes {self._in_chans} channels "
+                            f"([batch, {self._in_chans}, height, width]); match train.py's --in-chans to the data")
+        classes = getattr(student, "num_classes", None)
+        if isinstance(classes, int) and classes > 0 and target.dim() == 1 and not target.is_floating_point():
+            outside = (target < 0) | (target >= classes)
+            if bool(outside.any()):
+                raise UserError(f"labels {sorted(set(target[outside].tolist()))[:8]} are outside the student's "
+                                f"{classes} classes (0 to {classes - 1}); match --num-classes to the data")
 
     def term_means(self) -> Dict[str, float]:
         """Each part of the loss (``task_loss``, ``kd``, each jacplug term; unweighted) averaged over
@@ -286,12 +361,60 @@ class JacobianDistillationTask(TrainingTask):
             self.distiller.loss.load_state_dict(state["jacplug_loss"], strict=strict)
 
 
+def _extra_terms(loss: Union[WeightedLoss, Sequence[str], Mapping[str, float], str]) -> Optional[WeightedLoss]:
+    """``loss=`` as the terms besides KD (``None`` for none); a ``kd`` term or a weight of 0 is refused
+    with :data:`TERMS_RULE`, the one rule for which terms run."""
+    if isinstance(loss, WeightedLoss):
+        weights: Mapping[str, Any] = loss.weights
+    elif isinstance(loss, Mapping):
+        weights = loss
+    elif isinstance(loss, str) or isinstance(loss, Sequence) and all(isinstance(spec, str) for spec in loss):
+        specs = [loss] if isinstance(loss, str) else loss
+        weights = {spec.partition("=")[0].strip(): spec.partition("=")[2].partition(":")[0] for spec in specs}
+    else:
+        return as_weighted_loss(loss)  # refuses the type in one line
+    for name, weight in weights.items():
+        if name == "kd":
+            raise UserError(f"loss={loss!r} holds 'kd': {TERMS_RULE}")
+        try:
+            zero = float(weight) == 0
+        except (TypeError, ValueError):
+            zero = False  # a malformed spec: as_weighted_loss names what is wrong
+        if zero:
+            raise UserError(f"loss={loss!r} gives {name!r} the weight 0: {TERMS_RULE}")
+    return as_weighted_loss(loss) if weights else None
+
+
 def _jacplug_checkpoint(path: Union[str, Path]) -> nn.Module:
     """The model a ``jacplug train`` checkpoint records, with its weights and its ``pretrained_cfg``
     (whose mean and std the teacher's input is normalised with)."""
     from ..models.pretrained import load_model
 
     return load_model(path)
+
+
+def _device(device: Union[torch.device, str, int, None]) -> Optional[torch.device]:
+    """``device=`` as a ``torch.device`` this machine has; a name PyTorch does not know, or a device
+    absent here (``cuda:7`` on one GPU, ``cuda`` without one), is refused in one line."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"device={device!r} is not a device of this machine ({reason}); e.g. 'cpu' or 'cuda:0'") from None
+    return resolved
+
+
+def _in_chans(student: nn.Module) -> Optional[int]:
+    """The channels the student takes: a timm model's ``in_chans``, else its first convolution's
+    (``None`` when it has neither: the input is not checked)."""
+    chans = getattr(student, "in_chans", None)
+    if isinstance(chans, int):
+        return chans
+    first = next((m for m in student.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
 
 
 def _weights(distill: Optional[float], task: Optional[float]) -> tuple[float, float]:
