@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .._version import __version__
 from ..errors import UserError
+from .recorded import recorded_model_kwargs, recorded_model_name
 
 MODEL_FORMAT = "jacplug-model/1"
 #: every built-in dataset resizes bilinearly (torchvision's ``Resize`` default, the digits' upsampling)
@@ -180,17 +181,21 @@ def _damaged_remedy(path: Path) -> str:
 
 def checkpoint_model_kwargs(path: str | Path) -> dict[str, Any] | None:
     """The constructor kwargs a model checkpoint records, or None (none recorded, or no readable file:
-    :func:`load_weights` then says what is wrong)."""
+    :func:`load_weights` then says what is wrong). Only architecture arguments pass
+    (:func:`.recorded.recorded_model_kwargs`): anything else is a one-line UserError naming the key."""
     recorded = _recorded(path, "model_kwargs")
     try:
-        return json.loads(recorded) if recorded else None
+        kwargs = json.loads(recorded) if recorded else None
     except ValueError:
         return None
+    return None if kwargs is None else recorded_model_kwargs(kwargs, f"checkpoint {str(path)!r}")
 
 
 def checkpoint_model_name(path: str | Path) -> str | None:
-    """The registered model name a model checkpoint records, or None (see :func:`checkpoint_model_kwargs`)."""
-    return _recorded(path, "model")
+    """The registered model name a model checkpoint records, or None (see :func:`checkpoint_model_kwargs`);
+    a recorded name that is not a model name (a path, a hub address) is a one-line UserError."""
+    name = _recorded(path, "model")
+    return None if name is None else recorded_model_name(name, f"checkpoint {str(path)!r}")
 
 
 def _recorded(path: str | Path, key: str) -> str | None:

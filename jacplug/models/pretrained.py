@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io.checkpoint import load_weights
-from ..io.checkpoint import checkpoint_model_kwargs, pretrained_cfg, read_checkpoint
+from ..io.checkpoint import checkpoint_model_kwargs, checkpoint_model_name, pretrained_cfg, read_checkpoint
 
 
 def checkpoint_pretrained_cfg(metadata: dict[str, str]) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def load_model(path: str | Path) -> nn.Module:
             f"rebuilt from it; it was not written by `jacplug train` (build the model yourself and load the "
             f"weights with safetensors)"
         )
-    name, num_classes, in_chans = metadata["model"], int(metadata["num_classes"]), int(metadata["in_chans"])
+    name, num_classes, in_chans = checkpoint_model_name(path), int(metadata["num_classes"]), int(metadata["in_chans"])
     kwargs = checkpoint_model_kwargs(path) or {}  # e.g. a ViT's img_size: the model it was trained as
     model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     load_weights(path, model, expected_name=name, num_classes=num_classes, in_chans=in_chans, model_kwargs=kwargs)

@@ -1,0 +1,120 @@
+"""No code from data: every loader of a file the user hands jacplug reads safetensors, JSON or safe YAML, and a
+checkpoint's metadata hands timm only a model name and architecture arguments (docs/pipeline.md, Checkpoints)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import jacplug
+from jacplug.cli.main import main
+from jacplug.errors import UserError
+from jacplug.io.checkpoint import load_resume, save_model
+from jacplug.training.teacher import cosine_schedule
+from jacplug.training.teacher_cache import TeacherCache
+
+TINY = ["train", "--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8",
+        "--device", "cpu", "--no-progress", "--steps", "1", "--loss", "kd=1"]
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: proof that a loader ran code from the file."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def pickled(tmp_path, name: str = "evil.safetensors"):
+    path, marker = tmp_path / name, tmp_path / "code-ran"
+    torch.save({"conv.weight": torch.zeros(1), "payload": _Payload(marker)}, path)
+    return path, marker
+
+
+def crafted(tmp_path, model: str = "test_resnet", **kwargs) -> str:
+    """A real test_resnet teacher whose metadata records ``model`` and ``kwargs``."""
+    path = tmp_path / "crafted.safetensors"
+    net = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    save_model(path, net, role="teacher", name="test_resnet", num_classes=10, input_shape=(1, 8, 8), mean=(0.5,),
+               std=(0.5,), config={})
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    meta.update(model=model, model_kwargs=json.dumps(kwargs))
+    save_file(load_file(path), path, metadata=meta)
+    return str(path)
+
+
+def one_line(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    out, err = capsys.readouterr()
+    assert err.startswith("jacplug: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_pickled_checkpoints_are_refused_unread(tmp_path, capsys):
+    path, marker = pickled(tmp_path)
+    with pytest.raises(UserError, match="not a safetensors file"):
+        jacplug.load_model(path)
+    err = one_line(capsys, [*TINY, "--teacher-checkpoint", str(path), "--out", str(tmp_path / "run")])
+    assert "not a safetensors file" in err
+    net = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    optimizer = torch.optim.AdamW(net.parameters())
+    with pytest.raises(UserError, match="not a safetensors file"):
+        load_resume(path, student=net, loss=torch.nn.Identity(), optimizer=optimizer,
+                    scheduler=cosine_schedule(optimizer, 1))
+    assert not TeacherCache.matches(path, "any fingerprint")  # an unreadable cache is rebuilt, never read
+    assert not marker.exists()
+
+
+def test_a_yaml_config_cannot_build_python_objects(tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"seed: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    one_line(capsys, [*TINY, "--config", str(config), "--out", str(tmp_path / "run")])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"checkpoint_path": "/etc/passwd"}, "checkpoint_path"),
+    ({"pretrained": True}, "pretrained"),
+    ({"pretrained_cfg_overlay": {"file": "/tmp/x"}}, "pretrained_cfg_overlay"),
+    ({"cache_dir": "/tmp"}, "cache_dir"),
+    ({"act_layer": "../../x"}, "act_layer"),
+])
+def test_recorded_model_arguments_are_architecture_only(tmp_path, capsys, kwargs, key):
+    path = crafted(tmp_path, **kwargs)
+    with pytest.raises(UserError, match=f"records the model argument '?{key}"):
+        jacplug.load_model(path)
+    err = one_line(capsys, [*TINY, "--teacher-checkpoint", path, "--out", str(tmp_path / "run")])
+    assert key in err and "--teacher-kwargs" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_recorded_architecture_arguments_still_rebuild_the_model(tmp_path):
+    path = crafted(tmp_path)  # test_resnet takes no img_size; an empty mapping must pass
+    assert isinstance(jacplug.load_model(path), torch.nn.Module)
+    from jacplug.io.recorded import recorded_model_kwargs
+
+    plain = {"img_size": 32, "depths": [1, 2], "act_layer": "gelu", "drop_rate": 0.1, "global_pool": None}
+    assert recorded_model_kwargs(plain, "f") == plain
+
+
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "a\\b", "hf-hub:org/repo", "x..y"])
+def test_a_recorded_model_name_must_be_a_model_name(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    path = crafted(tmp_path, model=name)
+    with pytest.raises(UserError, match="is not a model name"):
+        jacplug.load_model(path)
+    err = one_line(capsys, ["train", *TINY[3:], "--teacher-checkpoint", path])  # no --teacher: the file names it
+    assert "is not a model name" in err and "--teacher" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.safetensors"]  # no runs/, no escaped folder
