@@ -118,3 +118,28 @@ def test_a_recorded_model_name_must_be_a_model_name(tmp_path, capsys, monkeypatc
     err = one_line(capsys, ["train", *TINY[3:], "--teacher-checkpoint", path])  # no --teacher: the file names it
     assert "is not a model name" in err and "--teacher" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crafted.safetensors"]  # no runs/, no escaped folder
+
+
+def test_a_restarted_worker_that_cannot_join_names_the_unshared_store_setting(monkeypatch):
+    """The real failure takes the process group's timeout (30 minutes for gloo) to surface, so the join
+    raises what torch raises then: a ``DistNetworkError`` naming the address it could not reach."""
+    import torch.distributed as dist
+
+    from jacplug.training import runtime
+
+    def unreachable(backend):
+        raise dist.DistNetworkError("The client socket has timed out after 1800000ms while trying to connect to "
+                                    "(10.0.0.7, 29400).")
+
+    monkeypatch.setattr(dist, "init_process_group", unreachable)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(dist.DistNetworkError):  # a first start: torch's own error, unchanged
+        runtime.init_runtime("cpu")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(UserError, match=r"rank 1 of 2, restarted by torchrun \(1\), could not reach its peers "
+                                        r"\(.*10\.0\.0\.7, 29400.*TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") as caught:
+        runtime.init_runtime("cpu")
+    assert "\n" not in str(caught.value)
