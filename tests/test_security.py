@@ -143,3 +143,19 @@ def test_a_restarted_worker_that_cannot_join_names_the_unshared_store_setting(mo
                                         r"\(.*10\.0\.0\.7, 29400.*TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") as caught:
         runtime.init_runtime("cpu")
     assert "\n" not in str(caught.value)
+
+
+def test_a_resumed_run_does_not_follow_a_saved_tracking_uri(tmp_path, capsys):
+    from jacplug.training.config import for_resume
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {"teacher": "test_resnet", "student": "test_resnet", "image_size": 8, "steps": 1, "device": "cpu",
+             "log": ["mlflow:tracking_uri=http://203.0.113.9:5000"]}
+    (run / "config.json").write_text(json.dumps(saved))
+    err = one_line(capsys, ["train", "--resume", "--out", str(run)])
+    assert "--log mlflow:tracking_uri=http://203.0.113.9:5000 (saved in its config.json" in err and "give --log" in err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    again = for_resume(saved, {"log": ["mlflow"]}, str(run))  # the user's choice, here $MLFLOW_TRACKING_URI
+    assert again.log == ["mlflow"]
+    assert for_resume({**saved, "log": ["tensorboard"]}, {}, str(run)).log == ["tensorboard"]  # no destination saved
