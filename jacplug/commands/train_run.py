@@ -53,6 +53,7 @@ from ..data.datasets import DatasetSplits, Indexed, few_sample_subset
 from ..training.runtime import Runtime, barrier, distribute, init_runtime, shutdown
 from ..training.evaluate import accuracy
 from ..training.heldout import GRADIENT_MAPS, HeldOutAgreement
+from ..io.folders import check_folder, removed_if_unused
 from ..io.lock import RunDirLock
 from ..training.loop import Loop, Position, StreamBatches
 from ..training.metrics import MetricsLog, read_metrics
@@ -148,6 +149,8 @@ def _run_dir(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) 
     refusal = None
     if runtime.is_main:
         try:
+            check_folder(out, "--out")
+            held.enter_context(removed_if_unused(out))  # ``runs/``, the missing parents of --out
             held.enter_context(RunDirLock(out))
         except UserError as exc:
             refusal = str(exc)

@@ -4,6 +4,7 @@ so a bad name, option or op is refused by one path, in one line, before any work
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -15,14 +16,18 @@ from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..registry import create_dataset, model_pair
 from ..data.datasets import DatasetSplits
+from ..io.folders import removed_if_unused
 from .runtime import Runtime
 
 
 def load_data(config: Any) -> DatasetSplits:
     """The dataset a configuration names (``dataset``, ``data_root``, ``download``, ``image_size`` and, where
-    the configuration has it, ``augment``), through the registry."""
-    return create_dataset(config.dataset, root=config.data_root, download=config.download,
-                          image_size=config.image_size, augment=getattr(config, "augment", None))
+    the configuration has it, ``augment``), through the registry. A download that fails leaves no empty
+    ``--data-root`` behind."""
+    fetching = removed_if_unused(config.data_root) if config.download and config.data_root else nullcontext()
+    with fetching:
+        return create_dataset(config.dataset, root=config.data_root, download=config.download,
+                              image_size=config.image_size, augment=getattr(config, "augment", None))
 
 
 def loss_for_pair(specs: Sequence[str] | None, teacher: str, student: str) -> WeightedLoss:
