@@ -252,7 +252,11 @@ def load_weights(
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         )
-        raise UserError(f"{where} does not fit the {type(target).__name__} being loaded ({detail})")
+        unnamed = ""
+        if not meta.get("model"):  # a plain save_file(state_dict): only the user knows which model it holds
+            unnamed = (f"; it records no model name, so it was tried as {expected_name or 'the model requested'}: pass "
+                       "--teacher with the model it holds")
+        raise UserError(f"{where} does not fit the {type(target).__name__} being loaded ({detail}){unnamed}")
     target.load_state_dict(tensors)
     return meta
 

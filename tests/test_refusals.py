@@ -1,0 +1,54 @@
+"""A refused ``jacplug train`` is one line, exit code 2, no traceback, names what is wrong, and leaves nothing
+behind: no ``runs/``, no missing parents of ``--out`` or ``--data-root``."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+import timm
+from safetensors.torch import save_file
+
+from jacplug.cli.main import main
+
+TINY = ["train", "--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--device", "cpu",
+        "--no-progress", "--steps", "1"]
+
+
+def refused(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2, argv
+    out, err = capsys.readouterr()
+    assert err.startswith("jacplug: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("out", [None, "a/b/run"])
+def test_a_misspelt_model_creates_no_folder(tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    assert "unknown model 'resnet5O'" in refused(capsys, [*TINY, "--teacher", "resnet5O", *(["--out", out] if out else [])])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_offline_download_leaves_no_data_root(tmp_path, capsys, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    err = refused(capsys, [*TINY, "--dataset", "cifar10", "--download", "--data-root", str(tmp_path / "data" / "cifar"),
+                           "--out", str(tmp_path / "run")])
+    assert "offline" in err and list(tmp_path.iterdir()) == []
+
+
+def test_messages_name_the_problem(tmp_path, capsys):
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    assert f"--out '{afile}/run' is under '{afile}', which is a file" in refused(capsys, [*TINY, "--out", f"{afile}/run"])
+    assert f"config file '{tmp_path}' is a directory" in refused(capsys, [*TINY, "--config", str(tmp_path)])
+    assert f"'{afile}' is a file; pass the run directory" in refused(capsys, ["plot", str(afile)])
+    plain = tmp_path / "plain.safetensors"  # no metadata, and 3 classes where the digits have 10
+    save_file(timm.create_model("test_resnet", num_classes=3, in_chans=1).state_dict(), plain)
+    err = refused(capsys, [*TINY, "--teacher-checkpoint", str(plain), "--out", str(tmp_path / "run")])
+    assert "wrong shape" in err and "it records no model name, so it was tried as test_resnet: pass --teacher" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "plain.safetensors"]
