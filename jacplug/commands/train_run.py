@@ -285,7 +285,7 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
                         position=position.as_dict(), config=config.to_dict())
 
     phase = Phase(kind="student", name="student", out_dir=run_dir, group=str(run_dir), params=config.to_dict(),
-                  plan=plan)
+                  plan=plan, start=position.step)
     events = Events(run, phase, enabled=runtime.is_main)
     batches = StreamBatches(Indexed(splits.train), plan, config.batch_size, config.seed, config.workers,
                             pin_memory=runtime.device.type == "cuda", rank=runtime.rank, world_size=runtime.world_size)
