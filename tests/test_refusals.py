@@ -52,3 +52,18 @@ def test_messages_name_the_problem(tmp_path, capsys):
     err = refused(capsys, [*TINY, "--teacher-checkpoint", str(plain), "--out", str(tmp_path / "run")])
     assert "wrong shape" in err and "it records no model name, so it was tried as test_resnet: pass --teacher" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "plain.safetensors"]
+
+
+@pytest.mark.subprocess
+def test_benchmarks_run_from_any_folder(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "noise_robustness.py"), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "usage: jacplug experiment" in run.stdout, run.stderr
+    script = (root / "benchmarks" / "gpu_check.sh").read_text()  # its checks use the repository's relative paths
+    assert 'cd "$(dirname "${BASH_SOURCE[0]}")/.."' in script and script.index("OUT=$(cd") < script.index("cd \"$(dirname")
+    assert list(tmp_path.iterdir()) == []
