@@ -67,3 +67,50 @@ def test_benchmarks_run_from_any_folder(tmp_path):
     script = (root / "benchmarks" / "gpu_check.sh").read_text()  # its checks use the repository's relative paths
     assert 'cd "$(dirname "${BASH_SOURCE[0]}")/.."' in script and script.index("OUT=$(cd") < script.index("cd \"$(dirname")
     assert list(tmp_path.iterdir()) == []
+
+
+KILLED_PARENT = """
+import multiprocessing, os, sys, time
+from jacplug.experiment.executors import exit_with_parent
+
+def sleep(seconds):
+    time.sleep(seconds)
+
+if __name__ == "__main__":
+    pool = multiprocessing.get_context("spawn").Pool(1, initializer=exit_with_parent)
+    print(*[p.pid for p in pool._pool], flush=True)
+    pool.map_async(sleep, [60])
+    time.sleep(60)
+"""
+
+
+@pytest.mark.subprocess
+def test_pool_workers_exit_quietly_when_the_experiment_is_killed(tmp_path):
+    """``jacplug experiment --workers N`` killed with SIGKILL: its pool workers exit at once, without
+    finishing their cells for nobody and without a BrokenPipeError traceback each."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(KILLED_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    time.sleep(1)  # the workers are in their cells
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers) == 1 and not any(alive(pid) for pid in workers)
+    assert "Traceback" not in parent.stderr.read()

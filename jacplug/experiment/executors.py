@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import re
 import socket
 import tempfile
+import threading
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -45,10 +47,29 @@ def _init_worker(config: ExperimentConfig, teacher_path: str, devices: Any = Non
     """Load the data and the teacher once for every cell this process runs. ``devices``: a queue of
     device names (:func:`worker_devices`), one taken by each pool process; ``None``: ``config.device``."""
     torch.set_num_threads(config.threads)
+    if devices is not None:
+        exit_with_parent()
     runtime = init_runtime(devices.get() if devices is not None else config.device)
     full = load_data(config)
     _WORKER.update(config=config, full=full, runtime=runtime,
                    teacher=protocol.load_teacher(config, full, Path(teacher_path), runtime))
+
+
+def exit_with_parent() -> None:
+    """In a pool process: exit at once, silently, when the parent process dies.
+
+    Why: a parent killed with SIGKILL (or the OOM killer) cannot terminate its pool, so each worker would
+    finish its cell for nobody and then print a ``BrokenPipeError`` traceback sending the result. The
+    parent's sentinel (a pipe multiprocessing keeps open in the parent) becomes ready when it dies."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="jacplug-exit-with-parent", daemon=True).start()
 
 
 def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
