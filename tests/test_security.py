@@ -103,6 +103,11 @@ def test_recorded_model_arguments_are_architecture_only(tmp_path, capsys, kwargs
 def test_recorded_architecture_arguments_still_rebuild_the_model(tmp_path):
     path = crafted(tmp_path)  # test_resnet takes no img_size; an empty mapping must pass
     assert isinstance(jacplug.load_model(path), torch.nn.Module)
+    from jacplug.models.pretrained import checkpoint_pretrained_cfg
+
+    cfg = checkpoint_pretrained_cfg({"pretrained_cfg": json.dumps({"mean": [0.5], "url": "http://x/w.pth",
+                                                                   "hf_hub_id": "evil/weights", "file": "/tmp/w"})})
+    assert cfg == {"mean": (0.5,)}  # the data keys only: nothing that sends timm's load_pretrained elsewhere
     from jacplug.io.recorded import recorded_model_kwargs
 
     plain = {"img_size": 32, "depths": [1, 2], "act_layer": "gelu", "drop_rate": 0.1, "global_pool": None}

@@ -19,12 +19,18 @@ from ..io.checkpoint import load_weights
 from ..io.checkpoint import checkpoint_model_kwargs, checkpoint_model_name, pretrained_cfg, read_checkpoint
 
 
+#: the ``pretrained_cfg`` keys a checkpoint records: how its inputs were prepared, nothing that names a place
+DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "num_classes")
+
+
 def checkpoint_pretrained_cfg(metadata: dict[str, str]) -> dict[str, Any]:
     """timm ``pretrained_cfg`` data keys from a checkpoint's metadata (lists as tuples, as timm's
     own configs hold them); rebuilt from ``input_size``/``mean``/``std`` for files written before
-    checkpoints stored it."""
+    checkpoints stored it. Only the data keys pass: a file's ``url``, ``file`` or ``hf_hub_id`` there would
+    send timm's ``load_pretrained(model)`` to an address of the file's choosing."""
     if "pretrained_cfg" in metadata:
-        cfg = json.loads(metadata["pretrained_cfg"])
+        recorded = json.loads(metadata["pretrained_cfg"])
+        cfg = {k: recorded[k] for k in DATA_KEYS if isinstance(recorded, dict) and k in recorded}
     else:
         cfg = pretrained_cfg(
             int(metadata["num_classes"]),
