@@ -24,11 +24,16 @@ def refused(capsys, argv: list[str]) -> str:
     return err
 
 
+@pytest.mark.parametrize("command", ["train", "experiment"])
 @pytest.mark.parametrize("out", [None, "a/b/run"])
-def test_a_misspelt_model_creates_no_folder(tmp_path, capsys, monkeypatch, out):
+def test_a_misspelt_model_creates_no_folder(tmp_path, capsys, monkeypatch, out, command):
     monkeypatch.chdir(tmp_path)
-    assert "unknown model 'resnet5O'" in refused(capsys, [*TINY, "--teacher", "resnet5O", *(["--out", out] if out else [])])
+    argv = [command, "--teacher", "resnet5O", "--student", "test_resnet", *(["--out", out] if out else [])]
+    assert "unknown model 'resnet5O'" in refused(capsys, argv)
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "notes.txt").write_text("x")
+    assert "--out 'notes.txt/run' is under 'notes.txt', which is a file" in refused(
+        capsys, [command, "--out", "notes.txt/run"])
 
 
 def test_an_offline_download_leaves_no_data_root(tmp_path, capsys, monkeypatch):
@@ -44,7 +49,6 @@ def test_an_offline_download_leaves_no_data_root(tmp_path, capsys, monkeypatch):
 def test_messages_name_the_problem(tmp_path, capsys):
     afile = tmp_path / "notes.txt"
     afile.write_text("x")
-    assert f"--out '{afile}/run' is under '{afile}', which is a file" in refused(capsys, [*TINY, "--out", f"{afile}/run"])
     assert f"config file '{tmp_path}' is a directory" in refused(capsys, [*TINY, "--config", str(tmp_path)])
     assert f"'{afile}' is a file; pass the run directory" in refused(capsys, ["plot", str(afile)])
     plain = tmp_path / "plain.safetensors"  # no metadata, and 3 classes where the digits have 10
