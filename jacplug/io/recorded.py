@@ -32,6 +32,9 @@ ARCHITECTURE_ARGS = frozenset({
     "norm_layer", "weight_init", "zero_init_last", "use_abs_pos", "use_rel_pos", "pad_type",
 })
 
+#: how a user who trusts the file passes the argument themselves
+_YOURSELF = "if you trust it, pass it yourself (--teacher-kwargs, or timm.create_model and jacplug.load_weights)"
+
 #: a registered model name: timm's charset (``resnet18``, ``vit_tiny_patch16_224.augreg_in21k``) plus ``-``;
 #: no path separator, no ``hf-hub:``/``local-dir:`` prefix
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -54,11 +57,10 @@ def recorded_model_kwargs(kwargs: Any, where: str) -> dict[str, Any]:
     for key, value in kwargs.items():
         if key not in ARCHITECTURE_ARGS:
             raise UserError(f"{where} records the model argument {key!r}, which jacplug does not take from a file "
-                            "(only architecture arguments such as img_size or depth); pass it with --teacher-kwargs "
-                            "if you trust it")
+                            f"(only architecture arguments such as img_size or depth); {_YOURSELF}")
         if not _plain(value):
             raise UserError(f"{where} records the model argument {key}={value!r}, which is not a number, boolean, "
-                            "null, name or list of them; pass it with --teacher-kwargs if you trust it")
+                            f"null, name or list of them; {_YOURSELF}")
     return kwargs
 
 
