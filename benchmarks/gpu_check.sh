@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one script (run it on a machine with one NVIDIA GPU, from the repository root):
+# The GPU checks in one script (run it on a machine with one NVIDIA GPU, from any folder):
 #   1. the CUDA-marked tests (tests/test_cuda.py, and tests/test_capture.py: a capture beside a pinning DataLoader);
 #   2. the step benchmark: eager and CUDA-graphed, bf16 + channels-last, for a 32 px ResNet pair,
 #      the 224 px ImageNet-sized case and a ViT student: first the exact Eq. 10 step (the Distiller's and one
@@ -19,6 +19,8 @@
 set -uo pipefail
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # relative to where it was called; the checks below run from the repository root
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 JACPLUG="$PY -m jacplug"

@@ -156,6 +156,8 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     """The top-level mapping of a ``.yaml``/``.yml``/``.toml``/``.json`` file, with one-line errors
     for a missing file, an unknown format, a parse error or a file that holds no mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {str(path)!r} is a directory; pass the .yaml, .toml or .json file in it")
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
     try:

@@ -31,6 +31,8 @@ class Phase:
     params: Mapping[str, Any] = field(default_factory=dict)
     #: the phase's :class:`jacplug.training.plan.StepPlan` (``total`` steps, ``batch``, ``epoch_of(step)``)
     plan: Any = None
+    #: the step a resumed phase continues after (0: it starts from the beginning)
+    start: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in PHASE_KINDS:

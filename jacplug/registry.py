@@ -75,6 +75,7 @@ class PluginHost:
         self._registries: dict[str, NameTable] | None = None
         #: plugins whose exceptions end the call instead of being reported and skipped
         self.essential: set[str] = set()
+        self._dists: dict[str, Any] = {}  # entry-point name -> its importlib.metadata distribution
 
     def load(self) -> None:
         """Load the entry-point plugins once, built-ins first (so their names are registered first)."""
@@ -83,21 +84,40 @@ class PluginHost:
         self._loaded = True
         if not self._load_entry_points:
             return
-        found = {ep.name: ep for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=_builtin_first)}
+        found: dict[str, Any] = {}
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=_builtin_first):
+            if ep.name in found:
+                self._refuse_shadow(ep, found[ep.name])
+            else:
+                found[ep.name] = ep
         for name in found.keys() - _allowed(found):
             self.pm.set_blocked(name)
         for name, ep in found.items():
             if self.pm.is_blocked(name):
                 continue
-            try:
-                self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
-                _refuse_unknown_hooks(self.pm, self.pm.get_plugin(name))
-            except Exception as exc:  # one plugin's failure must not break the host
+            try:  # not pluggy's load_setuptools_entrypoints: it loads whichever distribution of a name it meets first
+                plugin = ep.load()
+                self.pm.register(plugin, name=name)
+                self._dists[name] = ep.dist
+                _refuse_unknown_hooks(self.pm, plugin)
+            except (Exception, SystemExit) as exc:  # one plugin's failure, sys.exit included, must not end the host
                 self.pm.set_blocked(name)
                 self._fail(PluginInfo(name, ep.dist.name if ep.dist else None, ep.dist.version if ep.dist else None,
                                       ep.value), "to load", exc)
                 continue
             self.plugins[name] = self._info(name)
+
+    def _refuse_shadow(self, ep: Any, kept: Any) -> None:
+        """A second entry point of a name already taken (a built-in's, say) would replace it silently: refuse
+        it, keep the first (built-ins sort first), and name both distributions."""
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.value
+        owner = f"{kept.dist.name} {kept.dist.version}" if kept.dist else kept.value
+        what = "the built-in plugin" if _builtin_first(kept)[0] == 0 else "the plugin"
+        info = PluginInfo(ep.name, ep.dist.name if ep.dist else None, ep.dist.version if ep.dist else None, ep.value)
+        info.error = (f"distribution {dist} declares the entry point {ep.name!r}, which is {what} of distribution "
+                      f"{owner}; refused, the one of {owner} is kept (give the plugin an entry-point name of its own)")
+        self.failed[f"{ep.name} ({dist})"] = info
+        self._report(f"plugin {ep.name!r}: {info.error}")
 
     def register(self, plugin: object, name: str | None = None, *, essential: bool = False) -> str:
         """Register a plugin object (module, class or instance with ``@hookimpl`` methods) in-process.
@@ -160,7 +180,7 @@ class PluginHost:
         for name in dict.fromkeys(impl.plugin_name for impl in reversed(impls)):
             try:
                 self._call(hook_name, name, **kwargs)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 if name in self.essential:
                     raise
                 self._fail(self.plugins.get(name) or PluginInfo(name), f"in {hook_name}", exc)
@@ -181,7 +201,7 @@ class PluginHost:
         try:
             for kind, (hook_name, _) in KINDS.items():
                 self._call(hook_name, name, register=_registrar(registries[kind], info, kind))
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             for table in registries.values():
                 table.remove_plugin(name)
             self.pm.unregister(name=name)
@@ -190,7 +210,7 @@ class PluginHost:
 
     def _info(self, name: str) -> PluginInfo:
         plugin = self.pm.get_plugin(name)
-        dist = next((d for p, d in self.pm.list_plugin_distinfo() if p is plugin), None)
+        dist = self._dists.get(name)
         hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [] if caller.has_spec())
         return PluginInfo(name, dist.metadata["Name"] if dist else None, dist.version if dist else None,
                           getattr(plugin, "__name__", type(plugin).__name__), hooks)
@@ -199,11 +219,15 @@ class PluginHost:
         info.error = " ".join(f"{type(exc).__name__}: {exc}".split())  # pluggy's messages span lines
         self.failed[info.name] = info
         origin = f" (distribution {info.distribution} {info.version})" if info.distribution else ""
-        message = f"plugin {info.name!r}{origin} failed {stage}: {info.error}"
+        self._report(f"plugin {info.name!r}{origin} failed {stage}: {info.error}", exc)
+
+    @staticmethod
+    def _report(message: str, exc: BaseException | None = None) -> None:
+        """Warn and go on, or raise in strict mode (``JACPLUG_STRICT_PLUGINS=1``)."""
         if strict_plugins():
             raise PluginError(message) from exc
         warnings.warn(message + "; skipped (set JACPLUG_STRICT_PLUGINS=1 to make this fatal)", PluginWarning,
-                      stacklevel=3)
+                      stacklevel=4)
 
 
 def _allowed(found: dict) -> set[str]:

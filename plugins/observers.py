@@ -63,7 +63,8 @@ class ProgressDisplay:
             return
         model = run.config.teacher if phase.kind == "teacher" else run.config.student
         bars = want_progress(run.config.progress if self.bars is None else self.bars)
-        self.reports[phase.name] = report = PhaseProgress(f"{phase.kind} {model}", phase.plan, bars=bars)
+        self.reports[phase.name] = report = PhaseProgress(f"{phase.kind} {model}", phase.plan, bars=bars,
+                                                                     start=phase.start)
         report.start()
 
     @hookimpl

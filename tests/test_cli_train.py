@@ -160,6 +160,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, capsys
     recorder = plugin(Recorder(), "recorder")
     rc, _, err = cli(capsys, "--out", str(tmp_path / "resumed"), "--resume")
     assert rc == 0, err
+    assert "student test_resnet: resuming at step 6 of 10, 10 optimizer steps" in err
 
     straight = load_file(tmp_path / "straight" / "student_last.safetensors")
     resumed = load_file(tmp_path / "resumed" / "student_last.safetensors")

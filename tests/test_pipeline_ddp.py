@@ -177,6 +177,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert summary["train_samples"] == 40
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "step"] == [1, 2, 3]  # 20 images per rank, batch 8
+    assert "student test_resnet: starting, 3 optimizer steps x 16 images (global batch: 2 processes x 8)" in proc.stderr
     assert (out / "student_last.safetensors").is_file() and (out / "teacher.safetensors").is_file()
 
 

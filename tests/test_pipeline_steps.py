@@ -156,6 +156,10 @@ def test_piped_progress_says_when_a_phase_starts_and_never_stays_silent_for_long
     report = module.PhaseProgress("student x", plan, bars=False)
     report.start()
     assert capsys.readouterr().err.startswith("student x: starting, 200 optimizer steps x 64 images")
+    module.PhaseProgress("student x", plan, bars=False, start=120).start()
+    assert capsys.readouterr().err.startswith("student x: resuming at step 120 of 200, 200 optimizer steps")
+    shared = stream_plan(640, 64, epochs=1, world_size=2)  # torchrun: each step takes both processes' shares
+    assert shared.describe().startswith("5 optimizer steps x 128 images (global batch: 2 processes x 64) = 640")
     clock["now"] = 10.0
     report.step(1, 1.0)
     assert capsys.readouterr().err == ""  # neither 50 steps nor 30 s yet

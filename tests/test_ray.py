@@ -28,8 +28,9 @@ GRID = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", 
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance for the module, on the loopback address."""
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    with executors.on_loopback(ray, None):
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the dying cells below travel by value
     yield ray
     ray.shutdown()
@@ -106,3 +107,31 @@ def test_an_unreachable_ray_address_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"jacplug: error: --ray-address '127.0.0.1:{port}': no Ray cluster answers there")
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "out" / "teacher.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_local_ray_instance_listens_on_loopback_only(local_ray):
+    """The module's instance is started as ``RayExecutor`` starts one (:func:`executors.on_loopback`)."""
+    assert local_ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+    assert local_ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+def test_a_ray_worker_removes_its_copy_of_the_teacher(tmp_path, monkeypatch):
+    from jacplug.experiment import ExperimentConfig, RunSpec
+
+    import timm
+
+    from jacplug.io.checkpoint import save_model
+
+    teacher = tmp_path / "teacher.safetensors"  # untrained: the cell's result does not matter here
+    save_model(teacher, timm.create_model("test_resnet", num_classes=10, in_chans=1), role="teacher",
+               name="test_resnet", num_classes=10, input_shape=(1, 8, 8), mean=(0.5,), std=(0.5,), config={})
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(executors.tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(executors, "_WORKER", {})
+    config = ExperimentConfig(teacher="test_resnet", student="test_resnet", image_size=8, steps=2, batch_size=8,
+                              device="cpu", eval_batch_size=256)
+    record = executors.ray_cell(RunSpec("kd", 2, 0, ()), config, teacher.read_bytes())
+    assert record["test_acc"] >= 0 and executors._WORKER["teacher"] is not None
+    assert list(temp.iterdir()) == []

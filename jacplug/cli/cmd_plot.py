@@ -18,6 +18,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.metrics import plot_curves  # start-up time: it loads torch (through the checkpoint writer)
 
+    if Path(args.run_dir).is_file():
+        raise UserError(f"{args.run_dir!r} is a file; pass the run directory that holds metrics.jsonl "
+                        f"({str(Path(args.run_dir).parent)!r}?)")
     if not Path(args.run_dir).is_dir():
         raise UserError(f"run directory {args.run_dir!r} does not exist")
     print(plot_curves(args.run_dir, args.out))

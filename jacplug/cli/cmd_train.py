@@ -74,8 +74,14 @@ def lost_peer(error: BaseException) -> str | None:
     address = re.search(r"\[?(\d{1,3}(?:\.\d{1,3}){3}\]?:\d+)", text)
     peer = f"rank {1 - rank}" if world == 2 else "a peer rank"
     where = f" at {address.group(1).replace(']', '')}" if address else ""
-    return (f"rank {rank} of {world} lost {peer}{where} in a collective ({found.group(1)}); torchrun restarts "
+    from ..training.runtime import UNSHARED_STORE
+
+    line = (f"rank {rank} of {world} lost {peer}{where} in a collective ({found.group(1)}); torchrun restarts "
             "the workers if --max-restarts allows, and with --resume auto they continue from the last save")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) and os.environ.get(UNSHARED_STORE) != "1":
+        line += (f" (this worker was itself restarted: if its peers are unreachable after every restart, run torchrun "
+                 f"with {UNSHARED_STORE}=1)")
+    return line
 
 
 def format_summary(summary: dict) -> str:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,7 +56,8 @@ from ..data.datasets import DatasetSplits, Indexed, few_sample_subset
 from ..training.runtime import Runtime, barrier, distribute, init_runtime, shutdown
 from ..training.evaluate import accuracy
 from ..training.heldout import GRADIENT_MAPS, HeldOutAgreement
-from ..io.lock import RunDirLock
+from ..io.folders import check_folder, removed_if_unused
+from ..io.lock import LOCK_FILE, RunDirLock
 from ..training.loop import Loop, Position, StreamBatches
 from ..training.metrics import MetricsLog, read_metrics
 from ..models.build import build_model
@@ -151,6 +153,8 @@ def _run_dir(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) 
     refusal = None
     if runtime.is_main:
         try:
+            check_folder(out, "--out")
+            held.enter_context(removed_if_unused(out))  # ``runs/``, the missing parents of --out
             held.enter_context(RunDirLock(out))
         except UserError as exc:
             refusal = str(exc)
@@ -181,6 +185,7 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
     torch.manual_seed(config.seed)
     show = want_progress(config.progress, runtime.is_main)
     run_dir = _run_dir(config, runtime, held)
+    found = set(run_dir.iterdir()) if runtime.is_main and run_dir.is_dir() else None  # what the run did not write
     graphs = use_cuda_graphs(config, runtime)
     # everything a user can get wrong is checked before any training starts
     check_observers(config.log, config.log_off)
@@ -223,17 +228,21 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
             context.teacher = teacher
             return _student_phase(context, plan, teacher_source, teacher_speed, graphs, show, started)
     except UserError as exc:  # training had started: say what the run directory keeps
-        raise UserError(f"{exc} [{_kept(run_dir)}]") from None
+        raise UserError(f"{exc} [{_kept(run_dir, found)}]") from None
 
 
-def _kept(run_dir: Path) -> str:
-    """What an interrupted run leaves in ``run_dir``, and how to go on from it."""
-    files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")) if run_dir.is_dir() else []
+def _kept(run_dir: Path, found: set[Path] | None) -> str:
+    """What an interrupted run leaves in ``run_dir``, and how to go on from it. A run that wrote nothing worth
+    resuming (no trained teacher, no resume state) removes what it wrote (rank 0, which knows what ``found``
+    was there before it); the run-directory lock then removes the directory if the run created it."""
     if (run_dir / RESUME_FILE).is_file() or (run_dir / TEACHER_FILE).is_file():
-        how = "--resume continues from there once the cause is fixed (with the same options)"
-    else:
-        how = "nothing trained was kept: remove it, or choose another --out"
-    return f"{str(run_dir)!r} keeps {', '.join(files) or 'nothing'}; {how}"
+        files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        return (f"{str(run_dir)!r} keeps {', '.join(files)}; --resume continues from there once the cause is fixed "
+                "(with the same options)")
+    if found is not None and run_dir.is_dir():
+        for path in set(run_dir.iterdir()) - found - {run_dir / LOCK_FILE}:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    return f"nothing trained was kept, so the run's files in {str(run_dir)!r} were removed"
 
 
 def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher_speed: float | None, graphs: bool,
@@ -286,7 +295,7 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
                         position=position.as_dict(), config=config.to_dict())
 
     phase = Phase(kind="student", name="student", out_dir=run_dir, group=str(run_dir), params=config.to_dict(),
-                  plan=plan)
+                  plan=plan, start=position.step)
     events = Events(run, phase, enabled=runtime.is_main)
     batches = StreamBatches(Indexed(splits.train), plan, config.batch_size, config.seed, config.workers,
                             pin_memory=runtime.device.type == "cuda", rank=runtime.rank, world_size=runtime.world_size)

@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..training.prepare import load_data
 from ..training.runtime import init_runtime
 from ..training.evaluate import accuracy
+from ..io.folders import check_folder, removed_if_unused
 from ..io.lock import RunDirLock
 from ..training.teacher import TEACHER_FILE
 from . import report
@@ -68,7 +69,8 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 def _run(config: ExperimentConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     """The protocol, holding ``config.out``'s run-directory lock: a second experiment writing the same
     files at the same time is refused in one line (see :mod:`jacplug.io.lock`)."""
-    with RunDirLock(config.out):
+    check_folder(config.out, "--out")
+    with removed_if_unused(config.out), RunDirLock(config.out):  # a refused experiment leaves no runs/ behind
         records = Records(config.out)
         state = records.state(config)
         if state == "finished":

@@ -16,16 +16,20 @@ only when asked for (``pip install 'jacplug[ray]'``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
+import multiprocessing.connection
+import os
 import pickle
 import re
 import socket
 import tempfile
+import threading
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -43,10 +47,29 @@ def _init_worker(config: ExperimentConfig, teacher_path: str, devices: Any = Non
     """Load the data and the teacher once for every cell this process runs. ``devices``: a queue of
     device names (:func:`worker_devices`), one taken by each pool process; ``None``: ``config.device``."""
     torch.set_num_threads(config.threads)
+    if devices is not None:
+        exit_with_parent()
     runtime = init_runtime(devices.get() if devices is not None else config.device)
     full = load_data(config)
     _WORKER.update(config=config, full=full, runtime=runtime,
                    teacher=protocol.load_teacher(config, full, Path(teacher_path), runtime))
+
+
+def exit_with_parent() -> None:
+    """In a pool process: exit at once, silently, when the parent process dies.
+
+    Why: a parent killed with SIGKILL (or the OOM killer) cannot terminate its pool, so each worker would
+    finish its cell for nobody and then print a ``BrokenPipeError`` traceback sending the result. The
+    parent's sentinel (a pipe multiprocessing keeps open in the parent) becomes ready when it dies."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="jacplug-exit-with-parent", daemon=True).start()
 
 
 def _run_in_worker(spec: RunSpec) -> dict[str, Any]:
@@ -180,9 +203,12 @@ def ray_cell(spec: RunSpec, config: ExperimentConfig, teacher: bytes) -> dict[st
     (Ray reuses worker processes), keyed by the teacher's bytes."""
     key = hashlib.sha256(teacher).hexdigest()
     if _WORKER.get("key") != key:
-        path = Path(tempfile.mkdtemp(prefix="jacplug-teacher-")) / "teacher.safetensors"
-        path.write_bytes(teacher)
-        _init_worker(config, str(path))
+        # the copy is needed only while it loads: Ray ends its workers with SIGKILL, so a copy kept for the
+        # worker's life would never be removed (one model's size in every worker's temporary folder)
+        with tempfile.TemporaryDirectory(prefix="jacplug-teacher-") as folder:
+            path = Path(folder) / "teacher.safetensors"
+            path.write_bytes(teacher)
+            _init_worker(config, str(path))
         _WORKER["key"] = key
     return _run_in_worker(spec)
 
@@ -207,7 +233,8 @@ class RayExecutor:
             if config.ray_address:
                 _check_reachable(config.ray_address)
             try:
-                ray.init(address=config.ray_address, include_dashboard=False, logging_level="ERROR")
+                with on_loopback(ray, config.ray_address):
+                    ray.init(address=config.ray_address, include_dashboard=False, logging_level="ERROR")
             except Exception as error:  # ConnectionError, or a RuntimeError naming the address
                 if config.ray_address is None:
                     raise
@@ -253,6 +280,35 @@ class RayExecutor:
     def close(self, abort: bool = False) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+@contextlib.contextmanager
+def on_loopback(ray: Any, address: str | None) -> Iterator[None]:
+    """Around ``ray.init``: a local Ray instance started inside listens on ``127.0.0.1`` only.
+
+    Why: a Ray node's servers (GCS, raylet, object manager, workers) listen on the node's address, and
+    whoever reaches them runs code in it (Ray has no authentication); a single-machine experiment needs
+    no other host. Ray turns ``_node_ip_address="127.0.0.1"`` into the machine's network address unless it
+    runs as a single-machine instance, which its ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` selects (the
+    processes Ray starts read it from their environment, this one from ``ray_constants``, read at import);
+    both are restored once the instance runs. An address the user names (``--ray-address``,
+    ``RAY_ADDRESS``) is a cluster they run, whose nodes must reach this driver: left as Ray sets it."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        yield
+        return
+    from ray._private import ray_constants
+
+    variable = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = os.environ.get(variable), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[variable], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = saved[0]
 
 
 def _check_reachable(address: str) -> None:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .._version import __version__
 from ..errors import UserError
 from .files import atomic_write_bytes
+from .recorded import recorded_model_kwargs, recorded_model_name
 
 MODEL_FORMAT = "jacplug-model/1"
 #: what a checkpoint records when its writer gives no preprocessing: bilinear (the digits' upsampling)
@@ -138,17 +139,21 @@ def _damaged_remedy(path: Path) -> str:
 
 def checkpoint_model_kwargs(path: str | Path) -> dict[str, Any] | None:
     """The constructor kwargs a model checkpoint records, or None (none recorded, or no readable file:
-    :func:`load_weights` then says what is wrong)."""
+    :func:`load_weights` then says what is wrong). Only architecture arguments pass
+    (:func:`.recorded.recorded_model_kwargs`): anything else is a one-line UserError naming the key."""
     recorded = _recorded(path, "model_kwargs")
     try:
-        return json.loads(recorded) if recorded else None
+        kwargs = json.loads(recorded) if recorded else None
     except ValueError:
         return None
+    return None if kwargs is None else recorded_model_kwargs(kwargs, f"checkpoint {str(path)!r}")
 
 
 def checkpoint_model_name(path: str | Path) -> str | None:
-    """The registered model name a model checkpoint records, or None (see :func:`checkpoint_model_kwargs`)."""
-    return _recorded(path, "model")
+    """The registered model name a model checkpoint records, or None (see :func:`checkpoint_model_kwargs`);
+    a recorded name that is not a model name (a path, a hub address) is a one-line UserError."""
+    name = _recorded(path, "model")
+    return None if name is None else recorded_model_name(name, f"checkpoint {str(path)!r}")
 
 
 def checkpoint_statistics(path: str | Path) -> tuple[list[float], list[float]] | None:
@@ -215,7 +220,11 @@ def load_weights(
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
             if keys
         )
-        raise UserError(f"{where} does not fit the {type(target).__name__} being loaded ({detail})")
+        unnamed = ""
+        if not meta.get("model"):  # a plain save_file(state_dict): only the user knows which model it holds
+            unnamed = (f"; it records no model name, so it was tried as {expected_name or 'the model requested'}: pass "
+                       "--teacher with the model it holds")
+        raise UserError(f"{where} does not fit the {type(target).__name__} being loaded ({detail}){unnamed}")
     target.load_state_dict(tensors)
     return meta
 

@@ -16,15 +16,21 @@ from torch import nn
 
 from ..errors import UserError
 from ..io.checkpoint import load_weights
-from ..io.checkpoint import checkpoint_model_kwargs, checkpoint_statistics, pretrained_cfg, read_checkpoint
+from ..io.checkpoint import checkpoint_model_kwargs, checkpoint_model_name, checkpoint_statistics, pretrained_cfg, read_checkpoint
+
+
+#: the ``pretrained_cfg`` keys a checkpoint records: how its inputs were prepared, nothing that names a place
+DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "num_classes")
 
 
 def checkpoint_pretrained_cfg(metadata: dict[str, str]) -> dict[str, Any]:
     """timm ``pretrained_cfg`` data keys from a checkpoint's metadata (lists as tuples, as timm's
     own configs hold them); rebuilt from ``input_size``/``mean``/``std`` for files written before
-    checkpoints stored it."""
+    checkpoints stored it. Only the data keys pass: a file's ``url``, ``file`` or ``hf_hub_id`` there would
+    send timm's ``load_pretrained(model)`` to an address of the file's choosing."""
     if "pretrained_cfg" in metadata:
-        cfg = json.loads(metadata["pretrained_cfg"])
+        recorded = json.loads(metadata["pretrained_cfg"])
+        cfg = {k: recorded[k] for k in DATA_KEYS if isinstance(recorded, dict) and k in recorded}
     else:
         cfg = pretrained_cfg(
             int(metadata["num_classes"]),
@@ -52,7 +58,7 @@ def load_model(path: str | Path) -> nn.Module:
             f"rebuilt from it; it was not written by `jacplug train` (build the model yourself and load the "
             f"weights with safetensors)"
         )
-    name, num_classes, in_chans = metadata["model"], int(metadata["num_classes"]), int(metadata["in_chans"])
+    name, num_classes, in_chans = checkpoint_model_name(path), int(metadata["num_classes"]), int(metadata["in_chans"])
     kwargs = checkpoint_model_kwargs(path) or {}  # e.g. a ViT's img_size: the model it was trained as
     model = create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     load_weights(path, model, expected_name=name, num_classes=num_classes, in_chans=in_chans, model_kwargs=kwargs)

@@ -357,6 +357,13 @@ def for_resume(saved: dict[str, Any], overrides: dict[str, Any], run_dir: str, f
     unknown = [k for k in saved if k not in FIELDS]
     if unknown:
         raise UserError(f"{run_dir!r}/config.json has unknown options {unknown}; was it written by another jacplug version?")
+    kept = [spec for spec in saved.get("log") or [] if ":" in spec]
+    if kept and overrides.get("log") is None:
+        # an observer's options say where the run's data goes (mlflow:tracking_uri=URI): a config.json handed
+        # over with the run directory must not choose that; the user's command line or environment does
+        raise UserError(f"{flag}: the run in {run_dir!r} was reported with --log {' '.join(kept)} (saved in its "
+                        "config.json, which does not choose where data is sent); give --log again with what you want "
+                        "now (the same, or e.g. --log mlflow for $MLFLOW_TRACKING_URI)")
     options = {**saved, **{k: v for k, v in overrides.items() if v is not None and k in FIELDS}}
     options["resume"], options["out"] = True, run_dir
     return resolve({}, options)

@@ -24,6 +24,7 @@ Step ``k``'s batch depends only on the seed and ``k``, so a resumed run regenera
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ class StepPlan:
     steps_per_epoch: int
     total: int
     eval_every: int
+    #: processes whose shares make up each step's ``batch`` (torchrun's world size)
+    processes: int = 1
 
     @property
     def images(self) -> int:
@@ -85,8 +88,11 @@ class StepPlan:
         return min(self.total, (step // self.eval_every + 1) * self.eval_every)
 
     def describe(self) -> str:
-        """``"150 optimizer steps x 64 images = 9,600 images seen (96.0 passes over 100 images)"``."""
-        return (f"{self.total:,} optimizer steps x {self.batch} images = {self.images:,} images seen "
+        """``"150 optimizer steps x 64 images = 9,600 images seen (96.0 passes over 100 images)"``; under
+        torchrun the batch is the global one, which says why the run makes fewer steps per epoch."""
+        shared = (f" (global batch: {self.processes} processes x {math.ceil(self.batch / self.processes)})"
+                  if self.processes > 1 else "")
+        return (f"{self.total:,} optimizer steps x {self.batch} images{shared} = {self.images:,} images seen "
                 f"({self.images / self.samples:.1f} passes over {self.samples:,} images)")
 
 
@@ -138,8 +144,9 @@ def stream_plan(
 ) -> StepPlan:
     """:func:`plan_steps` for the batches of :func:`batch_stream`."""
     batch = stream_batch(samples, batch_size, world_size)
-    return plan_steps(samples=samples, batch=batch, steps_per_epoch=math.ceil(samples / batch), epochs=epochs,
+    plan = plan_steps(samples=samples, batch=batch, steps_per_epoch=math.ceil(samples / batch), epochs=epochs,
                       steps=steps, max_steps_per_epoch=max_steps_per_epoch)
+    return dataclasses.replace(plan, processes=world_size)
 
 
 def default_length(steps_per_epoch: int, few_samples: bool, max_steps_per_epoch: int | None = None) -> tuple[int | None, int | None]:

@@ -4,6 +4,7 @@ so a bad name, option or op is refused by one path, in one line, before any work
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -16,18 +17,22 @@ from ..losses.presets import DEFAULT_SPECS
 from ..registry import create_dataset, model_pair
 from ..data.datasets import DatasetSplits
 from ..errors import UserError
+from ..io.folders import removed_if_unused
 from .runtime import Runtime
 
 
 def load_data(config: Any) -> DatasetSplits:
     """The dataset a configuration names (``dataset``, ``data_root``, ``download``, ``image_size`` and, where
     the configuration has them, ``augment`` and the preprocessing options), through the registry, with the
-    student's timm data configuration as ``preprocessing`` (:func:`~..models.data_config.student_preprocessing`)."""
+    student's timm data configuration as ``preprocessing`` (:func:`~..models.data_config.student_preprocessing`).
+    A download that fails leaves no empty ``--data-root`` behind."""
     from ..models.data_config import student_preprocessing
 
-    return create_dataset(config.dataset, root=config.data_root, download=config.download,
-                          image_size=config.image_size, augment=getattr(config, "augment", None),
-                          preprocessing=student_preprocessing(config))
+    fetching = removed_if_unused(config.data_root) if config.download and config.data_root else nullcontext()
+    with fetching:
+        return create_dataset(config.dataset, root=config.data_root, download=config.download,
+                              image_size=config.image_size, augment=getattr(config, "augment", None),
+                              preprocessing=student_preprocessing(config))
 
 
 def check_memory(config: Any, splits: DatasetSplits, runtime: Runtime) -> None:

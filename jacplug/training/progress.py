@@ -47,8 +47,9 @@ class PhaseProgress:
     ``bars``: tqdm bars instead of periodic lines; ``enabled`` false (ranks other than 0) prints nothing.
     """
 
-    def __init__(self, name: str, plan: StepPlan, *, bars: bool, enabled: bool = True, every: int = LINE_EVERY) -> None:
-        self.name, self.plan = name, plan
+    def __init__(self, name: str, plan: StepPlan, *, bars: bool, enabled: bool = True, every: int = LINE_EVERY,
+                 start: int = 0) -> None:
+        self.name, self.plan, self.first = name, plan, start
         self.bars, self.enabled, self.every = bars and enabled, enabled, every
         self.started = self._last_line = time.perf_counter()
         self._bar: Any = None
@@ -67,7 +68,8 @@ class PhaseProgress:
     def start(self) -> None:
         """The phase begins: without bars, one line saying how long it runs."""
         if self.enabled and not self.bars:
-            self._line(f"{self.name}: starting, {self.plan.describe()}")
+            where = f"resuming at step {self.first} of {self.plan.total}" if self.first else "starting"
+            self._line(f"{self.name}: {where}, {self.plan.describe()}")
 
     def step(self, step: int, loss: float) -> None:
         """After optimizer step ``step`` (from 1), whose loss was ``loss``."""

@@ -79,7 +79,7 @@ def init_runtime(requested: str) -> Runtime:
         # every step has the same shapes (a last, smaller batch excepted): let cuDNN time its algorithms once
         torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _join("nccl" if device.type == "cuda" else "gloo", rank, world_size)
     cuda = device.type == "cuda"
     return Runtime(
         device=device,
@@ -89,6 +89,29 @@ def init_runtime(requested: str) -> Runtime:
         amp_dtype=torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None,
         channels_last=cuda,
     )
+
+
+#: torchrun's setting that gives each round of restarted workers a rendezvous store of its own
+UNSHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def _join(backend: str, rank: int, world_size: int) -> None:
+    """Join torchrun's process group; a restarted worker that cannot reach its peers is one line naming
+    :data:`UNSHARED_STORE`.
+
+    Why: torchrun's elastic agent shares its TCP store with the workers it starts, and after a restart
+    the store still holds the dead workers' addresses, which the new workers may read and connect to
+    (torch 2.14, gloo); the setting makes every round use a store of its own (docs/pipeline.md, Multi-node)."""
+    try:
+        dist.init_process_group(backend)
+    except RuntimeError as error:  # DistNetworkError, DistStoreError, DistBackendError
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restarts == 0 or os.environ.get(UNSHARED_STORE) == "1":
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise UserError(f"rank {rank} of {world_size}, restarted by torchrun ({restarts}), could not reach its peers "
+                        f"({reason}); restarted workers may read the dead workers' addresses from the store torchrun "
+                        f"shares with them: run torchrun with {UNSHARED_STORE}=1 in its environment") from None
 
 
 def shutdown(runtime: Runtime) -> None:
