@@ -324,7 +324,7 @@ def test_train_steps_reproduces_an_experiment_cell(tmp_path, teacher_file):
     from jacplug.training.runtime import init_runtime
 
     config = ExperimentConfig(teacher="test_resnet", student="test_resnet", image_size=8, steps=5, batch_size=8,
-                              device="cpu", eval_batch_size=256)
+                              device="cpu", eval_batch_size=256, out=str(tmp_path / "experiment"))
     runtime = init_runtime("cpu")
     full = create_dataset("digits", image_size=8)
     spec = RunSpec("kd+jacobian", 2, seed=1, weights=(("jacobian", 1.0),))
