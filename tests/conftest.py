@@ -1,9 +1,13 @@
-"""Shared fixtures: small float64 models that exercise the traps (BatchNorm, in-place ReLU)."""
+"""Shared fixtures: small float64 models that exercise the traps (BatchNorm, in-place ReLU); the tiny
+``jacplug train`` run (timm's ``test_resnet`` on the embedded 8 px digits) as arguments, data, models
+and teacher checkpoints built once per session; and a check that no test writes into the checkout."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -47,6 +51,81 @@ def per_sample_reference(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Diagonal blocks of torch.autograd.functional.jacobian: ``[B, C, *S]``."""
     full = torch.autograd.functional.jacobian(net, x.detach())
     return torch.stack([full[b, :, b] for b in range(x.shape[0])])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tiny run: one set of arguments, data, models and teachers for every test that trains
+
+#: ``jacplug train`` options of the tiny run: a few seconds per run on two CPU cores
+TINY_TRAIN: dict[str, Any] = {"teacher": "test_resnet", "student": "test_resnet", "image_size": 8, "batch_size": 8,
+                              "seed": 0, "device": "cpu", "no_progress": True}
+
+
+def tiny_train_args(out: str | Path | None = None, **overrides: Any) -> list[str]:
+    """The arguments after ``jacplug train`` for the tiny run, :data:`TINY_TRAIN` updated by ``overrides``
+    (option names with underscores; ``True`` gives a bare flag, ``None`` or ``False`` drops the option,
+    a list gives several values), then ``--out out`` when given."""
+    options = {**TINY_TRAIN, **overrides, **({"out": out} if out is not None else {})}
+    argv: list[str] = []
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        argv.append("--" + name.replace("_", "-"))
+        if isinstance(value, (list, tuple)):
+            argv.extend(str(v) for v in value)
+        elif value is not True:
+            argv.append(str(value))
+    return argv
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits at 8 px (train/val/test splits); shared, so tests only read them."""
+    from jacplug.registry import create_dataset
+
+    return create_dataset("digits", image_size=8)
+
+
+@pytest.fixture(scope="session")
+def _tiny_resnet() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("test_resnet", num_classes=10, in_chans=1)
+
+
+@pytest.fixture
+def tiny_resnet(_tiny_resnet) -> Callable[[], nn.Module]:
+    """A fresh ``test_resnet`` for 8 px digits (10 classes, 1 channel) per call: a copy of one seeded
+    model, so every call gives the same weights and no test sees another's changes."""
+    return lambda: copy.deepcopy(_tiny_resnet)
+
+
+def _save_teacher(path: Path, net: nn.Module, splits) -> str:
+    from jacplug.io.checkpoint import save_model
+
+    save_model(path, net, role="teacher", name="test_resnet", num_classes=10, input_shape=splits.input_shape,
+               mean=splits.mean, std=splits.std, config={})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def untrained_teacher_checkpoint(tmp_path_factory, _tiny_resnet, digits) -> str:
+    """A ``test_resnet`` teacher checkpoint for 8 px digits with its initial weights, for tests that need
+    *a* teacher file, not a good teacher."""
+    return _save_teacher(tmp_path_factory.mktemp("untrained-teacher") / "teacher.safetensors", _tiny_resnet, digits)
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory) -> str:
+    """A ``test_resnet`` teacher trained once per session by ``jacplug train`` (3 epochs on all 1,258
+    training digits, well above chance), for tests that need a trained teacher."""
+    from jacplug.cli.main import main
+
+    out = tmp_path_factory.mktemp("teacher-run")
+    assert main(["train", *tiny_train_args(out, batch_size=64, teacher_epochs=3, teacher_lr=5e-3, steps=1,
+                                           samples_per_class=2, loss="kd=1")]) == 0
+    return str(out / "teacher.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------------
