@@ -34,6 +34,17 @@ def small_mlp(inputs: int = 6, classes: int = 4) -> nn.Module:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on tensors of a few hundred elements the hand-offs between
+    threads cost more than the work (a small convolution's gradgradcheck: 1.5 s of CPU on one thread,
+    43 s on two, measured on the busy two-core test machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
 
