@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(1)  # see _one_intra_op_thread below
 
 
 def small_convnet(classes: int = 5, channels: int = 2, inplace: bool = True) -> nn.Module:
@@ -33,15 +33,12 @@ def small_mlp(inputs: int = 6, classes: int = 4) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(inputs, 8), nn.Tanh(), nn.Linear(8, classes))
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the test: on tensors of a few hundred elements the hand-offs between
-    threads cost more than the work (a small convolution's gradgradcheck: 1.5 s of CPU on one thread,
-    43 s on two, measured on the busy two-core test machine)."""
-    threads = torch.get_num_threads()
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Every test starts on one intra-op thread (whatever the test before it set): the suite's tensors are
+    small, and on them the hand-offs between threads cost more than the work (a small convolution's
+    gradgradcheck: 1.5 s of CPU on one thread, 43 s on two, measured on the busy two-core test machine)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

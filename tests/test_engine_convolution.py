@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from jacplug.engine import convolution
 from jacplug.engine.convolution import conv1d, conv2d, conv3d
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # float64 gradchecks of tiny convolutions: see conftest
-
 f64 = torch.float64
 
 CASES = {

@@ -44,7 +44,7 @@ def test_tiny_experiment_writes_outputs_and_selects_on_validation_only(tmp_path,
 
     monkeypatch.setattr(runs_module, "run_one", spy_run_one)
     monkeypatch.setattr(runs_module, "accuracy", spy_accuracy)
-    threads = torch.get_num_threads()
+    torch.set_num_threads(threads := 2)  # the caller's count differs from the experiment's (1); conftest resets it
 
     results = run_experiment(tiny_config(tmp_path), echo=lambda line: None)
 
