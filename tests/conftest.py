@@ -139,23 +139,21 @@ def teacher_checkpoint(tmp_path_factory) -> str:
 # ---------------------------------------------------------------------------------------------------
 # no test writes outside its temporary folder
 
-_CHECKOUT = pytest.StashKey[dict]()
+_CHECKOUT = pytest.StashKey[set]()
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 #: folders whose changes are not the tests' doing (the environment, git, caches)
 NOT_CHECKOUT = {".venv", ".git", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
 
 
-def checkout_files() -> dict[str, tuple[int, int]]:
+def checkout_files() -> set[str]:
     """Every file under the repository root, ignored ones included (``runs/`` is ignored and is where a
-    run's default ``--out`` goes), as path -> (size, modification time)."""
-    files = {}
+    run's default ``--out`` goes). Paths only: an engineer editing a source while the suite runs is not
+    a test writing into the checkout."""
+    files = set()
     for folder, subfolders, names in os.walk(REPOSITORY):
         subfolders[:] = [name for name in subfolders if name not in NOT_CHECKOUT and not name.endswith(".egg-info")]
-        for name in names:
-            path = os.path.join(folder, name)
-            stat = os.stat(path, follow_symlinks=False)
-            files[os.path.relpath(path, REPOSITORY)] = (stat.st_size, stat.st_mtime_ns)
+        files.update(os.path.relpath(os.path.join(folder, name), REPOSITORY) for name in names)
     return files
 
 
@@ -170,11 +168,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if before is None:
         return
     after = checkout_files()
-    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    changed = sorted(before ^ after)
     if changed:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         lines = [f"the tests changed the checkout ({len(changed)} files; write under tmp_path instead):",
-                 *(f"  {'new' if path not in before else 'removed' if path not in after else 'changed'}: {path}"
+                 *(f"  {'new' if path in after else 'removed'}: {path}"
                    for path in changed[:20])]
         if reporter is not None:
             reporter.ensure_newline()
