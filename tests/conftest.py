@@ -137,6 +137,17 @@ def teacher_checkpoint(tmp_path_factory) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
+# marks (registered in pyproject.toml)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A distributed test starts processes: ``-m "not subprocess"`` leaves it out too."""
+    for item in items:
+        if item.get_closest_marker("distributed") is not None:
+            item.add_marker(pytest.mark.subprocess)
+
+
+# ---------------------------------------------------------------------------------------------------
 # no test writes outside its temporary folder
 
 _CHECKOUT = pytest.StashKey[set]()
