@@ -185,6 +185,7 @@ def _without_times(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
 
 
+@pytest.mark.subprocess
 def test_resume_before_the_first_save_logs_every_step_once_and_removes_stale_temp_files(tmp_path, capsys, teacher_file,
                                                                                        plugin):
     common = ["--teacher-checkpoint", teacher_file, "--samples-per-class", "2", "--epochs", "2", "--save-every", "0",
@@ -398,6 +399,7 @@ def test_offline_download_suggests_the_embedded_dataset(tmp_path, capsys, monkey
     assert rc == 2 and "offline" in err and "--dataset digits" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.subprocess
 def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jacplug", "train", "--teacher", "resnet5O", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
