@@ -74,6 +74,7 @@ def worker(agent: psutil.Process, rank: int) -> psutil.Process:
     raise LookupError(f"no worker of rank {rank} under the agent")
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(tmp_path):
     with stopped_on_failure(torchrun(tmp_path / "straight")) as straight:
