@@ -39,6 +39,7 @@ def cell_records(out: Path) -> list[Path]:
     return [p for p in (out / "cells").glob("*.json") if p.name != "teacher.json"] if (out / "cells").is_dir() else []
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_a_killed_experiment_resumes_to_the_same_results(tmp_path, capsys):
     assert main(["experiment", *GRID, "--out", str(tmp_path / "straight")]) == 0
