@@ -167,6 +167,7 @@ def finished(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, stderr[-3000:]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_two_processes_equal_one_process_adapters_and_logged_terms_included(tmp_path):
     """The Trainer's DDP over gloo (2 CPU processes, float64): both ranks end with one process's student
