@@ -48,6 +48,7 @@ def output_of(proc: subprocess.Popen) -> str:
     return stdout + stderr
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_ddp_on_two_processes_equals_one_process_adapters_included(tmp_path):
     # the one-process reference runs beside the two DDP processes: one process start-up instead of two in a row
