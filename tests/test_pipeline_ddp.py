@@ -35,6 +35,8 @@ from jacplug.commands.train_run import RunContext, _run_dir
 from jacplug.training.plan import stream_plan
 from jacplug.training.teacher import cosine_schedule
 
+pytestmark = pytest.mark.distributed  # every test here runs 2 gloo processes (torchrun or mp.spawn)
+
 WORLD = 2
 
 
