@@ -23,11 +23,11 @@ from jacplug.cli.main import main
 from jacplug.io.checkpoint import save_model
 from jacplug.training.metrics import loss_keys, read_metrics
 from jacplug.registry import create_dataset, get_host
+from conftest import tiny_train_args
 from detached_loss import DetachedPlugin
 from image_tree import image_tree
 
-TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8",
-        "--seed", "0", "--device", "cpu", "--no-progress"]
+TINY = tiny_train_args()
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -37,14 +37,10 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> str:
-    """A test_resnet teacher trained once (3 epochs on all 1,258 training digits) for the module."""
-    out = tmp_path_factory.mktemp("teacher-run")
-    rc = main(["train", *TINY, "--batch-size", "64", "--teacher-epochs", "3", "--teacher-lr", "5e-3", "--steps", "1",
-               "--samples-per-class", "2", "--out", str(out), "--loss", "kd=1"])
-    assert rc == 0
-    return str(out / "teacher.safetensors")
+@pytest.fixture
+def teacher_file(teacher_checkpoint) -> str:
+    """The session's trained ``test_resnet`` teacher (conftest: 3 epochs on all 1,258 training digits)."""
+    return teacher_checkpoint
 
 
 class Recorder:
