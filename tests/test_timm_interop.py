@@ -37,11 +37,11 @@ def digits_data_config() -> dict:
             "crop_pct": 1.0, "crop_mode": "center"}
 
 
-def test_load_model_gives_timm_the_training_preprocessing(student_file):
+def test_load_model_gives_timm_the_training_preprocessing(student_file, tiny_resnet):
     model = jacplug.load_model(student_file)
     assert resolve_data_config(model=model) == digits_data_config()
     assert model.pretrained_cfg["num_classes"] == 10 and model.pretrained_cfg["architecture"] == "test_resnet"
-    plain = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    plain = tiny_resnet()
     plain.load_state_dict(load_file(student_file))
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(model.eval()(x), plain.eval()(x))
