@@ -87,7 +87,7 @@ def tiny_train_args(out: str | Path | None = None, **overrides: Any) -> list[str
 
 
 @pytest.fixture(scope="session")
-def digits():
+def tiny_digits():
     """The embedded digits at 8 px (train/val/test splits); shared, so tests only read them."""
     from jacplug.registry import create_dataset
 
@@ -109,19 +109,16 @@ def tiny_resnet(_tiny_resnet) -> Callable[[], nn.Module]:
     return lambda: copy.deepcopy(_tiny_resnet)
 
 
-def _save_teacher(path: Path, net: nn.Module, splits) -> str:
-    from jacplug.io.checkpoint import save_model
-
-    save_model(path, net, role="teacher", name="test_resnet", num_classes=10, input_shape=splits.input_shape,
-               mean=splits.mean, std=splits.std, config={})
-    return str(path)
-
-
 @pytest.fixture(scope="session")
-def untrained_teacher_checkpoint(tmp_path_factory, _tiny_resnet, digits) -> str:
+def untrained_teacher_checkpoint(tmp_path_factory, _tiny_resnet, tiny_digits) -> str:
     """A ``test_resnet`` teacher checkpoint for 8 px digits with its initial weights, for tests that need
     *a* teacher file, not a good teacher."""
-    return _save_teacher(tmp_path_factory.mktemp("untrained-teacher") / "teacher.safetensors", _tiny_resnet, digits)
+    from jacplug.io.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("untrained-teacher") / "teacher.safetensors"
+    save_model(path, _tiny_resnet, role="teacher", name="test_resnet", num_classes=10,
+               input_shape=tiny_digits.input_shape, mean=tiny_digits.mean, std=tiny_digits.std, config={})
+    return str(path)
 
 
 @pytest.fixture(scope="session")
