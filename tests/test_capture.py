@@ -142,6 +142,7 @@ class _SlowImages(torch.utils.data.Dataset):
         return torch.randn(64), i % 4
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by benchmarks/gpu_check.sh)")
 def test_a_capture_beside_a_pinning_data_loader_succeeds_on_cuda():
     """A DataLoader with worker processes and pinned memory pins each batch in a thread of this process;

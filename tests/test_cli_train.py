@@ -23,11 +23,11 @@ from jacplug.cli.main import main
 from jacplug.io.checkpoint import save_model
 from jacplug.training.metrics import loss_keys, read_metrics
 from jacplug.registry import create_dataset, get_host
+from conftest import tiny_train_args
 from detached_loss import DetachedPlugin
 from image_tree import image_tree
 
-TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8",
-        "--seed", "0", "--device", "cpu", "--no-progress"]
+TINY = tiny_train_args()
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -37,14 +37,10 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory) -> str:
-    """A test_resnet teacher trained once (3 epochs on all 1,258 training digits) for the module."""
-    out = tmp_path_factory.mktemp("teacher-run")
-    rc = main(["train", *TINY, "--batch-size", "64", "--teacher-epochs", "3", "--teacher-lr", "5e-3", "--steps", "1",
-               "--samples-per-class", "2", "--out", str(out), "--loss", "kd=1"])
-    assert rc == 0
-    return str(out / "teacher.safetensors")
+@pytest.fixture
+def teacher_file(teacher_checkpoint) -> str:
+    """The session's trained ``test_resnet`` teacher (conftest: 3 epochs on all 1,258 training digits)."""
+    return teacher_checkpoint
 
 
 class Recorder:
@@ -187,6 +183,7 @@ def _without_times(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time_s"} for r in records]
 
 
+@pytest.mark.subprocess
 def test_resume_before_the_first_save_logs_every_step_once_and_removes_stale_temp_files(tmp_path, capsys, teacher_file,
                                                                                        plugin):
     common = ["--teacher-checkpoint", teacher_file, "--samples-per-class", "2", "--epochs", "2", "--save-every", "0",
@@ -326,7 +323,7 @@ def test_train_steps_reproduces_an_experiment_cell(tmp_path, teacher_file):
     from jacplug.training.runtime import init_runtime
 
     config = ExperimentConfig(teacher="test_resnet", student="test_resnet", image_size=8, steps=5, batch_size=8,
-                              device="cpu", eval_batch_size=256)
+                              device="cpu", eval_batch_size=256, out=str(tmp_path / "experiment"))
     runtime = init_runtime("cpu")
     full = create_dataset("digits", image_size=8)
     spec = RunSpec("kd+jacobian", 2, seed=1, weights=(("jacobian", 1.0),))
@@ -400,6 +397,7 @@ def test_offline_download_suggests_the_embedded_dataset(tmp_path, capsys, monkey
     assert rc == 2 and "offline" in err and "--dataset digits" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.subprocess
 def test_real_process_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jacplug", "train", "--teacher", "resnet5O", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)

@@ -44,7 +44,7 @@ def test_tiny_experiment_writes_outputs_and_selects_on_validation_only(tmp_path,
 
     monkeypatch.setattr(runs_module, "run_one", spy_run_one)
     monkeypatch.setattr(runs_module, "accuracy", spy_accuracy)
-    threads = torch.get_num_threads()
+    torch.set_num_threads(threads := 2)  # the caller's count differs from the experiment's (1); conftest resets it
 
     results = run_experiment(tiny_config(tmp_path), echo=lambda line: None)
 
@@ -272,6 +272,8 @@ def test_noisy_jacobian_method_is_the_first_order_term_of_noisy_distillation():
     assert chosen == {"5": {"noisy": 1.0}}
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_failing_run_stops_the_worker_processes(tmp_path, monkeypatch):
     """An error (or Ctrl-C, or kill) in the middle of the grid terminates the worker processes instead
     of letting them run the rest of the queue."""
@@ -304,6 +306,7 @@ def test_two_experiments_cannot_share_an_output_directory(tmp_path):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+@pytest.mark.subprocess
 def test_loading_batches_in_worker_processes_changes_nothing_but_speed(tmp_path):
     """``loader_workers`` (4 by default on CUDA) must train the same student as loading in the run's
     own process: same batches, and the run's random draws (here the projections) untouched."""
@@ -360,6 +363,7 @@ def test_names_and_options_are_checked_before_the_teacher_is_trained(tmp_path, m
     assert trained == []
 
 
+@pytest.mark.subprocess
 def test_an_error_in_a_worker_process_ends_the_experiment_with_that_error(tmp_path, monkeypatch):
     """A jacplug error whose constructor takes other arguments than its message (UnknownNameError),
     raised in a worker: it reached the parent's result thread unpicklable, and the parent waited forever."""

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,22 +40,33 @@ def cell_records(out: Path) -> list[Path]:
     return [p for p in (out / "cells").glob("*.json") if p.name != "teacher.json"] if (out / "cells").is_dir() else []
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
-def test_a_killed_experiment_resumes_to_the_same_results(tmp_path, capsys):
-    assert main(["experiment", *GRID, "--out", str(tmp_path / "straight")]) == 0
-    capsys.readouterr()
-    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+def kill_at_the_first_cell(job: subprocess.Popen, out: Path) -> None:
+    """SIGKILL ``job`` the moment a cell record appears in ``out`` (or when it ended or 240 s passed)."""
+    deadline = time.monotonic() + 240
+    while not cell_records(out) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
 
+
+def test_a_killed_experiment_resumes_to_the_same_results(tmp_path, capsys):
+    # the experiment to kill runs in its process beside the uninterrupted one in this process (one CPU
+    # thread each), watched by a thread that kills it at its first finished cell
     out = tmp_path / "killed"
     job = subprocess.Popen([sys.executable, "-m", "jacplug", "experiment", *GRID, "--out", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 240
-    while not cell_records(out):
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-2000:]
-        time.sleep(0.02)
-    job.send_signal(signal.SIGKILL)
-    job.communicate()
+    watcher = threading.Thread(target=kill_at_the_first_cell, args=(job, out))
+    watcher.start()
+    try:
+        assert main(["experiment", *GRID, "--out", str(tmp_path / "straight")]) == 0
+    finally:
+        watcher.join()
+        _, killed_err = job.communicate()
+    capsys.readouterr()
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert job.returncode == -signal.SIGKILL, killed_err[-2000:]  # it was still running when killed
     kept = cell_records(out)
     assert 0 < len(kept) < CELLS and not (out / "results.json").exists()
     teacher = (out / "teacher.safetensors").stat().st_mtime_ns

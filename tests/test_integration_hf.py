@@ -179,7 +179,7 @@ def test_checkpoints_carry_the_adapters_and_a_resumed_run_continues_them(tmp_pat
     bare.load_state_dict(resumed.student_state_dict())
 
 
-def run_script(out, batch: int, processes: int) -> None:
+def start_script(out, batch: int, processes: int) -> subprocess.Popen:
     import os
     import socket
     import subprocess
@@ -193,11 +193,19 @@ def run_script(out, batch: int, processes: int) -> None:
     launch = [sys.executable]
     if processes > 1:
         launch += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
-    proc = subprocess.run([*launch, script, str(out), str(batch)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    return subprocess.Popen([*launch, script, str(out), str(batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def finished(proc: subprocess.Popen) -> None:
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+
+
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_two_processes_equal_one_process_adapters_and_logged_terms_included(tmp_path):
     """The Trainer's DDP over gloo (2 CPU processes, float64): both ranks end with one process's student
@@ -206,8 +214,10 @@ def test_two_processes_equal_one_process_adapters_and_logged_terms_included(tmp_
 
     from safetensors.torch import load_file
 
-    run_script(tmp_path / "ddp", batch=2, processes=2)
-    run_script(tmp_path / "single", batch=4, processes=1)
+    # the one-process reference runs beside the two DDP processes: one process start-up instead of two in a row
+    ddp, single_run = start_script(tmp_path / "ddp", batch=2, processes=2), start_script(tmp_path / "single", 4, 1)
+    finished(ddp)
+    finished(single_run)
     single = load_file(str(tmp_path / "single.0.safetensors"))
     assert "loss.terms.fitnet.adapters.0.weight" in single
     logged = [entry for entry in json.loads((tmp_path / "single.0.json").read_text()) if "kd" in entry]

@@ -7,9 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.subprocess
 def test_toml_config_files_load_without_tomllib(tmp_path):
     """As on Python 3.10: ``import tomllib`` fails and tomli (the same parser, installed there by the
     ``python_version < '3.11'`` dependency) takes its place, for reading and for parse errors."""
@@ -48,6 +51,7 @@ def test_requires_python_and_the_tomli_dependency_agree():
         assert tomli == []
 
 
+@pytest.mark.subprocess
 def test_the_library_and_the_distiller_import_no_training_framework():
     """The integrations are imported only when asked for: ``import jacplug`` and a Distiller step load
     neither transformers nor Lightning (seconds of start-up, and optional dependencies)."""

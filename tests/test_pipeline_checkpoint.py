@@ -139,6 +139,7 @@ files.atomic_write_bytes(sys.argv[1], b"a whole checkpoint")
 """
 
 
+@pytest.mark.subprocess
 def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(tmp_path / "resume.safetensors")], timeout=120)
     assert proc.returncode == -signal.SIGKILL

@@ -35,6 +35,8 @@ from jacplug.commands.train_run import RunContext, _run_dir
 from jacplug.training.plan import stream_plan
 from jacplug.training.teacher import cosine_schedule
 
+pytestmark = pytest.mark.distributed  # every test here runs 2 gloo processes (torchrun or mp.spawn)
+
 WORLD = 2
 
 
@@ -165,11 +167,12 @@ def test_a_whole_distiller_under_ddp_trains_like_one_process_adapters_included(t
 
 
 def test_torchrun_two_processes_end_to_end(tmp_path):
-    """The real launcher: 2 gloo processes, rank 0 trains the teacher and writes every file."""
+    """The real launcher: 2 gloo processes, rank 0 trains the teacher and writes every file. The teacher
+    makes 4 steps, not an epoch at batch 8 (158 steps): how well it is trained is not what is tested."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
            "-m", "jacplug", "train", "--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8",
-           "--teacher-epochs", "1", "--epochs", "1", "--samples-per-class", "4", "--batch-size", "8",
+           "--teacher-steps", "4", "--epochs", "1", "--samples-per-class", "4", "--batch-size", "8",
            "--out", str(out), "--no-progress", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -37,6 +37,7 @@ def holder(tmp_path):
         proc.wait()
 
 
+@pytest.mark.subprocess
 def test_second_train_on_a_held_directory_gets_one_line_naming_the_holder(holder):
     run, proc = holder
     cmd = [sys.executable, "-m", "jacplug", "train", "--teacher", "test_resnet", "--student", "test_resnet",
@@ -50,6 +51,7 @@ def test_second_train_on_a_held_directory_gets_one_line_naming_the_holder(holder
     assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # the refused run wrote nothing
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_lock_of_a_killed_run_is_taken_over(holder, sig):
     run, proc = holder
@@ -92,6 +94,7 @@ def test_an_unusable_directory_is_a_user_error(tmp_path):
     assert not isinstance(info.value, RunDirBusy)
 
 
+@pytest.mark.subprocess
 def test_train_takes_over_the_directory_of_a_run_killed_with_sigkill(holder, capsys):
     run, proc = holder
     proc.kill()

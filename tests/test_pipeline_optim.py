@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import timm
 import torch
 from torch import nn
 
@@ -26,8 +25,8 @@ def decay_of(optimizer: torch.optim.Optimizer) -> dict[int, float]:
     return {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
 
 
-def test_norm_and_bias_parameters_get_no_weight_decay():
-    student = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+def test_norm_and_bias_parameters_get_no_weight_decay(tiny_resnet):
+    student = tiny_resnet()
     loss = WeightedLoss({"kd": (KDLoss(), 1.0), "fitnet": (FitNetLoss({"layer1": "layer1"}, {"layer1": (32, 32)}), 1.0)})
     student.fc.weight.requires_grad_(False)  # frozen parameters stay out of the optimizer
     optimizer = create_adamw({"student": student, "loss": loss}, lr=1e-3, weight_decay=0.05)

@@ -91,6 +91,7 @@ def test_out_of_tree_plugin_is_discovered_listed_and_usable(example_dist, host):
     assert isinstance(jacplug.create_loss("cosine-logits"), jacplug.losses.LossTerm)
 
 
+@pytest.mark.subprocess
 def test_cli_lists_the_out_of_tree_plugin_with_descriptions(example_dist, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(example_dist)}
     out = subprocess.run([sys.executable, "-m", "jacplug", "plugins", "--json"], env=env, capture_output=True,
@@ -232,6 +233,7 @@ def test_lifecycle_hook_failures_are_isolated(host, monkeypatch):
     assert seen == [(3, 0.5)]
 
 
+@pytest.mark.subprocess
 def test_cli_help_version_and_lazy_imports():
     out = subprocess.run([sys.executable, "-m", "jacplug", "--help"], capture_output=True, text=True, check=True).stdout
     from jacplug.cli.main import COMMANDS
@@ -426,6 +428,7 @@ COMMAND_PLUGIN = textwrap.dedent(
 )
 
 
+@pytest.mark.subprocess
 def test_plugin_adds_a_command_run_through_python_m_jacplug(site):
     install_fake_distribution(site, "jacplug-greet", "0.3", {"jacplug_example_greet": COMMAND_PLUGIN},
                               {"greet": "jacplug_example_greet"})

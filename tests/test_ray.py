@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.distributed  # a local Ray instance: its own worker processes
 
 from jacplug.cli.main import main  # noqa: E402
 from jacplug.experiment import executors  # noqa: E402

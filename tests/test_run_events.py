@@ -74,6 +74,8 @@ def read_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_reports_the_teacher_and_the_student_phase_to_an_installed_plugin(events_plugin, tmp_path):
     env, events_file = events_plugin
     out = tmp_path / "run"
@@ -97,6 +99,8 @@ def test_train_reports_the_teacher_and_the_student_phase_to_an_installed_plugin(
     assert events.index(teacher[-1]) < events.index(student[0])  # the teacher phase ends before the student's begins
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_experiment_reports_its_teacher_and_every_cell_from_the_worker_processes(events_plugin, tmp_path):
     env, events_file = events_plugin
     out = tmp_path / "exp"

@@ -12,25 +12,20 @@ from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
 import jacplug
+from conftest import tiny_train_args
 from jacplug.cli.main import main
 from jacplug.errors import UserError
-from jacplug.io.checkpoint import save_model
-from jacplug.registry import create_dataset, create_model
+from jacplug.registry import create_dataset
 
-TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "8",
-        "--seed", "0", "--device", "cpu", "--no-progress"]
+TINY = tiny_train_args()
 
 
 @pytest.fixture(scope="module")
-def student_file(tmp_path_factory) -> str:
+def student_file(tmp_path_factory, untrained_teacher_checkpoint) -> str:
     """``student_best.safetensors`` of a one-step ``jacplug train`` run on the 8x8 digits (untrained teacher)."""
     out = tmp_path_factory.mktemp("run")
-    splits = create_dataset("digits", image_size=8)
-    teacher = out / "teacher.safetensors"
-    save_model(teacher, create_model("test_resnet", num_classes=10, in_chans=1), role="teacher", name="test_resnet",
-               num_classes=10, input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config={})
-    rc = main(["train", *TINY, "--teacher-checkpoint", str(teacher), "--samples-per-class", "1", "--epochs", "1",
-               "--max-steps-per-epoch", "1", "--loss", "kd=1", "--out", str(out / "run")])
+    rc = main(["train", *TINY, "--teacher-checkpoint", untrained_teacher_checkpoint, "--samples-per-class", "1",
+               "--epochs", "1", "--max-steps-per-epoch", "1", "--loss", "kd=1", "--out", str(out / "run")])
     assert rc == 0
     return str(out / "run" / "student_best.safetensors")
 
@@ -42,11 +37,11 @@ def digits_data_config() -> dict:
             "crop_pct": 1.0, "crop_mode": "center"}
 
 
-def test_load_model_gives_timm_the_training_preprocessing(student_file):
+def test_load_model_gives_timm_the_training_preprocessing(student_file, tiny_resnet):
     model = jacplug.load_model(student_file)
     assert resolve_data_config(model=model) == digits_data_config()
     assert model.pretrained_cfg["num_classes"] == 10 and model.pretrained_cfg["architecture"] == "test_resnet"
-    plain = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    plain = tiny_resnet()
     plain.load_state_dict(load_file(student_file))
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(model.eval()(x), plain.eval()(x))
