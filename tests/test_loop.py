@@ -37,8 +37,7 @@ def net() -> nn.Module:
 
 def teacher_loop(model: nn.Module, dataset: TensorDataset, epochs: int = 2, **options) -> tuple[Loop, list[dict]]:
     """A teacher phase through the loop, recording the events its observers would receive."""
-    loader = DataLoader(dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True)
-    plan = plan_steps(samples=len(dataset), batch=8, steps_per_epoch=len(loader), epochs=epochs)
+    plan = plan_steps(samples=len(dataset), batch=8, steps_per_epoch=len(dataset) // 8, epochs=epochs)
     optimizer = create_adamw({"teacher": model}, lr=1e-2, weight_decay=0.05)
     seen: list[dict] = []
 
@@ -46,7 +45,7 @@ def teacher_loop(model: nn.Module, dataset: TensorDataset, epochs: int = 2, **op
         def emit(self, hook, **kwargs):
             seen.append({"hook": hook, **kwargs})
 
-    loop = Loop(ClassifierStep(model, CPU), EpochBatches(loader, plan), optimizer, cosine_schedule(optimizer, plan.total),
+    loop = Loop(ClassifierStep(model, CPU), EpochBatches(dataset, 8, torch.Generator().manual_seed(0), plan=plan), optimizer, cosine_schedule(optimizer, plan.total),
                 plan, CPU, Recorder(), evaluate=lambda step: {"val_acc": 0.5}, **options)
     return loop, seen
 
