@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import UserError
@@ -231,11 +233,20 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
 def _kept(run_dir: Path) -> str:
     """What an interrupted run leaves in ``run_dir``, and how to go on from it."""
     files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith(".")) if run_dir.is_dir() else []
-    if any((run_dir / name).is_file() for name in (RESUME_FILE, TEACHER_RESUME_FILE, TEACHER_FILE)):
+    if any((run_dir / name).is_file() for name in (RESUME_FILE, TEACHER_FILE)) or _saved_step(run_dir / TEACHER_RESUME_FILE):
         how = "--resume continues from there once the cause is fixed (with the same options)"
     else:
         how = "nothing trained was kept: remove it, or choose another --out"
     return f"{str(run_dir)!r} keeps {', '.join(files) or 'nothing'}; {how}"
+
+
+def _saved_step(resume_file: Path) -> int:
+    """The step a phase's resume state was saved after (0: none, or the phase's start only)."""
+    try:
+        with safe_open(str(resume_file), framework="pt") as fh:
+            return int(json.loads((fh.metadata() or {})["position"])["step"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return 0
 
 
 def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher_speed: float | None, graphs: bool,
