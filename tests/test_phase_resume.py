@@ -24,7 +24,7 @@ from jacplug.cli.main import main
 from jacplug.training.metrics import read_metrics
 
 RUN = ["train", "--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--teacher-steps", "40",
-       "--samples-per-class", "2", "--steps", "12", "--batch-size", "16", "--loss", "kd=1", "jacobian=0.1",
+       "--samples-per-class", "2", "--steps", "12", "--batch-size", "16", "--loss", "kd=1", "--loss", "jacobian=0.1",
        "--save-every", "1", "--device", "cpu", "--no-progress", "--agreement-images", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
