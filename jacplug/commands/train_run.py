@@ -8,7 +8,8 @@ warm-up, and its per-parameter scaling absorbs the different gradient scales of 
 Jacobian terms.
 
 Both phases run through the one run loop (:mod:`.loop`): the teacher's with a cross-entropy step
-(:mod:`.teacher`), the student's with a :class:`jacplug.Distiller` (cached teacher entries with
+(:mod:`.teacher`, prepared as ``jacplug experiment`` prepares it), the student's built by
+:mod:`.phases` (as every experiment cell is) with a :class:`jacplug.Distiller` (cached teacher entries with
 ``--cache-teacher``; on the run's first step the gradient-flow check, unless ``--no-check-gradients``;
 a CUDA graph after warm-up with ``--cuda-graphs``). What the run writes besides the resume state
 (``metrics.jsonl``, progress, the student's checkpoints, ``curves.png``, trackers with ``--log``) is
@@ -20,11 +21,13 @@ logged at every evaluation point of the plan (each epoch end, or with a step bud
 epoch ends and the last step). ``config.json`` holds the configuration as the run executes it:
 the length, the loss specs (the default preset spelled out), the image size and augmentation.
 
-Resume: ``resume.safetensors`` is rewritten every ``--save-every`` steps and at every evaluation.
-Step ``k``'s batch depends only on ``--seed`` and ``k``, so a resumed run regenerates the batch
-order up to its saved step (without loading samples), restores the RNG states, and continues with
-exactly the batches and random draws the interrupted run would have used (bit-identical on CPU
-with ``--workers 0``).
+Resume: every phase writes its state when it starts, every ``--save-every`` steps and at every
+evaluation (``teacher_resume.safetensors`` while the teacher trains, ``resume.safetensors`` for the
+student; the teacher's is removed once the student's start is saved). A phase's batches are
+regenerated from the seed up to its saved step (without loading samples) and the RNG states restored,
+so a run killed in or between the phases continues with exactly the batches and random draws the
+interrupted run would have used (bit-identical on CPU with ``--workers 0``). A run without
+``--resume`` starts only in a new or empty directory (docs/pipeline.md, "The run directory").
 """
 
 from __future__ import annotations
