@@ -263,7 +263,7 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
     batches = StreamBatches(Indexed(splits.train), plan, config.batch_size, config.seed, config.workers,
                             pin_memory=runtime.device.type == "cuda", rank=runtime.rank, world_size=runtime.world_size)
     built = build_student_phase(run, phase, batches, capture=graphs, fused=runtime.device.type == "cuda", show=show,
-                                resume_file=run_dir / RESUME_FILE,
+                                resume_file=run_dir / RESUME_FILE, resume=bool(config.resume),
                                 cache_path=run_dir / CACHE_FILE if config.cache_teacher else None,
                                 checkpoints={"best": run_dir / BEST_FILE, "last": run_dir / LAST_FILE})
     end_teacher_resume(run_dir, runtime)  # the student phase has saved its start: a resumed run begins there

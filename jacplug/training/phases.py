@@ -57,6 +57,7 @@ def build_student_phase(
     split_scores: Callable[[nn.Module, Dataset], dict[str, Any]] | None = None,
     on_non_finite: str = "raise",
     resume_file: Path | None = None,
+    resume: bool = False,
     cache_path: Path | None = None,
     checkpoints: dict[str, Path] | None = None,
 ) -> StudentPhase:
@@ -65,10 +66,10 @@ def build_student_phase(
 
     ``capture``: the Distiller's CUDA graph; ``fused``: torch's fused AdamW (CUDA parameters only);
     ``split_scores(student, split)``: more scores per split, recorded as ``<split>_<name>``;
-    ``on_non_finite``: as :class:`~.loop.Loop` takes it. ``resume_file``: the phase's resume state, loaded
-    when it exists (``metrics.jsonl`` loses the records past it), else written at once (so a run killed
-    before the first save starts the phase with the same random state), then every ``--save-every`` steps
-    and at every evaluation. ``cache_path``: the teacher's cached entries (built there unless they match).
+    ``on_non_finite``: as :class:`~.loop.Loop` takes it. ``resume_file``: the phase's resume state; with
+    ``resume`` it is loaded when it exists (``metrics.jsonl`` loses the records past it); when none was
+    loaded it is written at once (so a run killed before the first save starts the phase with the same
+    random state), then every ``--save-every`` steps and at every evaluation. ``cache_path``: the teacher's cached entries (built there unless they match).
     ``checkpoints``: ``{role: path}`` written at every evaluation."""
     config, runtime, splits, teacher = run.config, run.runtime, run.splits, run.teacher
     student = run.student = run.student.to(runtime.device)
@@ -79,12 +80,14 @@ def build_student_phase(
                              fused=fused)
     scheduler = cosine_schedule(optimizer, phase.plan.total)
     position = Position()
-    if resume_file is not None:
+    if resume and resume_file is not None:
         if resume_file.is_file():
             position = Position.from_dict(load_resume(resume_file, models={"student": student, "loss": loss},
                                                       optimizer=optimizer, scheduler=scheduler))
         if runtime.is_main:  # steps past the saved position (all of them when none was saved) run again
             MetricsLog(run.out_dir).truncate_after(position.step)
+    if resume_file is not None:
+        barrier(runtime)  # every process has looked for the saved state before rank 0 writes the phase's start
 
     def save_state() -> None:
         if runtime.is_main:

@@ -8,7 +8,8 @@ records); otherwise the teacher is trained with cross-entropy for ``--teacher-ep
 ``--max-steps-per-epoch`` caps its epochs too; the length arithmetic is :mod:`.steps`), starting from
 timm's pretrained weights with ``--pretrained`` (the classifier is re-initialised for the dataset's
 classes, so it is fine-tuned, never used as is) or from scratch, and saved as ``teacher.safetensors``
-with its validation and test accuracy in the ``metrics`` metadata.
+with its validation and test accuracy in the ``metrics`` metadata. A teacher trained here is resumable
+like the student (``teacher_resume.safetensors``, see :func:`train_teacher`).
 
 A teacher checkpoint records the input size it was trained at; a run that feeds it another size gets
 a one-line warning (:class:`InputSizeWarning`), since its accuracy usually drops there.
