@@ -50,12 +50,12 @@ from ..errors import UserError
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..events import Phase
+from ..training import teacher_cache
 from ..io.checkpoint import atomic_write_text, load_weights, remove_stale_temp_files
 from ..training.config import TrainConfig
 from ..data.datasets import DatasetSplits, Indexed, few_sample_subset
 from ..training.runtime import Runtime, init_runtime, shutdown
 from ..training.evaluate import accuracy
-from ..training import teacher_cache
 from ..training.heldout import GRADIENT_MAPS
 from ..io.lock import RunDirLock
 from ..io.rundir import describe, leftovers
