@@ -3,8 +3,9 @@ the phases and in the student phase, resumed with ``--resume`` after each kill, 
 teacher and student weights (every tensor equal) and the same ``metrics.jsonl`` as an uninterrupted run;
 and a new run refuses a directory an earlier run left (docs/pipeline.md, "The run directory").
 
-Tiny: ``test_resnet`` at 8 px on the digits, a 40-step teacher (19 steps an epoch) and a 12-step student,
-each process with one thread; the kills wait for files, not for time."""
+Tiny: ``test_resnet`` at 8 px on the digits, a 40-step teacher (19 steps an epoch: the kill in its second
+epoch resumes a whole pass mid-way, and the third epoch depends on the generator that pass left) and a
+12-step student, each process with one thread; the kills wait for files, not for time."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from jacplug.cli.main import main
 from jacplug.training.metrics import read_metrics
 
 RUN = ["train", "--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--teacher-steps", "40",
-       "--samples-per-class", "2", "--steps", "12", "--batch-size", "16", "--loss", "kd=1", "--loss", "jacobian=0.1",
+       "--samples-per-class", "2", "--steps", "12", "--loss", "kd=1", "--loss", "jacobian=0.1",
        "--save-every", "1", "--device", "cpu", "--no-progress", "--agreement-images", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
