@@ -251,7 +251,7 @@ def test_resume_refuses_changed_identity_options(tmp_path, capsys, teacher_file)
     rc, _, err = cli(capsys, "--out", out, "--resume", "--loss", "kd=2")
     assert rc == 2 and "--loss" in err and "saved" in err and len(err.strip().splitlines()) == 1
     rc, _, err = cli(capsys, "--teacher-checkpoint", teacher_file, "--out", out)
-    assert rc == 2 and "already holds a run; pass --resume" in err
+    assert rc == 2 and "already holds a run (config.json, " in err and "; pass --resume" in err
     rc, _, err = cli(capsys, "--out", out, "--resume", "--epochs", "2")  # would move the cosine's end mid-run
     assert rc == 2 and "cannot change the training length" in err and len(err.strip().splitlines()) == 1
 
