@@ -17,6 +17,7 @@ from jacplug.experiment.config import sample_size
 from jacplug.experiment import ExperimentConfig, choose_weights, run_experiment
 from jacplug.experiment import executors
 from jacplug.experiment import protocol as runs_module
+from jacplug.training import phases as phases_module
 
 
 def tiny_config(out) -> ExperimentConfig:
@@ -30,7 +31,7 @@ def tiny_config(out) -> ExperimentConfig:
 def test_tiny_experiment_writes_outputs_and_selects_on_validation_only(tmp_path, monkeypatch):
     seen: list[tuple[str, str]] = []  # (phase of the current run, split handed to accuracy)
     phase = {"now": "teacher"}
-    real_run_one, real_accuracy = runs_module.run_one, runs_module.accuracy
+    real_run_one, real_accuracy = runs_module.run_one, phases_module.accuracy
 
     def spy_run_one(spec, *args, **kwargs):
         phase["now"] = spec.phase
@@ -43,7 +44,7 @@ def test_tiny_experiment_writes_outputs_and_selects_on_validation_only(tmp_path,
         return real_accuracy(model, dataset, *args, **kwargs)
 
     monkeypatch.setattr(runs_module, "run_one", spy_run_one)
-    monkeypatch.setattr(runs_module, "accuracy", spy_accuracy)
+    monkeypatch.setattr(phases_module, "accuracy", spy_accuracy)  # the student phase's evaluation
     torch.set_num_threads(threads := 2)  # the caller's count differs from the experiment's (1); conftest resets it
 
     results = run_experiment(tiny_config(tmp_path), echo=lambda line: None)

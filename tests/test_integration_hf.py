@@ -5,6 +5,8 @@ are checkpointed and resume; two processes (gloo) equal one."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import timm
 import torch
@@ -182,7 +184,6 @@ def test_checkpoints_carry_the_adapters_and_a_resumed_run_continues_them(tmp_pat
 def start_script(out, batch: int, processes: int) -> subprocess.Popen:
     import os
     import socket
-    import subprocess
     import sys
     from pathlib import Path
 

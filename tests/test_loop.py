@@ -4,6 +4,7 @@ non-finite loss as its phase asks, and an interrupted run says what its director
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,7 @@ def net() -> nn.Module:
 
 def teacher_loop(model: nn.Module, dataset: TensorDataset, epochs: int = 2, **options) -> tuple[Loop, list[dict]]:
     """A teacher phase through the loop, recording the events its observers would receive."""
-    loader = DataLoader(dataset, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True)
-    plan = plan_steps(samples=len(dataset), batch=8, steps_per_epoch=len(loader), epochs=epochs)
+    plan = plan_steps(samples=len(dataset), batch=8, steps_per_epoch=len(dataset) // 8, epochs=epochs)
     optimizer = create_adamw({"teacher": model}, lr=1e-2, weight_decay=0.05)
     seen: list[dict] = []
 
@@ -46,7 +46,7 @@ def teacher_loop(model: nn.Module, dataset: TensorDataset, epochs: int = 2, **op
         def emit(self, hook, **kwargs):
             seen.append({"hook": hook, **kwargs})
 
-    loop = Loop(ClassifierStep(model, CPU), EpochBatches(loader, plan), optimizer, cosine_schedule(optimizer, plan.total),
+    loop = Loop(ClassifierStep(model, CPU), EpochBatches(dataset, 8, torch.Generator().manual_seed(0), plan=plan), optimizer, cosine_schedule(optimizer, plan.total),
                 plan, CPU, Recorder(), evaluate=lambda step: {"val_acc": 0.5}, **options)
     return loop, seen
 
@@ -122,3 +122,26 @@ def test_events_are_emitted_on_rank_0_only():
     Events(None, phase, enabled=False, host=Host()).emit("on_train_start")
     Events(None, phase, enabled=True, host=Host()).emit("on_train_start")
     assert calls == ["on_train_start"]
+
+
+def test_epoch_batches_resumed_mid_epoch_give_the_batches_of_an_uninterrupted_phase():
+    """A phase resumed after step 4 (mid-way through the second 3-step pass) from the generator that
+    :meth:`EpochBatches.resume_generator` gave gets the same batches, and leaves the generator where an
+    uninterrupted phase leaves it, so the third pass is the same too."""
+    dataset = data()
+    plan = plan_steps(samples=len(dataset), batch=8, steps_per_epoch=3, epochs=3)
+
+    def targets(batches: EpochBatches, first: int) -> list[list[int]]:
+        seen = []
+        while first < plan.total:
+            end = batches.round_end(first)
+            seen.extend(batch[1].tolist() for batch in batches.batches(first, end))
+            first = end
+        return seen
+
+    straight = targets(EpochBatches(dataset, 8, torch.Generator().manual_seed(0), plan=plan), 0)
+    interrupted = EpochBatches(dataset, 8, torch.Generator().manual_seed(0), plan=plan)
+    ran = [batch[1].tolist() for batch in interrupted.batches(0, 3)]
+    ran += [batch[1].tolist() for batch in itertools.islice(iter(interrupted.batches(3, 6)), 1)]  # killed after step 4
+    resumed = EpochBatches(dataset, 8, interrupted.resume_generator(4), plan=plan)
+    assert ran + targets(resumed, 4) == straight and len(straight) == 9

@@ -91,7 +91,7 @@ def test_resume_file_restores_optimizer_scheduler_rng_and_loss_state(tmp_path):
         (net(torch.randn(4, 1, 8, 8)).sum() + loss(torch.randn(4, 2)).sum()).backward()
         optimizer.step()
         scheduler.step()
-    save_resume(tmp_path / "r.safetensors", student=net, loss=loss, optimizer=optimizer, scheduler=scheduler,
+    save_resume(tmp_path / "r.safetensors", models={"student": net, "loss": loss}, optimizer=optimizer, scheduler=scheduler,
                 position={"epoch": 1, "batch": 3, "step": 2}, config={})
     expected_draw = torch.rand(3)
 
@@ -99,7 +99,7 @@ def test_resume_file_restores_optimizer_scheduler_rng_and_loss_state(tmp_path):
     net2, loss2 = model(), loss_module()
     optimizer2 = torch.optim.AdamW(list(net2.parameters()) + list(loss2.parameters()), lr=1e-2)
     scheduler2 = cosine_schedule(optimizer2, 10)
-    position = load_resume(tmp_path / "r.safetensors", student=net2, loss=loss2, optimizer=optimizer2,
+    position = load_resume(tmp_path / "r.safetensors", models={"student": net2, "loss": loss2}, optimizer=optimizer2,
                            scheduler=scheduler2)
     assert position == {"epoch": 1, "batch": 3, "step": 2}
     assert torch.equal(torch.rand(3), expected_draw)

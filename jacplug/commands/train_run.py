@@ -8,7 +8,8 @@ warm-up, and its per-parameter scaling absorbs the different gradient scales of 
 Jacobian terms.
 
 Both phases run through the one run loop (:mod:`.loop`): the teacher's with a cross-entropy step
-(:mod:`.teacher`), the student's with a :class:`jacplug.Distiller` (cached teacher entries with
+(:mod:`.teacher`, prepared as ``jacplug experiment`` prepares it), the student's built by
+:mod:`.phases` (as every experiment cell is) with a :class:`jacplug.Distiller` (cached teacher entries with
 ``--cache-teacher``; on the run's first step the gradient-flow check, unless ``--no-check-gradients``;
 a CUDA graph after warm-up with ``--cuda-graphs``). What the run writes besides the resume state
 (``metrics.jsonl``, progress, the student's checkpoints, ``curves.png``, trackers with ``--log``) is
@@ -21,17 +22,20 @@ epoch ends and the last step). ``config.json`` holds the configuration as the ru
 the length, the loss specs (the default preset spelled out), the image size and augmentation, and
 beside them the unreadable images the data left out (``dropped_images``).
 
-Resume: ``resume.safetensors`` is rewritten every ``--save-every`` steps and at every evaluation.
-Step ``k``'s batch depends only on ``--seed`` and ``k``, so a resumed run regenerates the batch
-order up to its saved step (without loading samples), restores the RNG states, and continues with
-exactly the batches and random draws the interrupted run would have used (bit-identical on CPU
-with ``--workers 0``).
+Resume: every phase writes its state when it starts, every ``--save-every`` steps and at every
+evaluation (``teacher_resume.safetensors`` while the teacher trains, ``resume.safetensors`` for the
+student; the teacher's is removed once the student's start is saved). A phase's batches are
+regenerated from the seed up to its saved step (without loading samples) and the RNG states restored,
+so a run killed in or between the phases continues with exactly the batches and random draws the
+interrupted run would have used (bit-identical on CPU with ``--workers 0``). A run without
+``--resume`` starts only in a new or empty directory (docs/pipeline.md, "The run directory").
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -41,35 +45,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..distiller import Distiller
 from ..errors import UserError
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..events import Phase
 from ..training import teacher_cache
-from ..io.checkpoint import load_weights, load_resume, save_resume
+from ..io.checkpoint import load_weights
 from ..io.files import atomic_write_text, remove_stale_temp_files
 from ..training.config import TrainConfig, run_record
 from ..data.datasets import DatasetSplits, Indexed, few_sample_subset
-from ..training.runtime import Runtime, barrier, distribute, init_runtime, shutdown
+from ..training.runtime import Runtime, init_runtime, shutdown
 from ..training.evaluate import accuracy
-from ..training.heldout import GRADIENT_MAPS, HeldOutAgreement
+from ..training.heldout import GRADIENT_MAPS
 from ..io.folders import check_folder, removed_if_unused
 from ..io.lock import LOCK_FILE, RunDirLock
-from ..training.loop import Loop, Position, StreamBatches
-from ..training.metrics import MetricsLog, read_metrics
+from ..io.rundir import describe, leftovers
+from ..training.loop import StreamBatches
+from ..training.metrics import read_metrics
 from ..models.build import build_model
 from ..models.pretrained import teacher_view
-from ..events import Events
 from ..training.observers import check_observers, observing
-from ..training.optim import create_adamw
 from ..training.prepare import check_memory, loss_for_pair, check_step, load_data
 from ..checks.probe_batch import probe_batch
 from ..training.progress import want_progress
 from ..training.plan import StepPlan, default_length, stream_batch, stream_plan, warn_if_few
-from ..training.teacher import TEACHER_FILE, build_teacher, cosine_schedule, prepare_teacher, teacher_length
+from ..training.phases import build_student_phase
+from ..training.teacher import (TEACHER_FILE, TEACHER_RESUME_FILE, build_teacher, end_teacher_resume,
+                                prepare_teacher, teacher_length)
 
 RESUME_FILE = "resume.safetensors"
 BEST_FILE = "student_best.safetensors"
@@ -156,6 +161,8 @@ def _run_dir(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) 
             check_folder(out, "--out")
             held.enter_context(removed_if_unused(out))  # ``runs/``, the missing parents of --out
             held.enter_context(RunDirLock(out))
+            if not config.resume:
+                _refuse_reuse(out)
         except UserError as exc:
             refusal = str(exc)
     if runtime.distributed:  # every rank must use rank 0's timestamp, and fail when rank 0 could not lock
@@ -171,13 +178,22 @@ def _run_dir(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) 
         raise UserError(refusal)
     if runtime.is_main:
         remove_stale_temp_files(out)  # left by a run killed mid-write; we hold the lock, so no writer owns them
-    if config.resume:
-        if not (out / CONFIG_FILE).is_file():
-            raise UserError(f"--resume: {str(out)!r} holds no run (no {CONFIG_FILE}); pass the run's directory as --out")
-    elif (out / RESUME_FILE).exists() or (out / LAST_FILE).exists():
-        raise UserError(f"{str(out)!r} already holds a run; pass --resume (or --resume auto) to continue it, or "
-                        "choose another --out")
+    if config.resume and not (out / CONFIG_FILE).is_file():
+        raise UserError(f"--resume: {str(out)!r} holds no run (no {CONFIG_FILE}); pass the run's directory as --out")
     return out
+
+
+def _refuse_reuse(out: Path) -> None:
+    """A new run (no ``--resume``) starts only in a new or empty directory: one line naming what an earlier
+    run (or anything else) left there, and the ways on."""
+    found = leftovers(out)
+    if not found:
+        return
+    if (out / CONFIG_FILE).is_file():
+        raise UserError(f"{str(out)!r} already holds a run ({describe(found)}); pass --resume (or --resume auto) to "
+                        "continue it, or choose another --out")
+    raise UserError(f"{str(out)!r} is not empty ({describe(found)}) and holds no run to resume (no {CONFIG_FILE}); "
+                    "choose another --out")
 
 
 def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) -> dict[str, Any]:
@@ -214,10 +230,6 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, run_record(config, splits))
         warn_if_few(plan, "student", "--steps")
-    if config.resume and runtime.is_main:
-        log = MetricsLog(run_dir)
-        if not config.teacher_checkpoint and not (run_dir / TEACHER_FILE).is_file():
-            log.truncate_after(0, keep_teacher=False)  # the teacher's training was interrupted: it starts again
 
     context = RunContext(config=config, out_dir=run_dir, device=runtime.device, teacher=None, student=student,
                          loss=loss, splits=splits, runtime=runtime, extra={"plan": plan},
@@ -233,9 +245,10 @@ def _train(config: TrainConfig, runtime: Runtime, held: contextlib.ExitStack) ->
 
 def _kept(run_dir: Path, found: set[Path] | None) -> str:
     """What an interrupted run leaves in ``run_dir``, and how to go on from it. A run that wrote nothing worth
-    resuming (no trained teacher, no resume state) removes what it wrote (rank 0, which knows what ``found``
-    was there before it); the run-directory lock then removes the directory if the run created it."""
-    if (run_dir / RESUME_FILE).is_file() or (run_dir / TEACHER_FILE).is_file():
+    resuming (no trained teacher, no resume state of either phase) removes what it wrote (rank 0, which knows
+    what ``found`` was there before it); the run-directory lock then removes the directory if the run created it."""
+    if (any((run_dir / name).is_file() for name in (RESUME_FILE, TEACHER_FILE))
+            or _saved_step(run_dir / TEACHER_RESUME_FILE)):
         files = sorted(p.name for p in run_dir.iterdir() if p.is_file() and not p.name.startswith("."))
         return (f"{str(run_dir)!r} keeps {', '.join(files)}; --resume continues from there once the cause is fixed "
                 "(with the same options)")
@@ -245,9 +258,18 @@ def _kept(run_dir: Path, found: set[Path] | None) -> str:
     return f"nothing trained was kept, so the run's files in {str(run_dir)!r} were removed"
 
 
+def _saved_step(resume_file: Path) -> int:
+    """The step a phase's resume state was saved after (0: none, or the phase's start only)."""
+    try:
+        with safe_open(str(resume_file), framework="pt") as fh:
+            return int(json.loads((fh.metadata() or {})["position"])["step"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return 0
+
+
 def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher_speed: float | None, graphs: bool,
                    show: bool, started: float) -> dict[str, Any]:
-    """The student's phase of the run loop: a :class:`jacplug.Distiller` step, resumable."""
+    """The student's phase of the run loop (:mod:`.phases`): a :class:`jacplug.Distiller` step, resumable."""
     config, runtime, splits, run_dir, teacher = run.config, run.runtime, run.splits, run.out_dir, run.teacher
     # a --teacher-checkpoint trained on other statistics sees the run's tensors renormalised to its own
     view = teacher_view(config.teacher_checkpoint, splits.mean, splits.std)
@@ -255,53 +277,18 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
     seen = teacher if view is None else nn.Sequential(view, teacher).eval()  # the teacher as the data reaches it
     teacher_acc = accuracy(seen, splits.test, runtime, batch_size=config.eval_batch_size, show=show, desc="teacher test")
     run.extra.update(teacher_acc=teacher_acc, teacher_source=teacher_source)
-    student = run.student = run.student.to(runtime.device)
-    loss = run.loss = run.loss.to(runtime.device)
-    if runtime.channels_last:
-        student = run.student = student.to(memory_format=torch.channels_last)
-    optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay,
-                             fused=runtime.device.type == "cuda")
-    scheduler = cosine_schedule(optimizer, plan.total)
-    position = Position()
-    if config.resume and (run_dir / RESUME_FILE).is_file():
-        position = Position.from_dict(load_resume(run_dir / RESUME_FILE, student=student, loss=loss,
-                                                  optimizer=optimizer, scheduler=scheduler))
-    if config.resume and runtime.is_main:  # steps past the saved position (all of them when none was saved) run again
-        MetricsLog(run_dir).truncate_after(position.step)
-
-    distiller = Distiller(distribute(student, runtime), teacher, loss, amp=runtime.amp_dtype, capture=graphs,
-                          check_gradients=config.check_gradients and position.step == 0, name=config.student,
-                          teacher_input=view)
-    lookup = None
-    if config.cache_teacher:
-        cache_path = run_dir / CACHE_FILE
-        key = teacher_cache.cache_key(seen, splits.train, config.loss, runtime, config.eval_batch_size)
-        if runtime.is_main and not teacher_cache.TeacherCache.matches(cache_path, key):
-            teacher_cache.build_cache(cache_path, seen, loss, splits.train, runtime, config.eval_batch_size, key, show)
-        barrier(runtime)
-        lookup = teacher_cache.TeacherCache(cache_path, runtime.device)
-
-    heldout = HeldOutAgreement(seen, splits, config.agreement_images) if config.agreement_images and runtime.is_main else None
-
-    def evaluate(step: int) -> dict[str, Any]:
-        scores = {name: accuracy(student, split, runtime, batch_size=config.eval_batch_size, show=show,
-                                 desc=name.split("_")[0])
-                  for name, split in (("val_acc", splits.val), ("test_acc", splits.test)) if split is not None}
-        return {**scores, **(heldout.measure(student) if heldout is not None else {})}
-
-    def save_state() -> None:
-        if runtime.is_main:
-            save_resume(run_dir / RESUME_FILE, student=student, loss=loss, optimizer=optimizer, scheduler=scheduler,
-                        position=position.as_dict(), config=config.to_dict())
-
     phase = Phase(kind="student", name="student", out_dir=run_dir, group=str(run_dir), params=config.to_dict(),
-                  plan=plan, start=position.step)
-    events = Events(run, phase, enabled=runtime.is_main)
+                  plan=plan)
     batches = StreamBatches(Indexed(splits.train), plan, config.batch_size, config.seed, config.workers,
                             pin_memory=runtime.device.type == "cuda", rank=runtime.rank, world_size=runtime.world_size)
-    loop = Loop(distiller, batches, optimizer, scheduler, plan, runtime, events, evaluate, position, cache=lookup,
-                save_every=config.save_every, save_state=save_state,
-                checkpoints={"best": run_dir / BEST_FILE, "last": run_dir / LAST_FILE})
+    built = build_student_phase(run, phase, batches, capture=graphs, fused=runtime.device.type == "cuda", show=show,
+                                resume_file=run_dir / RESUME_FILE, resume=bool(config.resume),
+                                cache_path=run_dir / CACHE_FILE if config.cache_teacher else None,
+                                checkpoints={"best": run_dir / BEST_FILE, "last": run_dir / LAST_FILE},
+                                teacher_input=view)
+    end_teacher_resume(run_dir, runtime)  # the student phase has saved its start: a resumed run begins there
+    student, loop, events, heldout = run.student, built.loop, built.events, built.heldout
+    position = loop.position
     evaluations = [r for r in read_metrics(run_dir) if r.get("kind") == "epoch"] if runtime.is_main else []
     events.emit("on_train_start")
     if heldout is not None:
@@ -314,7 +301,7 @@ def _student_phase(run: RunContext, plan: StepPlan, teacher_source: str, teacher
     summary = _summary(config, run_dir, teacher_acc, teacher_source, position, last, started, splits, plan)
     summary["student_images_per_s"] = loop.images_per_s
     summary["teacher_images_per_s"] = teacher_speed
-    summary["student_step_mode"] = distiller.capture_status
+    summary["student_step_mode"] = built.distiller.capture_status
     summary["agreement"] = {k: v for k, v in last.items() if k.startswith("agreement_")}
     if heldout is not None:
         summary["gradient_maps"] = str(run_dir / GRADIENT_MAPS)

@@ -49,24 +49,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..distiller import RESERVED_KEYS, Distiller
-from ..io.checkpoint import load_weights, save_model
+from ..distiller import RESERVED_KEYS
+from ..io.checkpoint import load_weights
 from ..training.config import TrainConfig
 from ..data.datasets import DatasetSplits, few_sample_subset
 from ..training.runtime import Runtime
-from ..training.evaluate import accuracy
-from ..training.heldout import HeldOutAgreement
 from ..events import Phase
-from ..training.loop import Loop, StreamBatches
-from ..events import Events
+from ..training.loop import StreamBatches
 from ..training.observers import check_observers, observing
-from ..training.optim import create_adamw
+from ..training.phases import build_student_phase
 from ..training.prepare import loss_for_pair, check_step
 from ..checks.probe_batch import probe_batch
 from ..commands.train_run import RunContext
 from ..training.plan import stream_plan
 from ..models.build import build_model
-from ..training.teacher import TEACHER_FILE, cosine_schedule, train_teacher
+from ..training.teacher import TEACHER_FILE, end_teacher_resume, prepare_teacher
 from .config import ExperimentConfig, RunSpec
 from .methods import METHODS, get_method
 
@@ -89,44 +86,30 @@ def run_one(spec: RunSpec, config: ExperimentConfig, full: DatasetSplits, teache
     specs = method.specs(dict(spec.weights), config)
     torch.manual_seed(spec.seed)
     student = build_model("student", config.student, splits, config.student_kwargs).module
-    student = student.to(runtime.device).train()
-    loss = loss_for_pair(specs, config.teacher, config.student).to(runtime.device)
-    optimizer = create_adamw({"student": student, "loss": loss}, lr=config.lr, weight_decay=config.weight_decay)
+    loss = loss_for_pair(specs, config.teacher, config.student)
     plan = stream_plan(len(splits.train), config.batch_size, steps=config.steps)
     batches = StreamBatches(splits.train, plan, config.batch_size, spec.seed, loader_workers(config, runtime),
                             pin_memory=runtime.device.type == "cuda", rounds="whole",
                             generator=torch.Generator().manual_seed(spec.seed))  # worker seeds; the global RNG stays the run's
-    distiller = Distiller(student, teacher, loss, amp=runtime.amp_dtype, capture=runtime.device.type == "cuda",
-                          name=config.student)
-
-    heldout = HeldOutAgreement(teacher, splits, config.agreement_images) if config.agreement_images else None
-
-    def evaluate(step: int) -> dict[str, Any]:
-        scores: dict[str, Any] = {}
-        for name in ("val", "test"):
-            split = getattr(splits, name)
-            if split is not None:
-                scores[f"{name}_acc"] = accuracy(student, split, runtime, batch_size=config.eval_batch_size,
-                                                 show=False, desc=name)
-                if config.noise_sigmas:
-                    scores[f"{name}_acc_noise"] = noisy_accuracy(student, split, config, runtime)
-        return {**scores, **(heldout.measure(student) if heldout is not None else {})}
-
     train_config = config.train_config(seed=spec.seed, samples_per_class=spec.samples_per_class, loss=list(specs))
     run = RunContext(config=train_config, out_dir=Path(config.out), device=runtime.device, teacher=teacher,
                      student=student, loss=loss, splits=splits, runtime=runtime)
     phase = Phase(kind="cell", name=spec.name, out_dir=Path(config.out), group=str(config.out),
                   params={**train_config.to_dict(), "method": spec.method, "phase": spec.phase,
                           **{f"weight_{key}": value for key, value in spec.weights}}, plan=plan)
+
+    def noisy(model: nn.Module, split: Dataset) -> dict[str, Any]:
+        return {"acc_noise": noisy_accuracy(model, split, config, runtime)}
+
     with observing(config.log, config.log_off):
-        events = Events(run, phase)
         # a weight that diverges stops its run, which is scored as it stands: it loses the selection
-        loop = Loop(distiller, batches, optimizer, cosine_schedule(optimizer, plan.total), plan, runtime, events,
-                    evaluate, on_non_finite="stop")
+        built = build_student_phase(run, phase, batches, capture=runtime.device.type == "cuda",
+                                    split_scores=noisy if config.noise_sigmas else None, on_non_finite="stop")
+        loop, events = built.loop, built.events
         events.emit("on_train_start")
         scores = loop.run()
         if loop.diverged_at is not None:
-            scores = evaluate(loop.position.step)
+            scores = loop.evaluate(loop.position.step)
         record: dict[str, Any] = {
             **dataclasses.asdict(spec),
             "weights": dict(spec.weights),
@@ -209,25 +192,21 @@ def teacher_weights(config: ExperimentConfig, splits: DatasetSplits, runtime: Ru
     the weights file every worker loads, and where it came from."""
     if config.teacher_checkpoint:
         return Path(config.teacher_checkpoint), config.teacher_checkpoint
-    # the teacher phase of `jacplug train` with the experiment's teacher options; its batch size and seed
-    # are train's defaults, the same for every experiment, so the experiment's seeds vary only the students
+    # the teacher phase of `jacplug train` (resumable as there) with the experiment's teacher options; its batch
+    # size and seed are train's defaults, the same for every experiment, so the experiment's seeds vary only the
+    # students
     train_config = TrainConfig(teacher=config.teacher, teacher_epochs=config.teacher_epochs,
                                teacher_lr=config.teacher_lr, weight_decay=config.weight_decay,
                                eval_batch_size=config.eval_batch_size, workers=loader_workers(config, runtime),
                                dataset=config.dataset, out=config.out, log=list(config.log),
-                               log_off=list(config.log_off))
+                               log_off=list(config.log_off), resume=bool(config.resume))
     torch.manual_seed(train_config.seed)
-    model = build_model("teacher", config.teacher, splits).module.to(runtime.device)
     run = RunContext(config=train_config, out_dir=out, device=runtime.device, teacher=None, student=None, loss=None,
                      splits=splits, runtime=runtime)
     with observing(config.log, config.log_off):
-        train_teacher(model, splits, train_config, runtime, run=run, out_dir=out, group=str(out), show=False,
-                      length_option="--teacher-epochs")
-    path = out / TEACHER_FILE
-    save_model(path, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
-               input_shape=splits.input_shape, mean=splits.mean, std=splits.std, config=train_config.to_dict(),
-               interpolation=splits.interpolation, crop_pct=splits.crop_pct, crop_mode=splits.crop_mode)
-    return path, f"trained here ({config.teacher_epochs} epochs, seed {train_config.seed})"
+        prepare_teacher(train_config, splits, runtime, out, run, show=False, length_option="--teacher-epochs")
+    end_teacher_resume(out, runtime)  # its weights are saved; the cells need nothing else of the phase
+    return out / TEACHER_FILE, f"trained here ({config.teacher_epochs} epochs, seed {train_config.seed})"
 
 
 def load_teacher(config: ExperimentConfig, splits: DatasetSplits, path: Path, runtime: Runtime) -> nn.Module:

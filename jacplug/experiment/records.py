@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..io.files import atomic_write_text, remove_stale_temp_files
+from ..io.rundir import describe, leftovers
 from .config import ExperimentConfig, RunSpec
 from .report import RESULTS_JSON
 
@@ -64,6 +65,10 @@ class Records:
             if mode is True:
                 raise UserError(f"--resume: {str(self.out)!r} holds no experiment (no {EXPERIMENT_FILE}); pass its "
                                 "directory as --out, or --resume auto to start it when there is none")
+            found = leftovers(self.out)
+            if found:  # another command's run, or anything else: a new experiment would write over it
+                raise UserError(f"{str(self.out)!r} is not empty ({describe(found)}) and holds no experiment to "
+                                f"resume (no {EXPERIMENT_FILE}); choose another --out")
             return "new"
         if not mode:
             raise UserError(f"{str(self.out)!r} holds an interrupted experiment ({len(self.finished())} finished "

@@ -11,8 +11,10 @@ so that ``timm.data.resolve_data_config(model=...)`` on a model built from the f
 preprocessing instead of ImageNet's. Loading needs only ``safetensors`` and ``timm.create_model(model,
 num_classes=..., in_chans=..., pretrained_cfg_overlay=..., **model_kwargs)``; :func:`jacplug.load_weights` does it.
 
-The resume file (``resume.safetensors``) is one file, so it is always self-consistent: the student,
-the loss module (adapters), the optimizer's tensors and the RNG states as tensors, and as JSON
+A resume file (``resume.safetensors`` for the student phase, ``teacher_resume.safetensors`` for the
+teacher's) is one file, so it is always self-consistent: the phase's models (the student and the loss
+module with its adapters, or the teacher), the optimizer's tensors, the RNG states and the data
+loader's shuffling generator as tensors, and as JSON
 metadata the optimizer's param groups and scalars, the scheduler, and the position (epoch, batches
 consumed, global step, best accuracy). Nothing is ever unpickled.
 
@@ -274,19 +276,21 @@ def restore_rng(tensors: dict[str, Tensor]) -> None:
 def save_resume(
     path: str | Path,
     *,
-    student: nn.Module,
-    loss: nn.Module,
+    models: dict[str, nn.Module],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     position: dict[str, Any],
     config: dict[str, Any],
+    generators: dict[str, torch.Generator] | None = None,
 ) -> None:
-    """Everything ``--resume`` needs, in one atomically written safetensors file."""
-    tensors = {f"student.{k}": v for k, v in _plain_state(student).items()}
-    tensors.update({f"loss.{k}": v for k, v in _plain_state(loss).items()})
+    """Everything ``--resume`` needs to continue a phase, in one atomically written safetensors file:
+    ``models`` (e.g. ``{"student": ..., "loss": ...}``, each under its name), the optimizer, the
+    scheduler, the global RNG states and ``generators`` (e.g. a data loader's shuffling generator)."""
+    tensors = {f"{name}.{k}": v for name, module in models.items() for k, v in _plain_state(module).items()}
     optim_tensors, optim_meta = _optimizer_to_flat(optimizer.state_dict())
     tensors.update(optim_tensors)
     tensors.update(rng_tensors())
+    tensors.update({f"generator.{name}": g.get_state() for name, g in (generators or {}).items()})
     metadata = {
         "format": RESUME_FORMAT,
         "optimizer": json.dumps(optim_meta),
@@ -301,15 +305,16 @@ def save_resume(
 def load_resume(
     path: str | Path,
     *,
-    student: nn.Module,
-    loss: nn.Module,
+    models: dict[str, nn.Module],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generators: dict[str, torch.Generator] | None = None,
+    remedy: str = ("this run's resume state is damaged: delete it to restart the student phase with --resume (the "
+                   "trained teacher is kept), or start a new run with another --out"),
 ) -> dict[str, Any]:
-    """Restore what :func:`save_resume` wrote (RNG included); returns the saved position."""
-    tensors, meta = read_checkpoint(path, remedy=(
-        "this run's resume state is damaged: delete it to restart the student phase with --resume (the trained "
-        "teacher is kept), or start a new run with another --out"))
+    """Restore what :func:`save_resume` wrote (RNG and ``generators`` included); returns the saved position.
+    ``remedy`` ends the one-line error about a damaged file."""
+    tensors, meta = read_checkpoint(path, remedy=remedy)
     if meta.get("format") != RESUME_FORMAT:
         raise UserError(f"{str(path)!r} is not a jacplug resume file (format {meta.get('format')!r})")
 
@@ -317,14 +322,16 @@ def load_resume(
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     try:
-        getattr(student, "module", student).load_state_dict(part("student."))
-        getattr(loss, "module", loss).load_state_dict(part("loss."))
+        for name, module in models.items():
+            getattr(module, "module", module).load_state_dict(part(f"{name}."))
         optimizer.load_state_dict(_optimizer_from_flat(tensors, json.loads(meta["optimizer"])))
         scheduler.load_state_dict(json.loads(meta["scheduler"]))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise UserError(
-            f"resume file {str(path)!r} does not match this run's student, loss or optimizer "
+            f"resume file {str(path)!r} does not match this run's {', '.join(models)} or optimizer "
             f"({' '.join(str(exc).split())[:200]}); start a new run with a fresh --out"
         ) from exc
     restore_rng(tensors)
+    for name, generator in (generators or {}).items():
+        generator.set_state(tensors[f"generator.{name}"])
     return json.loads(meta["position"])

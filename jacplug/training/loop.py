@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from ..errors import UserError
 from .runtime import Runtime, any_rank
@@ -106,20 +106,64 @@ class StreamBatches:
                           num_workers=self.workers, pin_memory=self.pin_memory, generator=self.generator)
 
 
-@dataclass
-class EpochBatches:
-    """Batches from one seeded, shuffling ``DataLoader`` run epoch by epoch (the teacher's): an epoch's
-    incomplete last batch is dropped; a capped epoch (``--max-steps-per-epoch``) stops early."""
+class _ResumableBatches(Sampler):
+    """torch's shuffling batch sampler (what ``DataLoader(shuffle=True)`` builds), whose next pass can leave
+    out the batches a resumed epoch already ran: they are drawn, not loaded, so the pass and the generator
+    end exactly as an uninterrupted pass would."""
 
-    loader: DataLoader
-    plan: StepPlan
+    def __init__(self, batches: BatchSampler) -> None:
+        self.inner, self.skip = batches, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.inner), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class EpochBatches:
+    """Batches of seeded, shuffled passes over ``dataset``, as one ``DataLoader(shuffle=True,
+    generator=generator)`` gives them (the teacher's): ``batch_size`` images a step, each pass's
+    incomplete last batch dropped when the data holds more than one batch; a capped epoch
+    (``--max-steps-per-epoch``) stops early. A round is an epoch.
+
+    Resumable: with ``generator`` in the state of :meth:`resume_generator`, a phase resumed after ``step``
+    gets the batches (and the generator draws) the uninterrupted phase would have."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, generator: torch.Generator, workers: int = 0,
+                 plan: StepPlan | None = None) -> None:
+        self.generator = generator
+        #: the phase's plan; may be set after construction, since an epoch's length is ``len(self)``
+        self.plan = plan
+        drop_last = len(dataset) > batch_size
+        self.sampler = _ResumableBatches(BatchSampler(RandomSampler(dataset, generator=generator), batch_size,
+                                                      drop_last))
+        self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=workers, generator=generator)
+        self._pass_start: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        """Batches in one whole pass over the data."""
+        return len(self.loader)
 
     def round_end(self, first: int) -> int:
-        return min(first + self.plan.steps_per_epoch, self.plan.total)
+        return min((first // self.plan.steps_per_epoch + 1) * self.plan.steps_per_epoch, self.plan.total)
 
     def batches(self, first: int, end: int) -> Iterable[tuple]:
-        # a whole epoch iterates the loader itself; a capped one a slice of a fresh pass
-        return self.loader if end - first == len(self.loader) else itertools.islice(self.loader, end - first)
+        ran = first % self.plan.steps_per_epoch  # steps of this epoch run before the phase was resumed
+        if ran == 0 or self._pass_start is None:  # a new pass, or the resumed one (from a restored generator)
+            self._pass_start = self.generator.get_state()
+        self.sampler.skip = ran
+        # a whole pass iterates the loader to its end; a capped epoch a slice of a fresh pass
+        return self.loader if ran + end - first == len(self.loader) else itertools.islice(self.loader, end - first)
+
+    def resume_generator(self, step: int) -> torch.Generator:
+        """A copy of the generator as a phase resumed after ``step`` must start with: the state its
+        epoch's pass was drawn from (mid-epoch), or the current one (at an epoch's end)."""
+        copy = torch.Generator()
+        at_epoch_end = step % self.plan.steps_per_epoch == 0 or self._pass_start is None
+        copy.set_state(self.generator.get_state() if at_epoch_end else self._pass_start)
+        return copy
 
 
 @dataclass

@@ -58,13 +58,19 @@ class MetricsLog:
         self.path = run_dir / METRICS
         self.enabled = enabled
 
-    def truncate_after(self, step: int, keep_teacher: bool = True) -> None:
-        """Keep only the student records up to global ``step``, and the teacher's records unless
-        ``keep_teacher`` is false (used by ``--resume``, which runs everything after them again)."""
+    def truncate_after(self, step: int, phase: str = "student") -> None:
+        """Keep only the records a phase resumed after its ``step`` has already written (used by
+        ``--resume``, which runs everything after them again): for the ``"student"`` phase, the teacher's
+        records and the student's up to ``step``; for the ``"teacher"`` phase, the teacher's up to ``step``."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [r for r in read_metrics(self.path.parent)
-                if (keep_teacher if r.get("kind") == "teacher_epoch" else r.get("step", 0) <= step)]
+
+        def kept_record(record: dict[str, Any]) -> bool:
+            if (record.get("kind") == "teacher_epoch") != (phase == "teacher"):
+                return phase == "student"  # the student keeps the teacher's records; the teacher none of the student's
+            return record.get("step", 0) <= step
+
+        kept = [r for r in read_metrics(self.path.parent) if kept_record(r)]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:

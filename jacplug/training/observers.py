@@ -19,7 +19,6 @@ import itertools
 from typing import Any, Iterator, Sequence
 
 from ..errors import UserError
-from ..events import Events, Phase
 from ..registry import PluginHost, get_host
 from ..specs import OBSERVER_FORM, parse_named
 

@@ -8,7 +8,8 @@ records); otherwise the teacher is trained with cross-entropy for ``--teacher-ep
 ``--max-steps-per-epoch`` caps its epochs too; the length arithmetic is :mod:`.steps`), starting from
 timm's pretrained weights with ``--pretrained`` (the classifier is re-initialised for the dataset's
 classes, so it is fine-tuned, never used as is) or from scratch, and saved as ``teacher.safetensors``
-with its validation and test accuracy in the ``metrics`` metadata.
+with its validation and test accuracy in the ``metrics`` metadata. A teacher trained here is resumable
+like the student (``teacher_resume.safetensors``, see :func:`train_teacher`).
 
 A teacher checkpoint records the input size it was trained at; a run that feeds it another size gets
 a one-line warning (:class:`InputSizeWarning`), since its accuracy usually drops there.
@@ -29,22 +30,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..errors import UserError
-from ..io.checkpoint import checkpoint_model_kwargs, load_weights, save_model
+from ..io.checkpoint import checkpoint_model_kwargs, load_resume, load_weights, save_model, save_resume
 from .config import TrainConfig
 from ..data.datasets import DatasetSplits
 from .runtime import Runtime, barrier
 from ..events import Phase
 from .evaluate import accuracy
-from .loop import ClassifierStep, EpochBatches, Loop
+from .loop import ClassifierStep, EpochBatches, Loop, Position
+from .metrics import MetricsLog, read_metrics
 from ..models.build import BuiltModel, build_model
 from ..events import Events
 from .optim import create_adamw
 from .plan import DEFAULT_EPOCHS, plan_steps, warn_if_few
 
 TEACHER_FILE = "teacher.safetensors"
+#: the teacher phase's resume state (see :func:`train_teacher`)
+TEACHER_RESUME_FILE = "teacher_resume.safetensors"
 
 
 class InputSizeWarning(UserWarning):
@@ -83,7 +86,7 @@ def teacher_length(config: TrainConfig) -> tuple[int | None, int | None]:
 
 def train_teacher(
     model: nn.Module, splits: DatasetSplits, config: TrainConfig, runtime: Runtime, *, run: Any, out_dir: Path,
-    group: str, show: bool, length_option: str = "--teacher-steps",
+    group: str, show: bool, length_option: str = "--teacher-steps", resume_file: Path | None = None,
 ) -> dict[str, Any]:
     """Cross-entropy training on the full training split (the teacher is trained on all of it even
     when ``--samples-per-class`` restricts the student's data: the paper's regime is a strong teacher
@@ -92,19 +95,38 @@ def train_teacher(
     Returns what it did: ``steps``, ``images`` seen and the final ``val_acc`` (when there is a
     validation split), and ``images_per_s`` (see :attr:`~.loop.Loop.images_per_s`).
 
-    Batches come from a seeded, shuffling ``DataLoader`` that drops each epoch's incomplete last
-    batch; the phase is evaluated (validation accuracy) at every evaluation point of the plan."""
+    Batches come from seeded, shuffled passes that drop each epoch's incomplete last batch
+    (:class:`~.loop.EpochBatches`); the phase is evaluated (validation accuracy) at every evaluation
+    point of the plan.
+
+    With ``resume_file`` the phase is resumable as the student's is: its state (weights, optimizer,
+    schedule, position, RNG and the batches' generator) is written there before the first step, every
+    ``--save-every`` steps and at every evaluation, and a phase that finds the file continues from it,
+    dropping the ``metrics.jsonl`` records past it, to end exactly as an uninterrupted phase."""
     # the teacher is trained by rank 0 alone while the other ranks wait: its loop is a single process's
     alone = dataclasses.replace(runtime, rank=0, world_size=1)
-    generator = torch.Generator().manual_seed(config.seed)
     samples = len(splits.train)
-    loader = DataLoader(splits.train, batch_size=config.batch_size, shuffle=True, generator=generator,
-                        drop_last=samples > config.batch_size, num_workers=config.workers)
+    batches = EpochBatches(splits.train, config.batch_size, torch.Generator().manual_seed(config.seed),
+                           config.workers)
     epochs, steps = teacher_length(config)
-    plan = plan_steps(samples=samples, batch=min(config.batch_size, samples), steps_per_epoch=len(loader),
-                      epochs=epochs, steps=steps, max_steps_per_epoch=config.max_steps_per_epoch)
+    plan = batches.plan = plan_steps(samples=samples, batch=min(config.batch_size, samples),
+                                     steps_per_epoch=len(batches), epochs=epochs, steps=steps,
+                                     max_steps_per_epoch=config.max_steps_per_epoch)
     warn_if_few(plan, "teacher", length_option)  # the caller's own option for a longer teacher phase
     optimizer = create_adamw({"teacher": model}, lr=config.teacher_lr, weight_decay=config.weight_decay)
+    scheduler = cosine_schedule(optimizer, plan.total)
+    position, last = Position(), None
+    if resume_file is not None:
+        if resume_file.is_file():
+            position = Position.from_dict(load_resume(
+                resume_file, models={"teacher": model}, optimizer=optimizer, scheduler=scheduler,
+                generators={"batches": batches.generator},
+                remedy="this run's teacher resume state is damaged: delete it to train the teacher again with "
+                       "--resume, or start a new run with another --out"))
+        log = MetricsLog(out_dir)
+        log.truncate_after(position.step, phase="teacher")  # steps past the saved position run again
+        evaluations = [r for r in read_metrics(out_dir) if r.get("kind") == "teacher_epoch"]
+        last = evaluations[-1] if evaluations else None
 
     def evaluate(step: int) -> dict[str, Any]:
         if splits.val is None:
@@ -112,12 +134,20 @@ def train_teacher(
         return {"val_acc": accuracy(model, splits.val, alone, batch_size=config.eval_batch_size, show=show,
                                     desc="teacher val")}
 
+    def save_state() -> None:
+        save_resume(resume_file, models={"teacher": model}, optimizer=optimizer, scheduler=scheduler,
+                    position=position.as_dict(), config=config.to_dict(),
+                    generators={"batches": batches.resume_generator(position.step)})
+
     phase = Phase(kind="teacher", name="teacher", out_dir=out_dir, group=group, params=config.to_dict(), plan=plan)
     events = Events(run, phase, enabled=runtime.is_main)
-    loop = Loop(ClassifierStep(model, alone), EpochBatches(loader, plan), optimizer, cosine_schedule(optimizer, plan.total),
-                plan, alone, events, evaluate, remedy="lower --teacher-lr (or --weight-decay)")
+    loop = Loop(ClassifierStep(model, alone), batches, optimizer, scheduler, plan, alone, events, evaluate, position,
+                remedy="lower --teacher-lr (or --weight-decay)", save_every=config.save_every if resume_file else 0,
+                save_state=save_state if resume_file else None)
+    if resume_file is not None and position.step == 0:
+        save_state()  # the phase's start (RNG included), so a phase killed before its first save starts identically
     events.emit("on_train_start")
-    last = loop.run()
+    last = loop.run(last=last)
     done: dict[str, Any] = {"steps": plan.total, "images": plan.images, "images_per_s": loop.images_per_s}
     if "val_acc" in last:
         done["val_acc"] = last["val_acc"]
@@ -150,15 +180,20 @@ def prepare_teacher(
     run_dir: Path,
     run: Any,
     show: bool,
+    length_option: str = "--teacher-steps",
 ) -> tuple[nn.Module, str, float | None]:
     """A frozen teacher on the run's device, where its weights came from (for the summary), and its
-    training speed in images/s when it was trained in this run directory (else ``None``).
+    training speed in images/s when it was trained in this run directory (else ``None``). The one
+    teacher preparation of ``jacplug train`` and ``jacplug experiment``.
 
-    ``splits`` are the full splits (not the ``--samples-per-class`` subset)."""
-    own = run_dir / TEACHER_FILE
+    ``splits`` are the full splits (not the ``--samples-per-class`` subset). A teacher trained here
+    keeps its phase's resume state in ``run_dir/teacher_resume.safetensors`` until the caller's next
+    phase has saved its own (then :func:`end_teacher_resume`): a run killed at any point in between
+    resumes the teacher phase and ends it exactly as an uninterrupted run would."""
+    own, resume_file = run_dir / TEACHER_FILE, run_dir / TEACHER_RESUME_FILE
     built: BuiltModel
     speed = None
-    if config.resume and own.is_file():
+    if config.resume and own.is_file() and not resume_file.is_file():  # the teacher phase had ended
         built, source = build_teacher(config, splits, run_dir), f"{own} (resumed)"
         load_weights(own, built.module, expected_name=config.teacher, num_classes=splits.num_classes,
                    in_chans=splits.in_chans, model_kwargs=built.kwargs)
@@ -180,7 +215,7 @@ def prepare_teacher(
             if runtime.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             metrics = train_teacher(model, splits, config, runtime, run=run, out_dir=run_dir, group=str(run_dir),
-                                    show=show)
+                                    show=show, length_option=length_option, resume_file=resume_file)
             metrics["test_acc"] = accuracy(model, splits.test, runtime, batch_size=config.eval_batch_size, show=show,
                                            desc="teacher test")
             save_model(own, model, role="teacher", name=config.teacher, num_classes=splits.num_classes,
@@ -198,3 +233,10 @@ def prepare_teacher(
         model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
     return model, source, speed
+
+
+def end_teacher_resume(run_dir: Path, runtime: Runtime) -> None:
+    """Remove the teacher phase's resume state (as large as the teacher and its optimizer state) once the
+    phase after it has saved its own: from then on a resumed run starts there."""
+    if runtime.is_main:
+        (run_dir / TEACHER_RESUME_FILE).unlink(missing_ok=True)
