@@ -36,7 +36,9 @@ TINY = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", 
         "--seed", "0", "--device", "cpu", "--no-progress", "--samples-per-class", "1", "--epochs", "1",
         "--agreement-images", "0", "--loss", "kd=1", "--no-check-gradients"]
 #: the writes of a clean run, in order: (file, essential)
-WRITES = [(LOCK_FILE, True), ("config.json", True), ("metrics.jsonl", False), ("metrics.jsonl", False),
+#: (the resume state is first written when the student phase starts, so a kill before its first save resumes there)
+WRITES = [(LOCK_FILE, True), ("config.json", True), ("resume.safetensors", True), ("metrics.jsonl", False),
+          ("metrics.jsonl", False),
           ("student_best.safetensors", True), ("student_last.safetensors", True), ("resume.safetensors", True),
           ("curves.png", False)]
 FULL = "[Errno 28] No space left on device"
@@ -224,7 +226,8 @@ def test_a_file_size_limit_ends_the_run_in_one_line(teacher, reference, tmp_path
     import resource
 
     run = tmp_path / "run"
-    limit = (reference[0] / "student_best.safetensors").stat().st_size // 2  # above config.json and the metrics
+    # above config.json and the metrics, below the resume state the student phase writes when it starts
+    limit = (reference[0] / "student_best.safetensors").stat().st_size // 2
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: the write gets EFBIG
@@ -232,7 +235,7 @@ def test_a_file_size_limit_ends_the_run_in_one_line(teacher, reference, tmp_path
     proc = run_cli("--teacher-checkpoint", teacher, "--out", str(run), preexec=limited)
     errors = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr
-    assert f"could not write {run / 'student_best.safetensors'}: [Errno 27] File too large" in errors[0]
+    assert f"could not write {run / 'resume.safetensors'}: [Errno 27] File too large" in errors[0]
     check_left_behind(run)
     assert not (run / "resume.safetensors").exists()  # the resume state never counts on a missing best
     # nothing worth resuming was written (no resume state), so the run removed what it wrote; auto starts afresh

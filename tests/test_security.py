@@ -70,7 +70,7 @@ def test_pickled_checkpoints_are_refused_unread(tmp_path, capsys):
     net = timm.create_model("test_resnet", num_classes=10, in_chans=1)
     optimizer = torch.optim.AdamW(net.parameters())
     with pytest.raises(UserError, match="not a safetensors file"):
-        load_resume(path, student=net, loss=torch.nn.Identity(), optimizer=optimizer,
+        load_resume(path, models={"student": net, "loss": torch.nn.Identity()}, optimizer=optimizer,
                     scheduler=cosine_schedule(optimizer, 1))
     assert not TeacherCache.matches(path, "any fingerprint")  # an unreadable cache is rebuilt, never read
     assert not marker.exists()
