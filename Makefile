@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/jacplug train --teacher resnet50 --student resnet18
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

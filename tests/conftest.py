@@ -137,11 +137,22 @@ def teacher_checkpoint(tmp_path_factory) -> str:
 # marks (registered in pyproject.toml)
 
 
+#: files whose module-scoped fixtures are costly (a local Ray instance, DDP workers, a trained run): under
+#: ``make test``'s two workers (pytest-xdist, ``--dist loadgroup``) each runs whole on one worker, so its
+#: fixture is built once; the other files' tests are spread one by one
+ONE_WORKER_FILES = {"test_ray.py", "test_pipeline_ddp.py", "test_faults.py", "test_features.py",
+                    "test_pipeline_models.py", "test_run_files.py", "test_timm_interop.py",
+                    "test_torchdistill_bridge.py", "test_zoo.py"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A distributed test starts processes: ``-m "not subprocess"`` leaves it out too."""
+    """A distributed test starts processes: ``-m "not subprocess"`` leaves it out too. Tests of a file with
+    costly module fixtures share one xdist worker."""
     for item in items:
         if item.get_closest_marker("distributed") is not None:
             item.add_marker(pytest.mark.subprocess)
+        if item.path.name in ONE_WORKER_FILES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 # ---------------------------------------------------------------------------------------------------
