@@ -14,6 +14,7 @@ from .. import bench
 from ..bench import DEFAULT_CONFIGS, DEFAULT_CUDA_CONFIGS, BenchConfig
 from ..config_fields import add_options, given_flags, read_options
 from ..errors import UserError
+from ..io.files import atomic_write_text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
                      memory_mode=args.memory, amp=args.amp, channels_last=args.channels_last, graphs=args.cuda_graphs)
     print(bench.format_table(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"device": card.strip(" ()") or "cpu", "torch": torch.__version__, "rows": rows}, fh, indent=2)
+        atomic_write_text(args.json, json.dumps({"device": card.strip(" ()") or "cpu", "torch": torch.__version__,
+                                                 "rows": rows}, indent=2))
     return 0
 
 
