@@ -132,7 +132,7 @@ def test_a_ray_worker_removes_its_copy_of_the_teacher(tmp_path, monkeypatch):
     monkeypatch.setattr(executors.tempfile, "tempdir", str(temp))
     monkeypatch.setattr(executors, "_WORKER", {})
     config = ExperimentConfig(teacher="test_resnet", student="test_resnet", image_size=8, steps=2, batch_size=8,
-                              device="cpu", eval_batch_size=256)
+                              device="cpu", eval_batch_size=256, out=str(tmp_path / "experiment"))
     record = executors.ray_cell(RunSpec("kd", 2, 0, ()), config, teacher.read_bytes())
     assert record["test_acc"] >= 0 and executors._WORKER["teacher"] is not None
     assert list(temp.iterdir()) == []
