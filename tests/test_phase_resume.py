@@ -36,11 +36,12 @@ def start(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def saved_step(path: Path) -> int:
-    """The step a resume file was saved after (-1 while there is none)."""
+    """The step a resume file was saved after (-1 while there is none). Read while the run replaces the file:
+    safetensors opens it twice (header, then mapping), so a rename in between reads as a RuntimeError; poll on."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             return json.loads(fh.metadata()["position"])["step"]
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, RuntimeError):
         return -1
 
 

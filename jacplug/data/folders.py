@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
@@ -42,8 +43,6 @@ def unreadable_image_errors() -> tuple[type[BaseException], ...]:
     """What PIL raises for a file that cannot be an image: truncated (``OSError``), not an image
     (``UnidentifiedImageError``, a ``SyntaxError`` in old PIL), or a header that claims more pixels than
     PIL's decompression-bomb limit (``DecompressionBombError``, a plain ``Exception``)."""
-    from PIL import Image
-
     return OSError, SyntaxError, Image.DecompressionBombError
 
 
@@ -95,8 +94,6 @@ def image_files(folder: Path) -> list[Path]:
 
 def _decode_error(path: Path) -> str | None:
     """Why ``path`` cannot be decoded, or ``None`` when it can."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -135,8 +132,6 @@ class FolderImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-
         path, label = self.samples[index]
         try:
             with Image.open(path) as opened:

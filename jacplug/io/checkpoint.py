@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
@@ -117,7 +117,6 @@ def read_checkpoint(path: str | Path, remedy: str | None = None) -> tuple[dict[s
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist")
     try:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             metadata = dict(fh.metadata() or {})
@@ -170,7 +169,6 @@ def checkpoint_statistics(path: str | Path) -> tuple[list[float], list[float]] |
 
 def _recorded(path: str | Path, key: str) -> str | None:
     try:
-        from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             return (fh.metadata() or {}).get(key)

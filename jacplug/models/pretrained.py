@@ -9,11 +9,15 @@ defaults there (3x224x224, ImageNet mean/std), not what the checkpoint was train
 from __future__ import annotations
 
 import json
+import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..data.preprocess import renormalize
 from ..errors import UserError
 from ..io.checkpoint import load_weights
 from ..io.checkpoint import checkpoint_model_kwargs, checkpoint_model_name, checkpoint_statistics, pretrained_cfg, read_checkpoint
@@ -74,7 +78,6 @@ def teacher_view(teacher_checkpoint: str | None, mean: tuple[float, ...], std: t
     it was trained on (:class:`~..data.preprocess.Renormalize`), or None when they agree or there is no
     checkpoint (a teacher trained in the run sees the run's tensors). Given to the Distiller as its
     ``teacher_input``, the teacher's Jacobian is taken w.r.t. the student's input, chain rule included."""
-    from ..data.preprocess import renormalize
 
     recorded = checkpoint_statistics(teacher_checkpoint) if teacher_checkpoint else None
     if recorded is None or len(recorded[0]) != len(mean):
@@ -90,9 +93,6 @@ def check_hub_reachable(model: str, timeout_s: float = 5.0) -> None:
     run directory was written. Here cached weights pass without touching the network; ``HF_HUB_OFFLINE``
     without them is refused at once; otherwise one request to the hub's endpoint (through the user's
     proxies) must answer within ``timeout_s``. Models whose weights are not on the hub are left to timm."""
-    import os
-    import urllib.error
-    import urllib.request
 
     repo, filenames = _hub_weights(model.split(":", 1)[0])
     if repo is None:

@@ -4,6 +4,7 @@ so a bad name, option or op is refused by one path, in one line, before any work
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, Sequence
 
@@ -12,13 +13,17 @@ from torch import nn
 
 from ..checks.gradient_flow import TermFlow, raise_for_detached
 from ..distiller import Distiller
+from ..losses import build_loss as from_specs, options_from_pair
 from ..losses.composite import WeightedLoss
 from ..losses.presets import DEFAULT_SPECS
 from ..registry import create_dataset, model_pair
 from ..data.datasets import DatasetSplits
 from ..errors import UserError
 from ..io.folders import removed_if_unused
+from ..models.data_config import student_preprocessing
+from ..models import memory
 from .runtime import Runtime
+from .teacher import teacher_kwargs
 
 
 def load_data(config: Any) -> DatasetSplits:
@@ -26,8 +31,6 @@ def load_data(config: Any) -> DatasetSplits:
     the configuration has them, ``augment`` and the preprocessing options), through the registry, with the
     student's timm data configuration as ``preprocessing`` (:func:`~..models.data_config.student_preprocessing`).
     A download that fails leaves no empty ``--data-root`` behind."""
-    from ..models.data_config import student_preprocessing
-
     fetching = removed_if_unused(config.data_root) if config.download and config.data_root else nullcontext()
     with fetching:
         return create_dataset(config.dataset, root=config.data_root, download=config.download,
@@ -41,12 +44,7 @@ def check_memory(config: Any, splits: DatasetSplits, runtime: Runtime) -> None:
     so nothing that could run is refused), naming the largest size that would fit; before any model is built.
 
     The models counted are those the run trains: the student, and the teacher unless a checkpoint gives it."""
-    import math
-
-    from ..models.memory import activation_elements, available_bytes
-    from .teacher import teacher_kwargs
-
-    free = available_bytes(runtime.device)
+    free = memory.available_bytes(runtime.device)
     height, width = splits.input_shape[1:]
     if free is None or height != width:
         return
@@ -55,7 +53,7 @@ def check_memory(config: Any, splits: DatasetSplits, runtime: Runtime) -> None:
     if not config.teacher_checkpoint:
         models.append(("teacher", config.teacher, teacher_kwargs(config)))
     for role, name, kwargs in models:
-        elements = activation_elements(name, kwargs, splits.in_chans, splits.num_classes, height)
+        elements = memory.activation_elements(name, kwargs, splits.in_chans, splits.num_classes, height)
         needed = (elements or 0) * batch * 4
         if needed > free:
             fits = max(8, int(height * math.sqrt(free / needed)) // 8 * 8)
@@ -68,8 +66,6 @@ def check_memory(config: Any, splits: DatasetSplits, runtime: Runtime) -> None:
 def loss_for_pair(specs: Sequence[str] | None, teacher: str, student: str) -> WeightedLoss:
     """The loss of ``specs`` (none: :data:`~jacplug.losses.presets.DEFAULT_SPECS`) through the registry; feature
     terms get the registered ``teacher->student`` pair's layers and channels."""
-    from ..losses import build_loss as from_specs, options_from_pair
-
     pair = model_pair(teacher, student)
     overrides = {"fitnet": options_from_pair(pair)} if pair is not None else None
     return from_specs(list(specs or DEFAULT_SPECS), overrides)
