@@ -221,6 +221,61 @@ def run_cli(*args: str, preexec=None) -> subprocess.CompletedProcess:
                           timeout=600, preexec_fn=preexec, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+# ---------------------------------------------------------------------------------------------------
+# the teacher phase's own writes: its resume state and the trained teacher
+
+TEACHER_RUN = ["--teacher", "test_resnet", "--student", "test_resnet", "--image-size", "8", "--batch-size", "10",
+               "--seed", "0", "--device", "cpu", "--no-progress", "--samples-per-class", "1", "--steps", "2",
+               "--teacher-steps", "4", "--save-every", "2", "--agreement-images", "0", "--loss", "kd=1",
+               "--no-check-gradients"]
+
+
+def train_own_teacher(out: Path, *extra: str) -> int:
+    return main(["train", *TEACHER_RUN, "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def teacher_reference(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run that trains its own teacher, uninterrupted, and the files its writes went to, in order."""
+    out = tmp_path_factory.mktemp("teacher-reference") / "run"
+    written: list[str] = []
+    original = files.write_all
+
+    def counting(fd, data):
+        written.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        original(fd, data)
+
+    files.write_all = counting
+    try:
+        assert train_own_teacher(out) == 0
+    finally:
+        files.write_all = original
+    return out, written
+
+
+@pytest.mark.parametrize("target", ["teacher_resume.safetensors", "teacher.safetensors"])
+def test_a_failed_teacher_phase_write_ends_the_run_and_resumes_to_the_same_teacher(target, teacher_reference,
+                                                                                 tmp_path, monkeypatch, capsys):
+    reference, written = teacher_reference
+    named = [name.removeprefix(".").rsplit(".", 2)[0] if name.endswith(files.TEMP_SUFFIX) else name
+             for name in written]
+    # the last write to the target: a teacher resume state saved mid-phase, or the trained teacher itself
+    n = max(i for i, name in enumerate(named) if name == target) + 1
+    run = tmp_path / "run"
+    failing_at(monkeypatch, n, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    capsys.readouterr()
+    rc = train_own_teacher(run)
+    errors = error_lines(capsys.readouterr().err)
+    assert rc == 2 and len(errors) == 1, errors
+    assert f"could not write {run / target}: {FULL}" in errors[0]
+    check_left_behind(run)
+    monkeypatch.undo()
+    assert train_own_teacher(run, "--resume", "auto") == 0, capsys.readouterr().err
+    check_left_behind(run)
+    for name in ("teacher.safetensors", "student_last.safetensors"):
+        assert same_weights(run / name, reference / name), name
+
+
 @pytest.mark.subprocess
 def test_a_file_size_limit_ends_the_run_in_one_line(teacher, reference, tmp_path, capsys):
     import resource
