@@ -161,7 +161,7 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
 def train_run(run: Run, options: dict[str, Any]) -> dict[str, Any]:
     """Train one student to its plateau and return its record (the curve and what it cost)."""
     config, full, teacher = _WORKER["config"], _WORKER["full"], _WORKER["teacher"]
-    student_spec = STUDENTS[run.student]
+    student_spec = Student(**options["students"][run.student])  # the parent's, with its --jacobian-weights
     splits = few_sample_subset(full, run.per_class, run.seed)
     images, labels = _split_tensors(splits.train)
     evaluated = {name: _split_tensors(getattr(splits, name)) for name in ("val", "test")}
@@ -227,8 +227,8 @@ def train_run(run: Run, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def options_for(run: Run, options: dict[str, Any]) -> dict[str, int]:
-    spec = STUDENTS[run.student]
-    return {"min_steps": spec.min_steps, "max_steps": options.get("max_steps") or spec.max_steps}
+    spec = options["students"][run.student]
+    return {"min_steps": spec["min_steps"], "max_steps": options.get("max_steps") or spec["max_steps"]}
 
 
 class _NoModules:
@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--samples-per-class", nargs="+", type=int, default=[5, 10])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jacobian-weights", nargs="+", default=[], metavar="STUDENT=LAMBDA",
+                        help="Eq. 10 weights other than the results page's (ViT=10 CNN=0.1)")
     parser.add_argument("--min-gain", type=float, default=1.0,
                         help="points of validation accuracy the last third of a run must add to go on (default 1.0)")
     parser.add_argument("--max-steps", type=int, help="cap every run here (default: 6000 for the ViT, 3000 for the CNN)")
@@ -401,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    for item in args.jacobian_weights:
+        name, _, value = item.partition("=")
+        if name not in STUDENTS or not value:
+            parser.error(f"--jacobian-weights takes STUDENT=LAMBDA with STUDENT in {', '.join(STUDENTS)}, got {item!r}")
+        STUDENTS[name] = dataclasses.replace(STUDENTS[name], jacobian_weight=float(value))
     (out / "runs").mkdir(parents=True, exist_ok=True)
     options = {"min_gain": args.min_gain, "max_steps": args.max_steps, "figure": args.figure,
                "students": {name: dataclasses.asdict(STUDENTS[name]) for name in args.students}}
