@@ -199,20 +199,19 @@ def train_run(run: Run, options: dict[str, Any]) -> dict[str, Any]:
                 **agreement_with(student, _WORKER["reference"])}
 
     initial = copy.deepcopy(student)
+    limits = options_for(run, options)
     curve = [point(0, 0.0)]
-    train_s, done, values = 0.0, 0, {}
+    train_s, done, diverged = 0.0, 0, False
     started = time.perf_counter()
-    while done < options_for(run, options)["max_steps"]:
+    while done < limits["max_steps"]:
         began = time.perf_counter()
         for _ in range(student_spec.eval_every):
             values = step(next(batches))
         train_s += time.perf_counter() - began
         done += student_spec.eval_every
         curve.append(point(done, train_s))
-        if not all(math.isfinite(float(v)) for k, v in values.items() if k != "output"):
-            break
-        limits = options_for(run, options)
-        if plateaued(curve, limits["min_steps"], options["min_gain"]):
+        diverged = not all(math.isfinite(float(v)) for k, v in values.items() if k != "output")
+        if diverged or plateaued(curve, limits["min_steps"], options["min_gain"]):
             break
     if options["figure"] and (run.student, run.method, run.per_class, run.seed) == FIGURE_RUN:
         shown = evaluated["test"][0][:8]
@@ -221,12 +220,13 @@ def train_run(run: Run, options: dict[str, Any]) -> dict[str, Any]:
                             gradient_maps(student, shown, classes), options["figure"], mean=full.mean, std=full.std)
     return {**dataclasses.asdict(run), "loss": specs, "lr": lr, "batch_size": batch_size,
             "train_samples": len(labels), "flops_per_step": flops_per_step,
-            "plateaued": plateaued(curve, options_for(run, options)["min_steps"], options["min_gain"]),
+            "plateaued": plateaued(curve, limits["min_steps"], options["min_gain"]), "diverged": diverged,
             "steps": done, "train_s": round(train_s, 3), "time_s": round(time.perf_counter() - started, 3),
             "load_average": os.getloadavg(), "curve": curve}
 
 
 def options_for(run: Run, options: dict[str, Any]) -> dict[str, int]:
+    """The run's ``min_steps`` and ``max_steps``: its student's, or ``--max-steps``."""
     spec = options["students"][run.student]
     return {"min_steps": spec["min_steps"], "max_steps": options.get("max_steps") or spec["max_steps"]}
 
