@@ -77,9 +77,9 @@ class Student:
 
 STUDENTS = {
     "ViT": Student("test_vit", {"patch_size": 4}, lr=1e-3, batch_size=64, jacobian_weight=10.0,
-                   eval_every=50, min_steps=300, max_steps=6000),
+                   eval_every=50, min_steps=1500, max_steps=6000),
     "CNN": Student("test_resnet", {}, lr=2e-3, batch_size=32, jacobian_weight=0.1,
-                   eval_every=25, min_steps=150, max_steps=3000),
+                   eval_every=25, min_steps=750, max_steps=3000),
 }
 METHODS = ("ce", "kd", "kd+jacobian")
 LABELS = {"ce": "CE (labels only)", "kd": "KD", "kd+jacobian": "KD + Eq. 10"}
