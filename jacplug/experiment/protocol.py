@@ -286,12 +286,6 @@ def main_specs(config: ExperimentConfig, chosen: dict[str, dict[str, float]]) ->
     ]
 
 
-# How far an accuracy may move when a record is rerun on another CPU model: the same cells came out 0-2 test
-# images (at most 0.6 points) apart on an Intel Xeon and an AMD EPYC with the same torch build, while a change
-# to the data, the draw, the batches or the optimizer moves a cell by far more.
-OTHER_CPU_POINTS = 1.5
-
-
 def rounds_alike(published: dict[str, Any]) -> bool:
     """Whether this machine reproduces a record's figures bit for bit: CPU kernels are deterministic at a fixed
     thread count, but another CPU model (or torch build) takes other vectorised paths and rounds differently."""
