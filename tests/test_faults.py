@@ -62,6 +62,11 @@ def teacher(tmp_path_factory) -> str:
 def reference(teacher, tmp_path_factory) -> tuple[Path, list[str]]:
     """An uninterrupted run, and the files its writes went to, in order (counted through the write path)."""
     out = tmp_path_factory.mktemp("reference") / "run"
+    return out, files_written(lambda: train(teacher, out))
+
+
+def files_written(run) -> list[str]:
+    """The names of the files ``run``'s writes went to through the one write path, in order; ``run`` succeeds."""
     written: list[str] = []
     original = files.write_all
 
@@ -71,10 +76,10 @@ def reference(teacher, tmp_path_factory) -> tuple[Path, list[str]]:
 
     files.write_all = counting
     try:
-        assert train(teacher, out) == 0
+        assert run() == 0
     finally:
         files.write_all = original
-    return out, written
+    return written
 
 
 def failing_at(monkeypatch, n: int, error: OSError) -> None:
@@ -238,19 +243,7 @@ def train_own_teacher(out: Path, *extra: str) -> int:
 def teacher_reference(tmp_path_factory) -> tuple[Path, list[str]]:
     """A run that trains its own teacher, uninterrupted, and the files its writes went to, in order."""
     out = tmp_path_factory.mktemp("teacher-reference") / "run"
-    written: list[str] = []
-    original = files.write_all
-
-    def counting(fd, data):
-        written.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
-        original(fd, data)
-
-    files.write_all = counting
-    try:
-        assert train_own_teacher(out) == 0
-    finally:
-        files.write_all = original
-    return out, written
+    return out, files_written(lambda: train_own_teacher(out))
 
 
 @pytest.mark.parametrize("target", ["teacher_resume.safetensors", "teacher.safetensors"])
