@@ -60,6 +60,13 @@ def test_bench_options_are_checked_before_measuring(capsys, option, value, messa
     assert time.perf_counter() - started < 5  # nothing was measured
 
 
+def test_bench_refuses_a_json_path_that_is_a_link_and_leaves_its_target_alone(capsys, tmp_path):
+    link, target = tmp_path / "rows.json", tmp_path / "elsewhere.json"
+    link.symlink_to(target)  # dangling: opening it would create the target
+    assert "is a symbolic link" in one_line_error(capsys, ["bench", "--configs", "mlp:3", "--json", str(link)])
+    assert link.is_symlink() and not target.exists()
+
+
 def run_dir_with_metrics(tmp_path, text: str):
     run = tmp_path / "run"
     run.mkdir(parents=True)

@@ -90,7 +90,11 @@ def method_legend(configs: list[tuple[str, int, int]], args: BenchConfig) -> str
 
 def _check_writable(path: str) -> None:
     """Open ``path`` for appending (and remove it again when it did not exist): the one check that
-    also holds for root, for whom permission bits say nothing."""
+    also holds for root, for whom permission bits say nothing. A symbolic link is refused first: opening it
+    would create or touch its target, and the rows are never written through a link."""
+    if os.path.islink(path):
+        raise UserError(f"--json {path!r} is a symbolic link; rows are never written through a link: "
+                        "give the file's own path or a new one")
     existed = os.path.exists(path)
     try:
         with open(path, "a"):
